@@ -1,0 +1,192 @@
+"""Dataset files -> validated records, with every bad record reported as `FILE:LINE: reason`.
+
+Formats users already have:
+  JSONL  {"messages": [{"role", "content"}, ...]}   OpenAI chat fine-tuning
+         {"prompt": ..., "completion": ...}          prompt/completion
+         {"text": ...}                               plain text
+         {"text": ..., "label": ...}                 classification
+  CSV/TSV with a header row: a text column and, for classification, a label column.
+Field names for text and label are configurable. One file holds one kind of record.
+"""
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftkit.errors import DataError, PeftkitError
+
+ROLES = ("system", "user", "assistant")
+KINDS = ("chat", "prompt_completion", "text", "classification")
+
+
+@dataclass
+class Record:
+    kind: str
+    line: int
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class Dataset:
+    path: Path
+    kind: str
+    records: list[Record]
+    skipped: int = 0
+    label_names: list[str] = field(default_factory=list)  # index = label id
+
+    def label_id(self, record: Record) -> int:
+        return self.label_names.index(record.label)
+
+
+class _Invalid(Exception):
+    """A reason why one record is invalid; becomes `FILE:LINE: reason`."""
+
+
+def load_dataset(path: str | Path, text_field: str = "text", label_field: str = "label",
+                 skip_invalid: bool = False, max_errors: int = 20) -> Dataset:
+    """Parse and validate a dataset file. Raises DataError listing the bad records unless
+    `skip_invalid`, in which case they are dropped and counted in `Dataset.skipped`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftkitError(f"dataset not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path, text_field, label_field)
+    elif suffix in (".csv", ".tsv"):
+        rows = _table_rows(path, text_field, label_field, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise PeftkitError(f"{path}: unknown dataset format '{suffix}' (use .jsonl, .csv or .tsv)")
+
+    records, problems, kind = [], [], None
+    for line, parsed in rows:
+        if isinstance(parsed, _Invalid):
+            problems.append(f"{path}:{line}: {parsed}")
+            continue
+        if kind is None:
+            kind = parsed.kind
+        elif parsed.kind != kind:
+            problems.append(f"{path}:{line}: a {parsed.kind} record, but this file's records are "
+                            f"{kind} (one kind per file)")
+            continue
+        records.append(parsed)
+    if problems and not skip_invalid:
+        raise DataError(problems, limit=max_errors)
+    if not records:
+        raise PeftkitError(f"{path}: no valid records")
+    labels = _label_names(records) if kind == "classification" else []
+    return Dataset(path, kind, records, skipped=len(problems), label_names=labels)
+
+
+def _jsonl_rows(path: Path, text_field: str, label_field: str):
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                yield line_no, _Invalid(f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
+
+
+def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str):
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        header = next(reader, None)
+        if header is None:
+            return
+        if text_field not in header:
+            yield 1, _Invalid(f"header has no '{text_field}' column (columns: {', '.join(header)})")
+            return
+        ti = header.index(text_field)
+        li = header.index(label_field) if label_field in header else None
+        start = reader.line_num + 1
+        for row in reader:
+            line_no, start = start, reader.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield line_no, _Invalid(f"expected {len(header)} fields, got {len(row)}")
+                continue
+            obj = {text_field: row[ti]}
+            if li is not None:
+                obj[label_field] = row[li] if row[li] != "" else None
+            yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except _Invalid as e:
+        return e
+
+
+def _record_from_object(obj, line: int, text_field: str, label_field: str) -> Record:
+    if not isinstance(obj, dict):
+        raise _Invalid(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return Record("chat", line, messages=_messages(obj["messages"]))
+    if "prompt" in obj or "completion" in obj:
+        prompt = _string(obj, "prompt", allow_empty=True)
+        return Record("prompt_completion", line, prompt=prompt,
+                      completion=_string(obj, "completion"))
+    if label_field in obj:
+        label = obj[label_field]
+        if label is None or label == "":
+            raise _Invalid(f"label missing (field '{label_field}' is empty)")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise _Invalid(f"field '{label_field}' must be a string or integer, "
+                           f"got {type(label).__name__}")
+        return Record("classification", line, text=_string(obj, text_field), label=str(label))
+    if text_field in obj:
+        return Record("text", line, text=_string(obj, text_field))
+    raise _Invalid(f"no known fields (expected 'messages', 'prompt'+'completion', "
+                   f"'{text_field}' or '{text_field}'+'{label_field}'); got {sorted(obj)}")
+
+
+def _string(obj: dict, key: str, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise _Invalid(f"missing field '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Invalid(f"field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise _Invalid(f"field '{key}' is empty")
+    return value
+
+
+def _messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _Invalid("field 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _Invalid(f"{where} must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _Invalid(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise _Invalid(f"{where}.content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise _Invalid(f"{where}.content: empty assistant message")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise _Invalid("no assistant message to learn from")
+    return out
+
+
+def _label_names(records: list[Record]) -> list[str]:
+    """Labels 0..K-1 keep their value as id; any other labels are numbered in sorted order."""
+    labels = {r.label for r in records}
+    if all(lab.isdigit() for lab in labels):
+        return [str(i) for i in range(max(int(lab) for lab in labels) + 1)]
+    return sorted(labels)

@@ -1,0 +1,26 @@
+import json
+from pathlib import Path
+
+import pytest
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+@pytest.fixture
+def sst2_dir() -> Path:
+    if not (SST2 / "train.tsv").exists():
+        pytest.skip(f"SST-2 not found at {SST2} (only on machines with ../shared/data)")
+    return SST2
+
+
+@pytest.fixture
+def write(tmp_path):
+    """write(name, rows) -> path; rows are dicts (JSONL), or a raw string written as is."""
+    def _write(name: str, rows) -> Path:
+        path = tmp_path / name
+        if isinstance(rows, str):
+            path.write_text(rows, encoding="utf-8")
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+    return _write

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from peftkit.cli import main
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "peftkit.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ("models", "generate", "data", "demo"):
+        assert cmd in out
+
+
+def test_models_lists_aliases(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-bert"))
+
+
+def test_data_check_malformed_exits_2_with_line_numbers(write, capsys):
+    path = write("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{oops\n{"prompt": "a"}\n')
+    assert main(["data", "check", str(path), "--model", "tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: invalid JSON" in err
+    assert f"{path}:3: missing field 'completion'" in err
+    assert "Traceback" not in err
+
+
+def test_data_check_valid_summarises(write, capsys):
+    rows = [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"},
+            {"text": "x" * 100, "label": "pos"}]
+    path = write("clf.jsonl", rows)
+    assert main(["data", "check", str(path), "--model", "tiny-llama", "--max-length", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "records:    3" in out and "classification" in out
+    assert "truncated:  1" in out and "labels:     neg=1, pos=2" in out
+
+
+def test_generate_prints_only_new_text(capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>" not in out and "user" not in out
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    assert main(["generate", "--model", "nope", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("peftkit: error: unknown model 'nope'")
