@@ -1,0 +1,229 @@
+"""Adapters on disk in Hugging Face PEFT's layout: `adapter_config.json` +
+`adapter_model.safetensors` with PEFT's key names (`base_model.model.<path>.lora_A.weight`, ...).
+Safetensors only: a pickle (`adapter_model.bin`) is refused, never opened.
+"""
+
+import difflib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.config import (AdapterConfig, LoraConfig, PrefixTuningConfig,
+                                    PromptTuningConfig, config_from_peft)
+from peftkit.methods.inject import AdaptedModel, make_layer
+from peftkit.methods.layers import SlotRouter
+from peftkit.methods.lora import LoraLinear
+from peftkit.methods.prompt import VirtualTokens, kv_geometry
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+VIRTUAL_KEY = "prompt_embeddings"
+
+
+def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str = 0,
+                 base_name: str | None = None) -> Path:
+    """Write one slot as a PEFT adapter directory (deterministic bytes for the same weights)."""
+    k = adapted.slot_index(slot) if isinstance(slot, str) else slot
+    config = adapted.slot_configs[k]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    if adapted.virtual is not None:
+        tensors[VIRTUAL_KEY] = adapted.virtual.prompt_embeddings[k]
+    for name, layer in adapted.adapted_layers().items():
+        local = layer.read_slot(k, config.r) if isinstance(layer, LoraLinear) else layer.read_slot(k)
+        tensors.update({f"{PREFIX}{name}.{key}": v for key, v in local.items()})
+    tensors = {key: v.detach().to(torch.float32).contiguous().clone() for key, v in tensors.items()}
+    if isinstance(config, PrefixTuningConfig):
+        peft = config.to_peft(*kv_geometry(adapted.model.config))
+    else:
+        peft = config.to_peft()
+    peft["base_model_name_or_path"] = base_name
+    peft["inference_mode"] = True
+    (directory / CONFIG_NAME).write_text(json.dumps(peft, indent=2, sort_keys=True) + "\n")
+    save_file(dict(sorted(tensors.items())), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    return directory
+
+
+def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, validated; errors name the file."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not directory.is_dir():
+        raise PeftkitError(f"adapter directory not found: {directory}")
+    if not cfg_path.exists():
+        raise PeftkitError(f"{cfg_path}: missing (not a PEFT adapter directory)")
+    if not w_path.exists():
+        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        if pickles:
+            raise PeftkitError(f"{directory / pickles[0]}: pickle adapters are refused, never loaded;"
+                               f" convert it to {WEIGHTS_NAME}")
+        raise PeftkitError(f"{w_path}: missing adapter weights")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise PeftkitError(f"{cfg_path}: expected a JSON object")
+    config = config_from_peft(raw, str(cfg_path))
+    try:
+        tensors = load_file(w_path)
+    except (SafetensorError, OSError) as e:
+        raise PeftkitError(f"{w_path}: corrupt safetensors file ({e})") from None
+    if not tensors:
+        raise PeftkitError(f"{w_path}: holds no tensors")
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
+                 trainable: bool = False) -> AdaptedModel:
+    return load_adapters(model, {name: directory}, trainable=trainable)
+
+
+def load_adapters(model: nn.Module, directories: dict[str, str | Path],
+                  trainable: bool = False) -> AdaptedModel:
+    """Load several adapters of one method family into one multi-slot model (slot order = dict
+    order). LoRA slots of different ranks and targets share one zero-padded stack."""
+    items = [(name, Path(d), *read_adapter(d)) for name, d in directories.items()]
+    kinds = {type(cfg).__name__ for _, _, cfg, _ in items}
+    if len(kinds) > 1:
+        raise PeftkitError(f"adapters of different methods cannot share a model ({', '.join(kinds)})")
+    first = items[0][2]
+    if isinstance(first, LoraConfig) and len({c.use_dora for _, _, c, _ in items}) > 1:
+        raise PeftkitError("LoRA and DoRA adapters cannot share one stack; serve them apart")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = AdaptedModel(model, first, [n for n, *_ in items])
+    adapted.slot_configs = [c for _, _, c, _ in items]
+    if isinstance(first, (PromptTuningConfig, PrefixTuningConfig)):
+        _load_virtual(adapted, items)
+    else:
+        _load_layers(adapted, items)
+    for p in adapted.adapter_parameters():
+        p.requires_grad_(trainable)
+    return adapted
+
+
+def _load_virtual(adapted: AdaptedModel, items) -> None:
+    kind = "prompt" if isinstance(items[0][2], PromptTuningConfig) else "prefix"
+    n = items[0][2].num_virtual_tokens
+    virtual = VirtualTokens(adapted.model, kind, n, len(items))
+    for k, (name, directory, cfg, tensors) in enumerate(items):
+        t = tensors.get(VIRTUAL_KEY)
+        where = directory / WEIGHTS_NAME
+        if t is None:
+            raise PeftkitError(f"{where}: no '{VIRTUAL_KEY}' tensor")
+        if cfg.num_virtual_tokens != n:
+            raise PeftkitError(f"adapter '{name}': {cfg.num_virtual_tokens} virtual tokens, but "
+                               f"'{items[0][0]}' has {n}; one stack needs one length")
+        _check_shape(where, VIRTUAL_KEY, tuple(virtual.prompt_embeddings.shape[1:]), t)
+        with torch.no_grad():
+            virtual.prompt_embeddings[k] = t
+    adapted.virtual = virtual
+
+
+def _load_layers(adapted: AdaptedModel, items) -> None:
+    model = adapted.model
+    per_module: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for k, (name, directory, cfg, tensors) in enumerate(items):
+        for key, t in tensors.items():
+            path, local = _split_key(key, directory / WEIGHTS_NAME)
+            per_module.setdefault(path, {}).setdefault(k, {})[local] = t
+    max_r = max((c.r for _, _, c, _ in items if isinstance(c, LoraConfig)), default=None)
+    router: SlotRouter = adapted.router
+    for path, slots in per_module.items():
+        try:
+            base = model.get_submodule(path)
+        except AttributeError:
+            where = items[min(slots)][1] / WEIGHTS_NAME
+            names = [n for n, _ in model.named_modules()]
+            close = difflib.get_close_matches(path, names, n=2)
+            raise PeftkitError(f"{where}: module '{path}' is not in the base"
+                               + (f" (closest: {', '.join(close)})" if close else "")) from None
+        cfg0 = items[min(slots)][2]
+        layer = make_layer(base, path, cfg0, router, len(items), r=max_r)
+        for k, local in slots.items():
+            _write(layer, k, local, items[k], path)
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+def _write(layer, k: int, local: dict, item, path: str) -> None:
+    name, directory, cfg, _ = item
+    where = directory / WEIGHTS_NAME
+    if isinstance(layer, LoraLinear):
+        need = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] if cfg.use_dora else [])
+        _require(local, need, where, path)
+        A, B = local["lora_A.weight"], local["lora_B.weight"]
+        if A.dim() != 2 or A.shape[0] != cfg.r:
+            raise PeftkitError(f"{where}: {path}.lora_A.weight has rank {A.shape[0] if A.dim() else 0}"
+                               f" but adapter_config.json says r={cfg.r}")
+        _check_shape(where, f"{path}.lora_A.weight", (cfg.r, layer.in_features), A)
+        _check_shape(where, f"{path}.lora_B.weight", (layer.out_features, cfg.r), B)
+        mag = local.get("lora_magnitude_vector")
+        if mag is not None:
+            _check_shape(where, f"{path}.lora_magnitude_vector", (layer.out_features,), mag)
+        layer.write_slot(k, A, B, cfg.scale, mag)
+    elif hasattr(layer, "ia3_l"):
+        _require(local, ["ia3_l"], where, path)
+        want = (1, layer.in_features) if layer.feedforward else (layer.out_features, 1)
+        _check_shape(where, f"{path}.ia3_l", want, local["ia3_l"])
+        layer.write_slot(k, local["ia3_l"])
+    else:
+        need = ["adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"]
+        _require(local, need, where, path)
+        want = {"adapter_down.weight": tuple(layer.down.shape[1:]),
+                "adapter_down.bias": tuple(layer.down_bias.shape[1:]),
+                "adapter_up.weight": tuple(layer.up.shape[1:]),
+                "adapter_up.bias": tuple(layer.up_bias.shape[1:])}
+        for key, shape in want.items():
+            _check_shape(where, f"{path}.{key}", shape, local[key])
+        layer.write_slot(k, local)
+
+
+def _split_key(key: str, where: Path) -> tuple[str, str]:
+    if not key.startswith(PREFIX):
+        raise PeftkitError(f"{where}: unexpected tensor '{key}' (PEFT keys start with '{PREFIX}')")
+    rest = key[len(PREFIX):]
+    for suffix in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "ia3_l",
+                   "adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
+                   "adapter_up.bias"):
+        if rest.endswith("." + suffix):
+            return rest[: -len(suffix) - 1], suffix
+    raise PeftkitError(f"{where}: unsupported tensor '{key}'")
+
+
+def _require(local: dict, keys: list[str], where: Path, path: str) -> None:
+    missing = [k for k in keys if k not in local]
+    if missing:
+        raise PeftkitError(f"{where}: {path} lacks {', '.join(missing)}")
+
+
+def _check_shape(where: Path, key: str, expected: tuple, t: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise PeftkitError(f"{where}: shape mismatch for {key}: expected {tuple(expected)}, "
+                           f"got {tuple(t.shape)}")
+
+
+def export_merged(adapted: AdaptedModel, directory: str | Path, tokenizer=None,
+                  slot: int = 0) -> Path:
+    """Write a plain HF model directory with `slot` folded into the weights (the adapter
+    parameters are left out, so any transformers install loads it with no peftkit)."""
+    directory = Path(directory)
+    adapter_keys = {id(p) for p in adapted.adapter_parameters()}
+    adapted.merge(slot)
+    try:
+        model = adapted.model
+        state = {k: v for k, v in model.state_dict(keep_vars=True).items()
+                 if id(v) not in adapter_keys and not k.endswith(".scale")}
+        model.save_pretrained(directory, state_dict={k: v.detach() for k, v in state.items()})
+    finally:
+        adapted.unmerge()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

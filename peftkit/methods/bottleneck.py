@@ -1,0 +1,68 @@
+"""Bottleneck adapters (Houlsby et al. 2019) as a multi-slot layer on a sublayer's output:
+h = x Wᵀ + b;  y = h + U[k] f(D[k] h + d[k]) + u[k]. The output projection U starts at zero, so a
+new adapter is the identity. Placed on the attention output and feed-forward output projections,
+i.e. before the residual add, as in Houlsby et al. Fig. 2."""
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.layers import FrozenLinear, SlotRouter
+
+ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": nn.functional.relu, "silu": nn.functional.silu,
+               "tanh": torch.tanh}
+
+
+class BottleneckLinear(FrozenLinear):
+    def __init__(self, base: nn.Module, router: SlotRouter, slots: int, size: int,
+                 non_linearity: str = "gelu"):
+        super().__init__(base, router, slots)
+        if non_linearity not in ACTIVATIONS:
+            raise PeftkitError(f"unknown non_linearity {non_linearity!r} "
+                               f"(choose from {', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[non_linearity]
+        d = self.out_features
+        self.down = nn.Parameter(torch.zeros(slots, size, d))  # (S, m, d)
+        self.down_bias = nn.Parameter(torch.zeros(slots, size))
+        self.up = nn.Parameter(torch.zeros(slots, d, size))  # (S, d, m)
+        self.up_bias = nn.Parameter(torch.zeros(slots, d))
+
+    def init_slot(self, k: int) -> None:
+        with torch.no_grad():
+            # Houlsby et al. §3.6: near-identity init; small normal down-projection, zero up.
+            nn.init.normal_(self.down[k], std=1e-2)
+            self.down_bias[k].zero_()
+            self.up[k].zero_()
+            self.up_bias[k].zero_()
+
+    def write_slot(self, k: int, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.down[k] = t["adapter_down.weight"]
+            self.down_bias[k] = t["adapter_down.bias"]
+            self.up[k] = t["adapter_up.weight"]
+            self.up_bias[k] = t["adapter_up.bias"]
+
+    def read_slot(self, k: int) -> dict[str, torch.Tensor]:
+        return {"adapter_down.weight": self.down[k], "adapter_down.bias": self.down_bias[k],
+                "adapter_up.weight": self.up[k], "adapter_up.bias": self.up_bias[k]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_forward(x)
+        if not self.active():
+            return h
+        idx, keep = self.route()
+        if idx is None:
+            z = self.act(h @ self.down[0].t() + self.down_bias[0])
+            return h + z @ self.up[0].t() + self.up_bias[0]
+        shape = (-1,) + (1,) * (h.dim() - 1)
+        hs = h if h.dim() > 2 else h.unsqueeze(1)
+        z = self.act(torch.bmm(hs, self.down[idx].transpose(1, 2)) + self.down_bias[idx][:, None])
+        out = torch.bmm(z, self.up[idx].transpose(1, 2)) + self.up_bias[idx][:, None]
+        out = out if h.dim() > 2 else out.squeeze(1)
+        return h + out * keep.view(shape).to(h.dtype)
+
+    def merge(self, k: int = 0) -> None:
+        raise PeftkitError("bottleneck adapters are nonlinear and cannot be merged into the base")
+
+    def unmerge(self) -> None:
+        pass

@@ -1,0 +1,148 @@
+"""Adapter method configs. Field docs cite where each hyperparameter comes from.
+
+`to_peft()` / `from_peft()` map to and from Hugging Face PEFT's `adapter_config.json`, so adapters
+move between peftkit, PEFT and vLLM unchanged. Bottleneck adapters have no PEFT type; their JSON
+is our own (`"peft_type": "BOTTLENECK"`, documented in docs/adapter-format.md).
+"""
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from peftkit.errors import PeftkitError
+
+Targets = list[str] | str  # module names, a regex (full match), or "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021, arXiv:2106.09685): W + (alpha/r)·B·A with A: r×in, B: out×r."""
+    r: int = 8  # rank; Hu et al. §7.2 find r as low as 1-8 suffices on GPT-3
+    alpha: float = 16.0  # scale numerator; Hu et al. §4.1 fix alpha and tune lr instead
+    dropout: float = 0.0  # on the adapter input (Hu et al. used 0.05-0.1 on GPT-2)
+    targets: Targets = field(default_factory=lambda: ["q_proj", "v_proj"])  # Hu et al. §7.1
+    use_rslora: bool = False  # rank-stabilised scale alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353)
+    init: str = "kaiming"  # A kaiming-uniform(a=sqrt 5), B = 0 (Hu et al. §4.1); "gaussian": A~N(0,1/r)
+    peft_type = "LORA"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft(self) -> dict:
+        return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": self.targets,
+                "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+                "init_lora_weights": True if self.init == "kaiming" else self.init,
+                "bias": "none", "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+                "modules_to_save": None, "task_type": None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "LoraConfig":
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key):
+                raise PeftkitError(f"adapter_config.json: '{key}' is not supported")
+        init = cfg.get("init_lora_weights", True)
+        return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
+                   dropout=float(cfg.get("lora_dropout", 0.0)),
+                   targets=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora")),
+                   use_dora=bool(cfg.get("use_dora")),
+                   init="kaiming" if init is True else str(init))
+
+
+@dataclass
+class IA3Config:
+    """(IA)³ (Liu et al. 2022, arXiv:2205.05638 §3.3): learned vectors rescale keys, values and the
+    feed-forward input; initialised to ones, so the model starts unchanged."""
+    targets: Targets = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    feedforward: list[str] = field(default_factory=lambda: ["down_proj"])  # scale input, not output
+    peft_type = "IA3"
+
+    def to_peft(self) -> dict:
+        return {"peft_type": "IA3", "target_modules": self.targets,
+                "feedforward_modules": self.feedforward, "fan_in_fan_out": False,
+                "init_ia3_weights": True, "modules_to_save": None, "task_type": None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "IA3Config":
+        ff = cfg.get("feedforward_modules") or []
+        return cls(targets=cfg["target_modules"], feedforward=[ff] if isinstance(ff, str) else ff)
+
+
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751 §2.1): h + up(f(down(h))) after
+    the attention output and the feed-forward output of each layer; up = 0 so init is identity."""
+    size: int = 64  # bottleneck width m; Houlsby et al. sweep m in {8, 64, 256}
+    non_linearity: str = "gelu"  # f; Houlsby et al. Fig. 2
+    targets: Targets = field(default_factory=lambda: ["o_proj", "down_proj"])
+    peft_type = "BOTTLENECK"
+
+    def to_peft(self) -> dict:
+        return {"peft_type": "BOTTLENECK", "bottleneck_size": self.size,
+                "non_linearity": self.non_linearity, "target_modules": self.targets,
+                "task_type": None}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "BottleneckConfig":
+        return cls(size=int(cfg["bottleneck_size"]), non_linearity=cfg.get("non_linearity", "gelu"),
+                   targets=cfg["target_modules"])
+
+
+@dataclass
+class PromptTuningConfig:
+    """Prompt tuning (Lester et al. 2021, arXiv:2104.08691): trainable virtual-token embeddings
+    prepended to the input. §3: init from vocabulary text beats random."""
+    num_virtual_tokens: int = 20  # Lester et al. Fig. 3: gains flatten past ~20 tokens
+    init_text: str | None = None  # initialise from this text's token embeddings (repeated)
+    peft_type = "PROMPT_TUNING"
+
+    def to_peft(self) -> dict:
+        return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
+                "prompt_tuning_init": "TEXT" if self.init_text else "RANDOM",
+                "prompt_tuning_init_text": self.init_text}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "PromptTuningConfig":
+        return cls(num_virtual_tokens=int(cfg["num_virtual_tokens"]),
+                   init_text=cfg.get("prompt_tuning_init_text"))
+
+
+@dataclass
+class PrefixTuningConfig:
+    """Prefix tuning (Li & Liang 2021, arXiv:2101.00190): trainable key/value prefixes at every
+    layer, fed through the model's KV cache. Stored directly (no reparametrisation MLP)."""
+    num_virtual_tokens: int = 20  # Li & Liang §7.1: prefix length 10-200, 200 best on summarisation
+    peft_type = "PREFIX_TUNING"
+
+    def to_peft(self, num_layers: int = 0, kv_heads: int = 0, head_dim: int = 0) -> dict:
+        return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": self.num_virtual_tokens, "num_layers": num_layers,
+                "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim,
+                "num_transformer_submodules": 1, "prefix_projection": False}
+
+    @classmethod
+    def from_peft(cls, cfg: dict) -> "PrefixTuningConfig":
+        if cfg.get("prefix_projection"):
+            raise PeftkitError("adapter_config.json: prefix_projection=true is not supported")
+        return cls(num_virtual_tokens=int(cfg["num_virtual_tokens"]))
+
+
+CONFIGS = {c.peft_type: c for c in (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig,
+                                    PrefixTuningConfig)}
+AdapterConfig = LoraConfig | IA3Config | BottleneckConfig | PromptTuningConfig | PrefixTuningConfig
+
+
+def config_from_peft(cfg: dict, where: str) -> AdapterConfig:
+    kind = cfg.get("peft_type")
+    if kind not in CONFIGS:
+        raise PeftkitError(f"{where}: unknown peft_type {kind!r} (supported: {', '.join(CONFIGS)})")
+    try:
+        return CONFIGS[kind].from_peft(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PeftkitError(f"{where}: bad {kind} config ({type(e).__name__}: {e})") from None
+
+
+def config_fields(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(config)} if config else asdict(config)

@@ -1,0 +1,168 @@
+"""Adding adapters to a loaded transformers model: target selection, module replacement, the
+`AdaptedModel` wrapper (routing, disable, merge), and PEFT's trainable-parameter report.
+
+Target rules follow PEFT: a list matches a module whose name equals an entry or ends with
+`.entry`; a string is a regex that must match the full name; "all-linear" takes every linear
+layer except the output head (and a classification head).
+"""
+
+import difflib
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.bottleneck import BottleneckLinear
+from peftkit.methods.config import (AdapterConfig, BottleneckConfig, IA3Config, LoraConfig,
+                                    PrefixTuningConfig, PromptTuningConfig)
+from peftkit.methods.ia3 import IA3Linear
+from peftkit.methods.layers import FrozenLinear, SlotRouter, is_linear
+from peftkit.methods.lora import LoraLinear
+from peftkit.methods.prompt import VirtualTokens
+
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+def find_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the linear modules `targets` selects; an error names what matched nothing."""
+    linear = [n for n, m in model.named_modules() if is_linear(m) or isinstance(m, FrozenLinear)]
+    if targets == "all-linear":
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n in linear if model.get_submodule(n) is not out_emb
+                and n.split(".")[-1] not in HEAD_NAMES]
+    if isinstance(targets, str):
+        chosen = [n for n in linear if re.fullmatch(targets, n)]
+        if not chosen:
+            raise PeftkitError(f"target regex {targets!r} matches no linear module "
+                               f"(e.g. {', '.join(linear[:3])})")
+        return chosen
+    chosen = []
+    leaf_names = sorted({n.split(".")[-1] for n in linear})
+    for t in targets:
+        hits = [n for n in linear if n == t or n.endswith("." + t)]
+        if not hits:
+            close = difflib.get_close_matches(t, leaf_names, n=3, cutoff=0.5) or leaf_names[:5]
+            raise PeftkitError(f"target module '{t}' not found in the base "
+                               f"(closest: {', '.join(close)})")
+        chosen += hits
+    return sorted(set(chosen), key=linear.index)
+
+
+class AdaptedModel(nn.Module):
+    """A transformers model with one adapter method in S slots.
+
+    `forward(..., slots=None)` runs every row on slot 0; `slots=LongTensor(B)` picks a slot per
+    row (-1 = base only). The wrapped model keeps its own parameter names.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, slot_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.slot_names = list(slot_names)
+        self.slot_configs: list[AdapterConfig] = [config] * len(slot_names)
+        self.router = SlotRouter()
+        self.virtual: VirtualTokens | None = None
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slot_names)
+
+    def adapted_layers(self) -> dict[str, FrozenLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, FrozenLinear)}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every adapter parameter (never a base weight), whether trainable now or not."""
+        params = [p for layer in self.adapted_layers().values() for p in layer.adapter_parameters()]
+        return params + (list(self.virtual.parameters()) if self.virtual is not None else [])
+
+    def slot_index(self, name: str) -> int:
+        if name not in self.slot_names:
+            raise PeftkitError(f"unknown adapter '{name}' (loaded: {', '.join(self.slot_names)})")
+        return self.slot_names.index(name)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, slots=None, **kw):
+        if attention_mask is None and input_ids is not None:
+            attention_mask = torch.ones_like(input_ids)
+        self.router.slots = slots
+        try:
+            if self.virtual is not None and self.router.enabled:
+                return self.virtual(self.model, input_ids, attention_mask, labels, slots, **kw)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              **kw)
+        finally:
+            self.router.slots = None
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside this block."""
+        self.router.enabled = False
+        try:
+            yield self
+        finally:
+            self.router.enabled = True
+
+    def merge(self, slot: int = 0) -> None:
+        """Fold one slot into the base weights (explicit; never a side effect of eval())."""
+        if self.virtual is not None:
+            raise PeftkitError(f"{self.config.peft_type} adds tokens and cannot be merged")
+        for layer in self.adapted_layers().values():
+            layer.merge(slot)
+
+    def unmerge(self) -> None:
+        for layer in self.adapted_layers().values():
+            layer.unmerge()
+
+    def trainable_report(self) -> str:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                f"trainable%: {100 * trainable / total:.4f}")
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig, slots: int = 1,
+                names: list[str] | None = None, tokenizer=None, init: bool = True) -> AdaptedModel:
+    """Freeze `model` and add `config`'s method with `slots` fresh slots (trainable)."""
+    names = names or (["default"] if slots == 1 else [f"slot{i}" for i in range(slots)])
+    if len(names) != slots:
+        raise PeftkitError(f"{slots} slots need {slots} names, got {len(names)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = AdaptedModel(model, config, names)
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        kind = "prompt" if isinstance(config, PromptTuningConfig) else "prefix"
+        adapted.virtual = VirtualTokens(model, kind, config.num_virtual_tokens, slots)
+        for k in range(slots) if init else ():
+            adapted.virtual.init_slot(k, model, getattr(config, "init_text", None), tokenizer)
+        return adapted
+    for name in find_targets(model, config.targets):
+        layer = make_layer(model.get_submodule(name), name, config, adapted.router, slots)
+        for k in range(slots) if init else ():
+            init_layer_slot(layer, k, config)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+    return adapted
+
+
+def make_layer(base: nn.Module, name: str, config: AdapterConfig, router: SlotRouter, slots: int,
+               r: int | None = None) -> FrozenLinear:
+    if isinstance(base, FrozenLinear):
+        raise PeftkitError(f"module '{name}' already has an adapter")
+    if isinstance(config, LoraConfig):
+        return LoraLinear(base, router, slots, r or config.r, dora=config.use_dora,
+                          dropout=config.dropout)
+    if isinstance(config, IA3Config):
+        ff = any(name == f or name.endswith("." + f) for f in config.feedforward)
+        return IA3Linear(base, router, slots, feedforward=ff)
+    if isinstance(config, BottleneckConfig):
+        return BottleneckLinear(base, router, slots, config.size, config.non_linearity)
+    raise PeftkitError(f"unsupported adapter config {type(config).__name__}")
+
+
+def init_layer_slot(layer: FrozenLinear, k: int, config: AdapterConfig) -> None:
+    if isinstance(layer, LoraLinear):
+        layer.init_slot(k, config.scale, config.init)
+    else:
+        layer.init_slot(k)

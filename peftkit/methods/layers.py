@@ -1,0 +1,86 @@
+"""The frozen linear that every per-module adapter method builds on, and the slot router.
+
+`FrozenLinear` takes over an `nn.Linear` (or a bitsandbytes 4-bit linear): it registers the same
+`weight` and `bias` parameters under the same names, so base checkpoint keys never change (as in
+torchtune's LoRALinear). Subclasses add S adapter *slots*; a `SlotRouter` shared by all layers of
+a model says which slot each batch row uses (-1 = base only), so one forward serves many tenants.
+"""
+
+import torch
+from torch import nn
+
+try:  # bitsandbytes is optional at import time; 4-bit bases need it
+    import bitsandbytes as bnb
+except ImportError:  # pragma: no cover
+    bnb = None
+
+
+class SlotRouter:
+    """Per-batch routing shared by every adapted layer of one model.
+
+    `slots is None`: every row uses slot 0 (single-adapter training and inference, the fast path).
+    Otherwise a LongTensor (B,) of slot indices, -1 meaning "no adapter" for that row.
+    """
+
+    def __init__(self):
+        self.slots: torch.Tensor | None = None
+        self.enabled = True
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
+
+
+class FrozenLinear(nn.Module):
+    def __init__(self, base: nn.Module, router: SlotRouter, slots: int):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.quant_state = getattr(base.weight, "quant_state", None)  # set for NF4 bases
+        self.compute_dtype = getattr(base, "compute_dtype", None) or torch.float32
+        self.router = router
+        self.n_slots = slots
+        self.merged = False
+
+    # -- base computation -------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_state is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        dtype = x.dtype
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
+                              quant_state=self.quant_state)
+        return out.to(dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight in full precision (dequantized for NF4 bases)."""
+        if self.quant_state is None:
+            return self.weight
+        return bnb.functional.dequantize_4bit(self.weight.data, self.quant_state).float()
+
+    def set_dense_weight(self, w: torch.Tensor) -> None:
+        from peftkit.errors import PeftkitError
+        if self.quant_state is not None:
+            raise PeftkitError("cannot merge into a 4-bit base in place; use merge_to_dense()")
+        self.weight.data.copy_(w)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")]
+
+    # -- routing helpers --------------------------------------------------------------------
+    def active(self) -> bool:
+        return self.router.enabled and not self.merged and self.n_slots > 0
+
+    def route(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(index, keep): slot index per row clamped to >= 0, and a 0/1 row mask for base rows."""
+        slots = self.router.slots
+        if slots is None:
+            return None, None
+        return slots.clamp(min=0), (slots >= 0)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={self.n_slots}"

@@ -1,0 +1,143 @@
+"""LoRA, rsLoRA and DoRA as one multi-slot linear layer.
+
+    y = x Wᵀ + b + s[k] · (x A[k]ᵀ) B[k]ᵀ           k = slot of the row (LoRA / rsLoRA)
+    y = m[k]/‖W + s[k]·B[k]A[k]‖ ⊙ (x (W + s[k]·B[k]A[k])ᵀ) + b      (DoRA)
+
+Slots share one stack `A: (S, r, in)`, `B: (S, out, r)`; adapters of lower rank are zero-padded.
+Rows on different adapters are computed with gathered batched matmuls (the BGMV idea of Punica /
+S-LoRA), never a Python loop over adapters.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from peftkit.methods.layers import FrozenLinear, SlotRouter
+
+
+class LoraLinear(FrozenLinear):
+    def __init__(self, base: nn.Module, router: SlotRouter, slots: int, r: int,
+                 dora: bool = False, dropout: float = 0.0):
+        super().__init__(base, router, slots)
+        self.r = r
+        self.lora_A = nn.Parameter(torch.zeros(slots, r, self.in_features))  # (S, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, r))  # (S, out, r)
+        self.register_buffer("scale", torch.zeros(slots))  # (S,), 0 for empty slots
+        self.magnitude = None
+        if dora:  # an empty DoRA slot is the identity only when m = ‖W‖ row-wise
+            norms = self._row_norm(self.dense_weight().detach().float())
+            self.magnitude = nn.Parameter(norms.expand(slots, -1).clone())
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # -- slots ------------------------------------------------------------------------------
+    def init_slot(self, k: int, scale: float, init: str = "kaiming") -> None:
+        with torch.no_grad():
+            a = self.lora_A[k]
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B[k].zero_()
+            self.scale[k] = scale
+            if self.magnitude is not None:
+                self.magnitude[k] = self._row_norm(self.dense_weight())
+
+    def write_slot(self, k: int, A: torch.Tensor, B: torch.Tensor, scale: float,
+                   magnitude: torch.Tensor | None = None) -> None:
+        r = A.shape[0]
+        with torch.no_grad():
+            self.lora_A[k].zero_()
+            self.lora_B[k].zero_()
+            self.lora_A[k, :r] = A
+            self.lora_B[k, :, :r] = B
+            self.scale[k] = scale
+            if self.magnitude is not None:
+                self.magnitude[k] = magnitude
+
+    def read_slot(self, k: int, r: int) -> dict[str, torch.Tensor]:
+        out = {"lora_A.weight": self.lora_A[k, :r], "lora_B.weight": self.lora_B[k, :, :r]}
+        if self.magnitude is not None:
+            out["lora_magnitude_vector"] = self.magnitude[k]
+        return {key: v.detach().clone().contiguous() for key, v in out.items()}
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if not self.active():
+            return y
+        idx, keep = self.route()
+        xd = self.dropout(x)
+        if idx is None:  # one adapter for all rows: plain matmuls
+            lora = (xd @ self.lora_A[0].t()) @ self.lora_B[0].t() * self.scale[0]
+            if self.magnitude is None:
+                return y + lora
+            return y + self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
+        A, B = self.lora_A[idx], self.lora_B[idx]  # (Bt, r, in), (Bt, out, r)
+        scale = (self.scale[idx] * keep).view(-1, *[1] * (x.dim() - 1))
+        lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
+        if self.magnitude is None:
+            return y + lora
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
+        return y + self._dora(x, y, lora, self.magnitude[idx], norms, keep)
+
+    @staticmethod
+    def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (Bt, in) rows without a sequence axis
+            return torch.bmm(x.unsqueeze(1), w).squeeze(1)
+        return torch.bmm(x, w)
+
+    def _dora(self, x, y, lora, magnitude, norms, keep):
+        # Liu et al. 2024 §4.3: the norm is detached, so it is a constant in backprop.
+        ratio = magnitude / norms  # (Bt or 1, out)
+        if keep is not None:
+            ratio = torch.where(keep.unsqueeze(-1), ratio, torch.ones_like(ratio))
+        shape = (ratio.shape[0],) + (1,) * (x.dim() - 2) + (ratio.shape[-1],)
+        ratio = ratio.view(shape) if x.dim() > 2 else ratio
+        if isinstance(self.dropout, nn.Identity):  # x Wᵀ is already in y
+            base = y if self.bias is None else y - self.bias
+        else:
+            base = nn.functional.linear(self.dropout(x), self.dense_weight().to(x.dtype))
+        return (ratio - 1) * base + ratio * lora
+
+    def _norms(self, which) -> torch.Tensor:
+        W = self.dense_weight()
+        delta = torch.einsum("s,sor,sri->soi", self.scale[which], self.lora_B[which],
+                             self.lora_A[which])
+        return self._row_norm(W + delta).detach()
+
+    @staticmethod
+    def _row_norm(w: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(w, dim=-1)
+
+    # -- merge ------------------------------------------------------------------------------
+    def merged_weight(self, k: int = 0) -> torch.Tensor:
+        Wd = self.dense_weight().detach() + self._delta(k)
+        if self.magnitude is None:
+            return Wd
+        return (self.magnitude[k].detach() / self._row_norm(Wd)).unsqueeze(1) * Wd
+
+    def merge(self, k: int = 0) -> None:
+        if self.merged:
+            return
+        merged = self.merged_weight(k)
+        # DoRA's unmerge needs the row scale used at merge time; LoRA's is a subtraction.
+        self._merged_slot = k
+        self._ratio = None if self.magnitude is None else (
+            self.magnitude[k].detach() / self._row_norm(self.dense_weight().detach()
+                                                        + self._delta(k)))
+        self.set_dense_weight(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        W = self.dense_weight().detach()
+        if self._ratio is not None:
+            W = W / self._ratio.unsqueeze(1)
+        self.set_dense_weight(W - self._delta(self._merged_slot))
+        self.merged = False
+
+    def _delta(self, k: int) -> torch.Tensor:
+        return self.scale[k] * self.lora_B[k].detach() @ self.lora_A[k].detach()

@@ -1,0 +1,84 @@
+"""Prompt tuning and prefix tuning: model-level adapters on a causal LM.
+
+Prompt tuning prepends S-slot virtual-token embeddings `(S, n, d)` to the input embeddings.
+Prefix tuning stores per-layer key/value prefixes `(S, n, L·2·kv_heads·head_dim)` (PEFT's layout:
+layer-major, key before value) and hands them to the model as its KV cache, so grouped-query
+attention gets prefixes of its own kv-head count.
+"""
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from peftkit.data import IGNORE
+from peftkit.errors import PeftkitError
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class VirtualTokens(nn.Module):
+    """Slots of prompt embeddings (prompt tuning) or KV prefixes (prefix tuning)."""
+
+    def __init__(self, model, kind: str, n: int, slots: int):
+        super().__init__()
+        if not getattr(model.config, "is_decoder", True) or model.config.model_type == "bert":
+            raise PeftkitError(f"{kind} tuning needs a causal LM; {model.config.model_type} is an "
+                               "encoder")
+        self.kind, self.n = kind, n
+        if kind == "prompt":
+            width = model.get_input_embeddings().embedding_dim
+        else:
+            layers, kv_heads, head_dim = kv_geometry(model.config)
+            width = layers * 2 * kv_heads * head_dim
+        self.prompt_embeddings = nn.Parameter(torch.zeros(slots, n, width))
+
+    def init_slot(self, k: int, model, init_text: str | None = None, tokenizer=None) -> None:
+        with torch.no_grad():
+            if init_text:  # Lester et al. §3: initialise from real token embeddings
+                if tokenizer is None:
+                    raise PeftkitError("prompt tuning init_text needs the tokenizer")
+                ids = tokenizer(init_text, add_special_tokens=False).input_ids
+                ids = (ids * (self.n // max(len(ids), 1) + 1))[: self.n]
+                emb = model.get_input_embeddings().weight[torch.tensor(ids)]
+                self.prompt_embeddings[k] = emb
+            else:  # PEFT's default: an nn.Embedding's N(0, 1)
+                nn.init.normal_(self.prompt_embeddings[k])
+
+    def rows(self, batch: int, slots: torch.Tensor | None) -> torch.Tensor:
+        if slots is None:
+            return self.prompt_embeddings[0].expand(batch, -1, -1)
+        if bool((slots < 0).any()):
+            raise PeftkitError(f"{self.kind} tuning cannot mix base-only rows into a batch")
+        return self.prompt_embeddings[slots]
+
+    def forward(self, model, input_ids, attention_mask, labels, slots, **kw):
+        b = input_ids.shape[0]
+        ones = torch.ones(b, self.n, dtype=attention_mask.dtype, device=input_ids.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        virtual = self.rows(b, slots)
+        if self.kind == "prompt":
+            embeds = model.get_input_embeddings()(input_ids)
+            embeds = torch.cat([virtual.to(embeds.dtype), embeds], dim=1)
+            if labels is not None:
+                pad = torch.full((b, self.n), IGNORE, dtype=labels.dtype, device=labels.device)
+                labels = torch.cat([pad, labels], dim=1)
+            out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kw)
+            out.logits = out.logits[:, self.n:]  # align logits with the caller's input_ids
+            return out
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels,
+                     past_key_values=self.prefix_cache(model, virtual), **kw)
+
+    def prefix_cache(self, model, virtual: torch.Tensor) -> DynamicCache:
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        b = virtual.shape[0]
+        kv = virtual.view(b, self.n, layers * 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4)
+        cache = DynamicCache(config=model.config)
+        for layer in range(layers):  # (B, kv_heads, n, head_dim) each
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        return cache

@@ -1,0 +1,28 @@
+"""Shared test helpers: tiny inputs and deterministic non-trivial adapter weights."""
+
+import torch
+
+from peftkit.models import load_base
+
+
+def tiny_llama():
+    return load_base("tiny-llama")
+
+
+def batch(rows: int = 3, length: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (rows, length), generator=g)
+
+
+def randomize(adapted, seed: int = 0) -> None:
+    """Give every adapter parameter non-trivial values (an untrained adapter is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.adapter_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(p + noise if p.abs().sum() > 0 else noise)
+
+
+@torch.no_grad()
+def logits(model, ids, **kw) -> torch.Tensor:
+    return model(input_ids=ids, **kw).logits
