@@ -67,6 +67,7 @@ class Base:
     name: str
     path: Path | None  # the HF directory it was loaded from; None for tiny models
     task: str
+    quant_report: object = None  # a peftkit.quant.QuantReport when quantized in this call
 
 
 def cache_dir() -> Path:
@@ -74,13 +75,26 @@ def cache_dir() -> Path:
 
 
 def load_base(spec: str, task: str | None = None, num_labels: int = 2,
-              dtype: torch.dtype = torch.float32) -> Base:
-    """Load `spec` for `task` (default: the model's own: causal-lm for decoders, else encoder)."""
+              dtype: torch.dtype = torch.float32, quantize=None) -> Base:
+    """Load `spec` for `task` (default: the model's own: causal-lm for decoders, else encoder).
+
+    `quantize` (a `peftkit.quant.QuantConfig`) gives an NF4 base; it is quantized once and kept
+    under `$PEFTKIT_CACHE/nf4/`, so later loads read the 4-bit weights and never hold an fp32 copy.
+    A directory written by `save_quantized` loads as the 4-bit base it holds.
+    """
     if task is not None and task not in TASKS:
         raise PeftkitError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if quantize is not None:
+        return _load_nf4(spec, task, num_labels, quantize)
     if spec in TINY:
         return _load_tiny(spec, task, num_labels)
     path = resolve_model_dir(spec)
+    from peftkit.quant import is_quantized_dir, load_quantized
+    if is_quantized_dir(path):
+        config = AutoConfig.from_pretrained(path)
+        task = task or _default_task(config)
+        model = load_quantized(path, _AUTO_CLASS[task]._model_mapping[type(config)])
+        return Base(model, AutoTokenizer.from_pretrained(path), spec, path, task)
     config = AutoConfig.from_pretrained(path)
     task = task or _default_task(config)
     extra = {"num_labels": num_labels} if task == "classify" else {}
@@ -122,6 +136,29 @@ def resolve_model_dir(spec: str) -> Path:
     if not (path / "config.json").exists():
         raise PeftkitError(f"{path}: no config.json, so not a Hugging Face model directory")
     return path
+
+
+def _load_nf4(spec: str, task: str | None, num_labels: int, config) -> Base:
+    from dataclasses import asdict
+
+    from peftkit.quant import quantize_model, save_quantized
+    config.validate()
+    if spec in TINY or task == "classify":  # cheap or head-specific: quantize in memory
+        base = load_base(spec, task, num_labels)
+        base.quant_report = quantize_model(base.model, config)
+        return base
+    key = hashlib.sha256(json.dumps([str(resolve_model_dir(spec).resolve()), asdict(config)],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "nf4" / f"{Path(spec).name}-{key}"
+    if not (target / "config.json").exists():
+        base = load_base(spec, task, num_labels)
+        report = quantize_model(base.model, config)
+        _publish(lambda tmp: save_quantized(base.model, base.tokenizer, tmp), target)
+        base.quant_report, base.path = report, target
+        return base
+    base = load_base(str(target), task, num_labels)
+    base.name = spec
+    return base
 
 
 def list_models() -> list[dict]:

@@ -59,7 +59,7 @@ def tiny_llama_config() -> LlamaConfig:
         vocab_size=len(LLAMA_SPECIALS) + 256, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        pad_token_id=2, rms_norm_eps=1e-5,
+        pad_token_id=2, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
     )
 
 

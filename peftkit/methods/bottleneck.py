@@ -61,6 +61,9 @@ class BottleneckLinear(FrozenLinear):
         out = out if h.dim() > 2 else out.squeeze(1)
         return h + out * keep.view(shape).to(h.dtype)
 
+    def merged_params(self, k: int = 0) -> dict[str, torch.Tensor]:
+        raise PeftkitError("bottleneck adapters are nonlinear and cannot be merged into the base")
+
     def merge(self, k: int = 0) -> None:
         raise PeftkitError("bottleneck adapters are nonlinear and cannot be merged into the base")
 

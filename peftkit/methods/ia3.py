@@ -41,15 +41,22 @@ class IA3Linear(FrozenLinear):
             return self.base_forward(x * self._scales(x))
         return self.base_forward(x) * self._scales(x)
 
+    def merged_params(self, k: int = 0) -> dict[str, torch.Tensor]:
+        l = self.ia3_l[k].detach()
+        W = self.dense_weight().detach()
+        out = {"weight": W * l if self.feedforward else W * l.unsqueeze(1)}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach() if self.feedforward else self.bias.detach() * l
+        return out
+
     def merge(self, k: int = 0) -> None:
         if self.merged:
             return
         self._merged_slot = k
-        l = self.ia3_l[k].detach()
-        W = self.dense_weight().detach()
-        self.set_dense_weight(W * l if self.feedforward else W * l.unsqueeze(1))
-        if self.bias is not None and not self.feedforward:
-            self.bias.data.mul_(l)
+        merged = self.merged_params(k)
+        self.set_dense_weight(merged["weight"])
+        if self.bias is not None:
+            self.bias.data.copy_(merged["bias"])
         self.merged = True
 
     def unmerge(self) -> None:

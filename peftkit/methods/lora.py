@@ -118,6 +118,10 @@ class LoraLinear(FrozenLinear):
             return Wd
         return (self.magnitude[k].detach() / self._row_norm(Wd)).unsqueeze(1) * Wd
 
+    def merged_params(self, k: int = 0) -> dict[str, torch.Tensor]:
+        out = {"weight": self.merged_weight(k)}
+        return out if self.bias is None else {**out, "bias": self.bias.detach()}
+
     def merge(self, k: int = 0) -> None:
         if self.merged:
             return

@@ -1,0 +1,201 @@
+"""NF4 4-bit bases for QLoRA (Dettmers et al. 2023, arXiv:2305.14314) through bitsandbytes.
+
+`quantize_model` swaps a model's linear layers for bitsandbytes `Linear4bit` holding NF4 weights
+(blocksize 64, double quantization on). Any adapter method then wraps those layers unchanged:
+`FrozenLinear` computes the base part with `matmul_4bit` and dequantizes only to merge.
+`save_quantized` / `load_quantized` keep the quantized base on disk (safetensors + quant state),
+so later runs and the server never hold a full-precision copy of the quantized layers.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.nn import Linear4bit, Params4bit
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANT_FILE, WEIGHTS_FILE = "peftkit_quant.json", "model.safetensors"
+
+
+@dataclass
+class QuantConfig:
+    """QLoRA's storage recipe; bitsandbytes' own defaults (FP4, no double quant) are never used."""
+    blocksize: int = 64  # Dettmers et al. 2023 §3: 64-weight blocks for the first quantization
+    double_quant: bool = True  # §3 "Double Quantization": absmax to 8 bit in blocks of 256
+    compute_dtype: str = "float32"  # "float32" or "bfloat16"; the dtype matmuls run in
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])  # kept fp
+
+    def validate(self) -> None:
+        if self.blocksize not in BLOCKSIZES:
+            raise PeftkitError(f"unsupported NF4 blocksize {self.blocksize} "
+                               f"(choose one of {', '.join(map(str, BLOCKSIZES))})")
+        if self.compute_dtype not in DTYPES:
+            raise PeftkitError(f"unsupported compute dtype {self.compute_dtype!r} "
+                               f"(choose {' or '.join(DTYPES)})")
+
+
+@dataclass
+class QuantReport:
+    modules: int
+    quantized_params: int
+    bytes_before: int  # every parameter and buffer of the model, before
+    bytes_after: int
+    bits_per_param: float  # storage of the quantized layers per weight (codes + scales)
+
+    def summary(self) -> str:
+        return (f"NF4: {self.modules} linear layers, {self.quantized_params:,d} weights at "
+                f"{self.bits_per_param:.3f} bits; model {self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB")
+
+
+def quantize_tensor(w: torch.Tensor, config: QuantConfig):
+    config.validate()
+    return bnb.functional.quantize_4bit(w.detach().float().contiguous(), blocksize=config.blocksize,
+                                        compress_statistics=config.double_quant, quant_type="nf4")
+
+
+def quantized_bits(packed: torch.Tensor, state) -> int:
+    """Per-weight storage: 4-bit codes, absmax (8-bit with double quant) and the second-level
+    absmax. Fixed lookup tables (16 + 256 floats per layer) are left out."""
+    bits = packed.numel() * packed.element_size() * 8
+    bits += state.absmax.numel() * state.absmax.element_size() * 8
+    if state.nested:
+        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8
+    return bits
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            total += sum(v.numel() * v.element_size() for v in qs.as_dict(packed=True).values()
+                         if isinstance(v, torch.Tensor))
+    return total
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> QuantReport:
+    """Replace every nn.Linear (except `config.skip` heads) by an NF4 Linear4bit, in place."""
+    config = config or QuantConfig()
+    config.validate()
+    before = model_bytes(model)
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear and n.split(".")[-1] not in config.skip]
+    if not targets:
+        raise PeftkitError(f"{type(model).__name__} has no linear layers to quantize")
+    n_params, n_bits = 0, 0
+    for name, lin in targets:
+        packed, state = quantize_tensor(lin.weight, config)
+        _replace(model, name, _linear4bit(lin.in_features, lin.out_features, lin.bias, packed,
+                                          state, config))
+        n_params += lin.weight.numel()
+        n_bits += quantized_bits(packed, state)
+    model.config.peftkit_quantization = asdict(config)
+    return QuantReport(len(targets), n_params, before, model_bytes(model), n_bits / n_params)
+
+
+def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig) -> Linear4bit:
+    layer = Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=DTYPES[config.compute_dtype],
+                       compress_statistics=config.double_quant, quant_type="nf4", device="meta")
+    layer.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
+                              compress_statistics=config.double_quant, quant_type="nf4",
+                              bnb_quantized=True, module=layer)
+    layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights in full precision: NF4 layers dequantized (for merge and export)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(".weight"):
+            module = model.get_submodule(name[: -len(".weight")])
+            qs = getattr(getattr(module, "weight", None), "quant_state", None)
+            if qs is not None:
+                out[name] = bnb.functional.dequantize_4bit(module.weight.data, qs).float()
+                continue
+        if "weight." in name and any(name.endswith(s) for s in ("absmax", "quant_map",
+                                                                   "bitsandbytes__nf4")):
+            continue  # quant-state entries of the NF4 layers
+        out[name] = t
+    return out
+
+
+def save_quantized(model: nn.Module, tokenizer, directory: str | Path) -> Path:
+    """Write the quantized base: config, tokenizer, packed weights + quant state, one JSON."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model.config, "peftkit_quantization", None)
+    if cfg is None:
+        raise PeftkitError("model is not quantized; call quantize_model first")
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    tensors, layers = {}, {}
+    seen = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape)
+        if key in seen:
+            continue  # tied weights are stored once
+        seen[key] = name
+        tensors[name] = t.detach().contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            layers[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    (directory / QUANT_FILE).write_text(json.dumps({"config": cfg, "layers": layers}, indent=2))
+    return directory
+
+
+def is_quantized_dir(path: Path) -> bool:
+    return (Path(path) / QUANT_FILE).exists()
+
+
+def load_quantized(directory: str | Path, model_cls):
+    """Rebuild a quantized base without ever materialising its linear layers in fp32."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    meta = json.loads((directory / QUANT_FILE).read_text())
+    config = QuantConfig(**meta["config"])
+    hf_config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = model_cls(hf_config)
+    tensors = load_file(directory / WEIGHTS_FILE)
+    for name, spec in meta["layers"].items():
+        prefix = f"{name}.weight."
+        stats = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        packed = tensors.pop(f"{name}.weight")
+        for k in list(tensors):
+            if k.startswith(prefix):
+                del tensors[k]
+        state = bnb.functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+        bias = tensors.pop(f"{name}.bias") if spec["bias"] else None
+        _replace(model, name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config))
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise PeftkitError(f"{directory / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}")
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise PeftkitError(f"{directory / WEIGHTS_FILE}: missing tensors {still_meta[:3]}")
+    model.config.peftkit_quantization = meta["config"]
+    return model.eval()
