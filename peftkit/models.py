@@ -147,7 +147,7 @@ def _load_nf4(spec: str, task: str | None, num_labels: int, config) -> Base:
         base = load_base(spec, task, num_labels)
         base.quant_report = quantize_model(base.model, config)
         return base
-    key = hashlib.sha256(json.dumps([str(resolve_model_dir(spec).resolve()), asdict(config)],
+    key = hashlib.sha256(json.dumps([str(resolve_model_dir(spec).resolve()), asdict(config), task],
                                     sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "nf4" / f"{Path(spec).name}-{key}"
     if not (target / "config.json").exists():

@@ -90,8 +90,9 @@ class AdaptedModel(nn.Module):
         try:
             if self.virtual is not None and self.router.enabled:
                 return self.virtual(self.model, input_ids, attention_mask, labels, slots, **kw)
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                              **kw)
+            if labels is not None:
+                kw["labels"] = labels
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
             self.router.slots = None
 

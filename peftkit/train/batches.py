@@ -1,0 +1,37 @@
+"""Deterministic batching: the order is a pure function of (seed, epoch), so a resumed run sees
+exactly the batches the uninterrupted one would have."""
+
+import math
+
+import torch
+
+from peftkit.data import IGNORE, Example
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def batch_at(examples: list, micro: int, batch_size: int, seed: int) -> list:
+    """The `micro`-th micro-batch of the run (epochs follow each other)."""
+    per_epoch = math.ceil(len(examples) / batch_size)
+    epoch, i = divmod(micro, per_epoch)
+    order = epoch_order(len(examples), seed, epoch)
+    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are per-token lists or one class id each."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, :len(e.input_ids)] = 1
+    if isinstance(examples[0].labels, int):
+        labels = torch.tensor([e.labels for e in examples])
+    else:
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for row, e in enumerate(examples):
+            labels[row, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,126 @@
+"""One method name -> the model to train, its trainable parameters and how to save it."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.formats import save_adapter
+from peftkit.methods import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                             PromptTuningConfig, add_adapter)
+from peftkit.models import Base, load_base
+from peftkit.quant import QuantConfig
+from peftkit.train.config import TrainConfig
+from peftkit.train.heads import Head, SequenceClassifier, pooling_for
+
+
+@dataclass
+class Trainee:
+    config: TrainConfig
+    task: str
+    base: Base
+    module: nn.Module  # causal LM: takes input_ids/attention_mask/labels; classify: a SequenceClassifier
+    params: list[nn.Parameter]
+    adapted: object = None  # AdaptedModel for PEFT methods
+    head: Head | None = None
+    label_names: list[str] = field(default_factory=list)
+
+    def save(self, out: Path) -> dict[str, str]:
+        """Write the run's outputs: PEFT adapter, HF model directory and/or head."""
+        paths = {}
+        method = self.config.method
+        if self.adapted is not None:
+            paths["adapter"] = str(save_adapter(self.adapted, out / "adapter",
+                                                base_name=self.config.model))
+        if method == "full":
+            model = self.base.model if self.task == "causal-lm" else self.module.backbone
+            model.save_pretrained(out / "model")
+            self.base.tokenizer.save_pretrained(out / "model")
+            paths["model"] = str(out / "model")
+        if self.head is not None:
+            extra = {"task": self.task, "labels": self.label_names, "base": self.config.model,
+                     "method": method, "pooling": getattr(self.module, "pooling", None)}
+            paths["head"] = str(self.head.save(out, extra))
+        return paths
+
+
+# Per-architecture module names where a method's paper places it (PEFT uses the same table).
+IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "bert": (["key", "value", "output.dense"], ["output.dense"])}
+BOTTLENECK_TARGETS = {"llama": ["o_proj", "down_proj"], "bert": ["output.dense"]}
+
+
+def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
+    m, targets = cfg.method, cfg.target_list()
+    if m in ("lora", "qlora", "dora"):
+        return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+                          use_dora=m == "dora")
+    if m == "ia3":
+        default, ff = IA3_TARGETS.get(model_type, IA3_TARGETS["llama"])
+        if targets == "all-linear":
+            return IA3Config(targets=default, feedforward=ff)
+        return IA3Config(targets=targets, feedforward=[t for t in ff if t in targets])
+    if m == "bottleneck":
+        if targets == "all-linear":
+            targets = BOTTLENECK_TARGETS.get(model_type, BOTTLENECK_TARGETS["llama"])
+        return BottleneckConfig(size=cfg.bottleneck_size, targets=targets)
+    if m == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def build(cfg: TrainConfig, task: str, label_names: list[str]) -> Trainee:
+    quant = QuantConfig(compute_dtype="bfloat16" if cfg.bf16 else "float32") \
+        if cfg.method == "qlora" else None
+    if task == "classify":
+        return _build_classifier(cfg, label_names, quant)
+    base = load_base(cfg.model, task="causal-lm", quantize=quant)
+    model = base.model
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Trainee(cfg, task, base, model, list(model.parameters()))
+    if cfg.method == "probe":  # the seed's "only the final layer adapts": the output head alone
+        for p in model.parameters():
+            p.requires_grad_(False)
+        out = model.get_output_embeddings()
+        head = Head(out.in_features, out.out_features)
+        with torch.no_grad():  # start from the pretrained head (untied copy), no bias
+            head.net.weight.copy_(out.weight)
+            head.net.bias.zero_()
+        return Trainee(cfg, task, base, model, list(head.parameters()), head=head)
+    adapted = add_adapter(model, adapter_config(cfg, model.config.model_type),
+                          tokenizer=base.tokenizer)
+    if cfg.grad_checkpointing:
+        model.enable_input_require_grads()
+    return Trainee(cfg, task, base, adapted, adapted.adapter_parameters(), adapted=adapted)
+
+
+def _build_classifier(cfg: TrainConfig, label_names: list[str], quant) -> Trainee:
+    if cfg.method in ("prompt", "prefix"):
+        raise PeftkitError(f"--method {cfg.method} trains a causal LM; use --task causal-lm")
+    base = load_base(cfg.model, task="encoder", quantize=quant)  # backbone without a head
+    backbone = base.model
+    if cfg.grad_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    head = Head(backbone.config.hidden_size, len(label_names),
+                cfg.probe_head if cfg.method == "probe" else "linear")
+    adapted = None
+    if cfg.method == "full":
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        body_params = list(backbone.parameters())
+    elif cfg.method == "probe":
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        body_params = []
+    else:
+        adapted = add_adapter(backbone, adapter_config(cfg, backbone.config.model_type))
+        backbone, body_params = adapted, adapted.adapter_parameters()
+    clf = SequenceClassifier(backbone, head, pooling_for(base.model.config))
+    return Trainee(cfg, "classify", base, clf, body_params + list(head.parameters()),
+                   adapted=adapted, head=head, label_names=label_names)

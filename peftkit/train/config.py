@@ -1,0 +1,102 @@
+"""The trainer's one config: a dataclass, loadable from YAML/TOML, overridable from the CLI."""
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from peftkit.errors import PeftkitError
+
+METHODS = ("full", "probe", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "bottleneck")
+PEFT_METHODS = METHODS[2:]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    data: str = ""
+    method: str = "lora"  # one of METHODS
+    output: str = "runs/latest"
+    task: str = "auto"  # "causal-lm" | "classify" | "auto" (classify when records carry labels)
+    steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 0.0  # 0 = the method's usual default (see DEFAULT_LR)
+    weight_decay: float = 0.0
+    warmup: float = 0.06  # fraction of steps with linear warmup (RoBERTa/LoRA GLUE recipe)
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant" decay after warmup
+    clip: float = 1.0  # max gradient norm; 0 = off
+    seed: int = 0
+    max_length: int = 256
+    val_data: str = ""
+    val_split: float = 0.1
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch and at the end
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end and on a signal
+    exact_match_max: int = 64  # validation examples scored by greedy generation (causal LM)
+    # method hyperparameters (see peftkit.methods.config for their sources)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "all-linear"  # "all-linear", a regex, or a comma-separated list of names
+    num_virtual_tokens: int = 20
+    bottleneck_size: int = 64
+    probe_head: str = "linear"  # "linear" | "mlp"
+    bf16: bool = False  # autocast matmuls to bfloat16 (weights stay fp32)
+    grad_checkpointing: bool = False
+    text_field: str = "text"
+    label_field: str = "label"
+    skip_invalid: bool = False
+    resume: bool = False
+
+    def validate(self) -> "TrainConfig":
+        if self.method not in METHODS:
+            raise PeftkitError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.task not in ("auto", "causal-lm", "classify"):
+            raise PeftkitError(f"unknown task '{self.task}' (causal-lm, classify or auto)")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise PeftkitError(f"unknown schedule '{self.schedule}' (cosine, linear, constant)")
+        if not self.data:
+            raise PeftkitError("no training data: give --data FILE")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise PeftkitError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.steps < 0 or self.epochs <= 0 and not self.steps:
+            raise PeftkitError("give --steps N > 0 or --epochs E > 0")
+        return self
+
+    def target_list(self):
+        if self.targets == "all-linear" or not all(c.isalnum() or c in "_,." for c in self.targets):
+            return self.targets
+        return [t for t in self.targets.split(",") if t]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4,
+              "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "bottleneck": 1e-3}
+
+
+def load_config(path: str | None, overrides: dict) -> TrainConfig:
+    """Config file values, then explicit CLI overrides (keys left None are not given)."""
+    values = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise PeftkitError(f"config file not found: {p}")
+        try:
+            values = tomllib.loads(p.read_text()) if p.suffix == ".toml" else yaml.safe_load(p.read_text())
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+            raise PeftkitError(f"{p}: cannot parse ({str(e).splitlines()[0]})") from None
+        values = values or {}
+        if not isinstance(values, dict):
+            raise PeftkitError(f"{p}: expected a mapping of option: value")
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PeftkitError(f"{p}: unknown option(s) {', '.join(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values).validate()

@@ -1,0 +1,77 @@
+"""Validation metrics: loss and perplexity; accuracy and macro-F1 for classification; exact match
+of greedy generations for causal LM."""
+
+import math
+
+import torch
+
+from peftkit.data import IGNORE, Record, chat_prompt
+from peftkit.generation import greedy_ids
+from peftkit.train.batches import collate
+
+
+def macro_f1(pred: list[int], gold: list[int], n_classes: int) -> float:
+    scores = []
+    for c in range(n_classes):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def evaluate_classifier(logits_fn, examples, n_classes: int, batch_size: int) -> dict:
+    """logits_fn(batch) -> (B, C) logits."""
+    preds, gold, loss_sum = [], [], 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id=0)
+        logits = logits_fn(batch)
+        loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        preds += logits.argmax(-1).tolist()
+        gold += batch["labels"].tolist()
+    n = max(len(gold), 1)
+    return {"loss": loss_sum / n, "accuracy": sum(p == g for p, g in zip(preds, gold)) / n,
+            "macro_f1": macro_f1(preds, gold, n_classes)}
+
+
+@torch.no_grad()
+def evaluate_lm_loss(loss_fn, examples, pad_id: int, batch_size: int) -> dict:
+    """loss_fn(batch) -> (mean loss over labelled tokens); weighted back to a token mean."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        if n:
+            total += loss_fn(batch).item() * n
+            tokens += n
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def reference(record: Record) -> tuple[list[dict] | str, str] | None:
+    """(prompt, expected completion) of a record with a single answer to check, else None."""
+    if record.kind == "prompt_completion":
+        return record.prompt, record.completion
+    if record.kind == "chat" and record.messages[-1]["role"] == "assistant":
+        return record.messages[:-1], record.messages[-1]["content"]
+    return None
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, records: list[Record], limit: int, head=None) -> float | None:
+    """Share of records whose greedy answer equals the reference (whitespace-trimmed)."""
+    pairs = [p for p in (reference(r) for r in records) if p is not None][:limit]
+    if not pairs:
+        return None
+    hits = 0
+    for prompt, want in pairs:
+        if isinstance(prompt, list):
+            ids = tokenizer(chat_prompt(prompt, tokenizer), add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(prompt).input_ids if prompt else []
+        target = tokenizer(want, add_special_tokens=False).input_ids
+        new = greedy_ids(model, ids, len(target) + 4, tokenizer.eos_token_id, head)
+        hits += tokenizer.decode(new, skip_special_tokens=True).strip() == want.strip()
+    return hits / len(pairs)

@@ -1,0 +1,73 @@
+"""Feature extraction: the frozen backbone runs once per example; every epoch after that trains
+only the head on cached features (held in memory).
+
+Classification caches one pooled vector per example. Causal LM caches the final hidden state at
+each position whose next token is a target, and trains the output head alone.
+"""
+
+import torch
+
+from peftkit.data import IGNORE
+from peftkit.train.batches import collate
+from peftkit.train.evaluate import evaluate_classifier, exact_match, macro_f1  # noqa: F401
+
+
+class FeatureCache:
+    def __init__(self, trainee, task: str):
+        self.trainee, self.task = trainee, task
+        self.head = trainee.head
+        self.backbone_rows = 0  # examples the backbone has run on (each exactly once)
+        self.train_items, self.val_items = [], []
+
+    @classmethod
+    def build(cls, trainee, train_ex, val_ex, cfg) -> "FeatureCache":
+        cache = cls(trainee, trainee.task)
+        cache.train_items = cache._extract(train_ex, cfg.batch_size)
+        cache.val_items = cache._extract(val_ex, cfg.batch_size)
+        return cache
+
+    @torch.no_grad()
+    def _extract(self, examples, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        t = self.trainee
+        pad = t.base.tokenizer.pad_token_id or 0
+        items = []
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad)
+            self.backbone_rows += batch["input_ids"].shape[0]
+            if self.task == "classify":
+                feats = t.module.features(batch["input_ids"], batch["attention_mask"])
+                items += [(f, y) for f, y in zip(feats, batch["labels"])]
+                continue
+            hidden = t.base.model.base_model(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).last_hidden_state
+            targets = batch["labels"][:, 1:]  # hidden at t predicts token t+1
+            for row in range(hidden.shape[0]):
+                keep = targets[row] != IGNORE
+                items.append((hidden[row, :-1][keep].clone(), targets[row][keep].clone()))
+        return items
+
+    def collate(self, items) -> dict[str, torch.Tensor]:
+        if self.task == "classify":
+            return {"features": torch.stack([f for f, _ in items]),
+                    "targets": torch.stack([y for _, y in items])}
+        return {"features": torch.cat([f for f, _ in items]), "targets": torch.cat([y for _, y in items])}
+
+    def loss(self, batch) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.head(batch["features"]), batch["targets"])
+
+    @torch.no_grad()
+    def evaluate(self, val_records, cfg) -> dict:
+        if not self.val_items:
+            return {}
+        batch = self.collate(self.val_items)
+        logits = self.head(batch["features"])
+        loss = torch.nn.functional.cross_entropy(logits, batch["targets"]).item()
+        if self.task == "classify":
+            pred, gold = logits.argmax(-1).tolist(), batch["targets"].tolist()
+            n_classes = len(self.trainee.label_names)
+            return {"loss": loss, "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
+                    "macro_f1": macro_f1(pred, gold, n_classes)}
+        metrics = {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50))))}
+        em = exact_match(self.trainee.base.model, self.trainee.base.tokenizer, val_records,
+                         cfg.exact_match_max, head=self.head)
+        return metrics if em is None else {**metrics, "exact_match": em}

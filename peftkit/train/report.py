@@ -1,0 +1,82 @@
+"""What a run measured: report.json (machine-readable) and report.md (for people)."""
+
+import json
+import resource
+import time
+
+import torch
+
+from peftkit.quant import model_bytes
+
+
+class Meter:
+    def __init__(self):
+        self.t0 = 0.0
+        self.tokens = 0
+        self.state_bytes: dict[str, int] = {}
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def measure_state(self, trainee, optimizer) -> None:
+        """Bytes of weights + gradients + optimizer states, counted from the live tensors."""
+        weights = model_bytes(trainee.module)
+        if trainee.head is not None and trainee.head not in list(trainee.module.modules()):
+            weights += model_bytes(trainee.head) + model_bytes(trainee.base.model)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in trainee.params
+                    if p.grad is not None)
+        optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                    for v in st.values() if torch.is_tensor(v))
+        self.state_bytes = {"weights": weights, "gradients": grads, "optimizer": optim,
+                            "total": weights + grads + optim}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write_report(trainer, history: list[dict], losses: list[float], paths: dict) -> dict:
+    t, cfg = trainer.trainee, trainer.cfg
+    trainable = sum(p.numel() for p in t.params)
+    total = sum(p.numel() for p in {id(p): p for p in list(t.base.model.parameters())
+                                    + list(t.params)}.values())
+    report = {
+        "method": cfg.method, "task": trainer.task, "model": cfg.model, "data": cfg.data,
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "model_state_bytes": trainer.meter.state_bytes.get("total", 0),
+        "model_state_breakdown": trainer.meter.state_bytes,
+        "wall_seconds": trainer.meter.elapsed(),
+        "tokens_per_second": trainer.meter.tokens_per_second(),
+        "train_examples": len(trainer.train_ex), "val_examples": len(trainer.val_ex),
+        "truncated_examples": trainer.truncated,
+        "metrics": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
+        "history": history, "train_losses": losses,
+        "paths": {**paths, "report": str(trainer.out / "report.json")},
+    }
+    if trainer.probe is not None:
+        report["backbone_forward_examples"] = trainer.probe.backbone_rows
+    (trainer.out / "report.json").write_text(json.dumps(report, indent=2))
+    (trainer.out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(r: dict) -> str:
+    mib = 2 ** 20
+    lines = [f"# {r['method']} on {r['model']} ({r['task']})", "",
+             "| measure | value |", "| --- | --- |",
+             f"| trainable params | {r['trainable_params']:,d} of {r['total_params']:,d} "
+             f"({r['trainable_percent']:.4f}%) |",
+             f"| model state (weights + grads + optimizer) | {r['model_state_bytes'] / mib:.1f} MiB |",
+             f"| peak RSS | {r['peak_rss_bytes'] / mib:.1f} MiB |",
+             f"| wall time | {r['wall_seconds']:.1f} s |",
+             f"| tokens/s | {r['tokens_per_second']:.0f} |"]
+    lines += [f"| val {k} | {v:.4g} |" for k, v in r["metrics"].items() if isinstance(v, float)]
+    return "\n".join(lines) + "\n"
