@@ -35,10 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text from a model (greedy)")
     s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
     s.set_defaults(func=cmd_generate)
+
+    add_train_parser(sub)
+
+    s = sub.add_parser("eval", help="evaluate a base, adapter or run output on a dataset")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
+    s.add_argument("--data", required=True)
+    s.add_argument("--max-length", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--exact-match-max", type=int, default=64)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="every method on the same data, side by side")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--data", required=True)
+    s.add_argument("--methods", default="full,probe,lora,qlora,ia3,prompt")
+    s.add_argument("--output", required=True)
+    s.add_argument("extra", nargs="*", help="options passed to every `peftkit train` (after --)")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("data", help="dataset tools")
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
@@ -57,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_train_parser(sub) -> None:
+    """`peftkit train`: every TrainConfig field as an option (default None = config/dataclass)."""
+    from dataclasses import fields
+
+    from peftkit.train.config import METHODS, TrainConfig
+    s = sub.add_parser("train", help="train with any method: " + ", ".join(METHODS))
+    s.add_argument("--config", help="YAML or TOML file of options; flags given here override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            s.add_argument(flag, action="store_const", const=True, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
+            s.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                           help=f"default: {f.default!r}")
+    s.set_defaults(func=cmd_train)
+
+
 def cmd_models(args) -> None:
     from peftkit.models import list_models
     for m in list_models():
@@ -66,9 +104,44 @@ def cmd_models(args) -> None:
 
 def cmd_generate(args) -> None:
     from peftkit.generation import generate_text
-    from peftkit.models import load_base
-    base = load_base(args.model, task="causal-lm")
-    print(generate_text(base, args.prompt, args.max_new_tokens, raw=args.raw))
+    from peftkit.train.artifacts import load_run
+    run = load_run(args.model, args.adapter)
+    if run.task != "causal-lm":
+        from peftkit.errors import PeftkitError
+        raise PeftkitError(f"{args.adapter}: a classifier; use `peftkit eval`")
+    print(generate_text(run.base, args.prompt, args.max_new_tokens, raw=args.raw,
+                        model=run.module, head=run.head))
+
+
+def cmd_train(args) -> int:
+    from peftkit.train import TrainingInterrupted, load_config, train
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
+    cfg = load_config(args.config, overrides)
+    try:
+        report = train(cfg)
+    except TrainingInterrupted as e:
+        print(f"peftkit: {e}", file=sys.stderr)
+        return 130
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in report["metrics"].items()
+                        if isinstance(v, float))
+    print(f"{cfg.method}: {report['trainable_params']:,d} trainable params "
+          f"({report['trainable_percent']:.3f}%), {report['wall_seconds']:.1f} s; {metrics}")
+    print(f"outputs: {', '.join(report['paths'].values())}")
+    return 0
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from peftkit.train.artifacts import evaluate_file, load_run
+    run = load_run(args.model, args.adapter)
+    metrics = evaluate_file(run, args.data, args.max_length, args.batch_size, args.exact_match_max)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_compare(args) -> None:
+    from peftkit.train.compare import compare
+    compare(args.model, args.data, args.methods.split(","), args.output, extra=args.extra or [])
 
 
 def cmd_data_check(args) -> int:

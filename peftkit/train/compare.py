@@ -1,0 +1,79 @@
+"""`peftkit compare`: the same data, split and seed through every method, each in a fresh
+process (so peak RSS is its own), then one table and one plot of quality against memory and time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+MIB = 2 ** 20
+
+
+def quality(report: dict) -> tuple[str, float]:
+    m = report["metrics"]
+    for key in ("accuracy", "exact_match"):
+        if key in m:
+            return key, m[key]
+    return "perplexity", m.get("perplexity", float("nan"))
+
+
+def compare(model: str, data: str, methods: list[str], output: str, extra: list[str]) -> list[dict]:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for method in methods:
+        cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model, "--data", data,
+               "--method", method, "--output", str(out / method), *extra]
+        print(f"== {method}: {' '.join(cmd[3:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise PeftkitError(f"compare: method '{method}' failed (see its output above)")
+        reports.append(json.loads((out / method / "report.json").read_text()))
+    rows = [summary_row(r) for r in reports]
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    table = markdown_table(rows)
+    (out / "compare.md").write_text(f"# {model} on {data}\n\n{table}\n")
+    plot(rows, out / "compare.png")
+    print(table)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.png'}")
+    return rows
+
+
+def summary_row(r: dict) -> dict:
+    metric, value = quality(r)
+    return {"method": r["method"], "metric": metric, "quality": value,
+            "trainable_percent": r["trainable_percent"], "trainable_params": r["trainable_params"],
+            "model_state_mib": r["model_state_bytes"] / MIB, "peak_rss_mib": r["peak_rss_bytes"] / MIB,
+            "wall_seconds": r["wall_seconds"]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | quality | trainable % | model state (MiB) | peak RSS (MiB) | wall (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | "
+                     f"{r['trainable_percent']:.3f} | {r['model_state_mib']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['wall_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "model_state_mib", "model state: weights + grads + Adam (MiB)"),
+                           (axes[1], "wall_seconds", "wall time (s)")):
+        for r in rows:
+            ax.scatter(r[key], r["quality"], s=60)
+            ax.annotate(r["method"], (r[key], r["quality"]), textcoords="offset points",
+                        xytext=(5, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel(rows[0]["metric"])
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality against memory and time, same data and seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

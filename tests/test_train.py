@@ -1,0 +1,165 @@
+"""The one trainer: every method learns, probe caches, resume is exact, signals checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftkit.errors import PeftkitError
+from peftkit.train import METHODS, TrainConfig, Trainer, TrainingInterrupted, load_config, train
+from peftkit.train.artifacts import evaluate_file, load_run
+
+LM_ROWS = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3}"} for i in range(8)]
+CLF_ROWS = [{"text": f"{w} movie {i}", "label": lab} for i, (w, lab) in
+            enumerate([("great", "pos"), ("awful", "neg")] * 6)]
+LR = {"full": 3e-3, "probe": 3e-2, "prompt": 0.1, "prefix": 3e-2, "ia3": 5e-2}
+
+
+@pytest.fixture
+def lm_data(write):
+    return write("lm.jsonl", LM_ROWS)
+
+
+@pytest.fixture
+def clf_data(write):
+    return write("clf.jsonl", CLF_ROWS)
+
+
+def _cfg(data, out, method, model="tiny-llama", **kw):
+    # Full batch, no split: each step sees the same examples, so losses are comparable.
+    base = dict(model=model, data=str(data), method=method, output=str(out), steps=8,
+                batch_size=16, val_split=0.0, val_data=str(data), lr=LR.get(method, 1e-2),
+                warmup=0.0, schedule="constant", dropout=0.0, num_virtual_tokens=4,
+                bottleneck_size=8, exact_match_max=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_lowers_lm_loss_and_reloads(method, lm_data, tmp_path):
+    report = train(_cfg(lm_data, tmp_path, method))
+    losses = report["train_losses"]
+    assert losses[-1] < losses[0] - 0.05, losses
+    metrics = evaluate_file(load_run("tiny-llama", tmp_path), str(lm_data), exact_match_max=2)
+    assert metrics["loss"] == pytest.approx(report["metrics"]["loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "probe", "lora", "qlora", "dora", "ia3", "bottleneck"])
+def test_each_method_learns_classification_and_reloads(method, clf_data, tmp_path):
+    cfg = _cfg(clf_data, tmp_path, method, model="tiny-bert", steps=12)
+    report = train(cfg)
+    assert report["task"] == "classify"
+    assert report["train_losses"][-1] < report["train_losses"][0]
+    loaded = load_run("tiny-bert", tmp_path)
+    assert loaded.label_names == ["neg", "pos"]
+    metrics = evaluate_file(loaded, str(clf_data))
+    assert metrics["accuracy"] == pytest.approx(report["metrics"]["accuracy"])
+
+
+def test_probe_runs_the_backbone_once_per_example(clf_data, tmp_path, monkeypatch):
+    import peftkit.train.loop as loop
+    rows = {"n": 0}
+    real_build = loop.build
+
+    def counting_build(*a, **kw):
+        trainee = real_build(*a, **kw)
+        trainee.module.backbone.register_forward_pre_hook(
+            lambda _m, args, kwargs: rows.__setitem__("n", rows["n"] + kwargs["input_ids"].shape[0]),
+            with_kwargs=True)
+        return trainee
+    monkeypatch.setattr(loop, "build", counting_build)
+    cfg = _cfg(clf_data, tmp_path, "probe", model="tiny-bert", steps=0, epochs=3, batch_size=4,
+               val_data="", val_split=0.25)
+    report = train(cfg)
+    assert report["train_examples"] == 9 and report["val_examples"] == 3
+    assert len(report["train_losses"]) == 9  # 3 epochs x 3 batches, all on cached features
+    assert rows["n"] == 12  # every example through the backbone exactly once
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence(lm_data, tmp_path, monkeypatch):
+    kw = dict(steps=8, batch_size=3, dropout=0.1, eval_every=4, schedule="cosine", warmup=0.25,
+              exact_match_max=0)
+    whole = train(_cfg(lm_data, tmp_path / "whole", "lora", **kw))["train_losses"]
+
+    real_eval = Trainer._evaluate
+
+    def eval_then_signal(self):
+        metrics = real_eval(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler must checkpoint
+        return metrics
+    monkeypatch.setattr(Trainer, "_evaluate", eval_then_signal)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 4/8"):
+        train(_cfg(lm_data, tmp_path / "cut", "lora", **kw))
+    monkeypatch.setattr(Trainer, "_evaluate", real_eval)
+    resumed = train(_cfg(lm_data, tmp_path / "cut", "lora", resume=True, **kw))["train_losses"]
+    assert len(resumed) == 8
+    assert max(abs(a - b) for a, b in zip(whole, resumed)) <= 1e-6
+
+
+def test_sigterm_mid_run_leaves_a_loadable_checkpoint(lm_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", "tiny-llama", "--data",
+           str(lm_data), "--method", "lora", "--steps", "100000", "--batch-size", "2",
+           "--output", str(out), "--val-split", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint in" in err and "Traceback" not in err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] >= 1
+    cfg = load_config(None, {"model": "tiny-llama", "data": str(lm_data), "method": "lora",
+                             "output": str(out), "resume": True, "steps": state["step"] + 1,
+                             "batch_size": 2, "val_split": 0.0})
+    report = train(cfg)
+    assert len(report["train_losses"]) == state["step"] + 1
+
+
+def test_report_has_every_field(lm_data, tmp_path):
+    r = train(_cfg(lm_data, tmp_path, "lora", steps=2))
+    for key in ("method", "task", "trainable_params", "total_params", "trainable_percent",
+                "peak_rss_bytes", "model_state_bytes", "wall_seconds", "tokens_per_second",
+                "metrics", "history", "paths"):
+        assert key in r, key
+    assert 0 < r["trainable_params"] < r["total_params"]
+    assert r["trainable_percent"] == pytest.approx(100 * r["trainable_params"] / r["total_params"])
+    assert 50 * 2**20 < r["peak_rss_bytes"] < 8 * 2**30
+    state = r["model_state_breakdown"]
+    # LoRA: weights are the frozen base + adapter; grads and two Adam moments cover the adapter.
+    assert state["gradients"] == r["trainable_params"] * 4
+    assert state["optimizer"] >= 2 * state["gradients"]
+    assert r["wall_seconds"] > 0 and r["tokens_per_second"] > 0
+    assert {"loss", "perplexity"} <= set(r["metrics"])
+    assert json.loads((tmp_path / "report.json").read_text())["method"] == "lora"
+    assert (tmp_path / "report.md").read_text().startswith("# lora on tiny-llama")
+
+
+def test_config_file_and_overrides(tmp_path, lm_data):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: tiny-llama\ndata: {lm_data}\nmethod: ia3\nsteps: 3\nlr: 0.5\n")
+    cfg = load_config(str(path), {"lr": 0.01, "steps": None})
+    assert (cfg.method, cfg.steps, cfg.lr) == ("ia3", 3, 0.01)
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'data = "{lm_data}"\nmethod = "prompt"\n')
+    assert load_config(str(toml), {}).method == "prompt"
+    path.write_text("methd: lora\n")
+    with pytest.raises(PeftkitError, match="run.yaml: unknown option\\(s\\) methd"):
+        load_config(str(path), {})
+    with pytest.raises(PeftkitError, match="unknown method 'lorra'"):
+        load_config(None, {"data": str(lm_data), "method": "lorra"})
+
+
+def test_compare_writes_table_and_plot(clf_data, tmp_path):
+    from peftkit.train.compare import compare
+    rows = compare("tiny-bert", str(clf_data), ["probe", "lora"], str(tmp_path),
+                   ["--steps", "2", "--batch-size", "4"])
+    assert [r["method"] for r in rows] == ["probe", "lora"]
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lora | accuracy" in (tmp_path / "compare.md").read_text()
