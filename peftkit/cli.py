@@ -60,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("extra", nargs="*", help="options passed to every `peftkit train` (after --)")
     s.set_defaults(func=cmd_compare)
 
+    s = sub.add_parser("plan", help="memory, GPUs, time and cost per approach + a recommendation")
+    s.add_argument("--model", default="smollm2-135m", help="alias, HF dir, config.json or a size (70B)")
+    s.add_argument("--gpu", default="H100")
+    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--seq-len", type=int, default=2048)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--dataset-tokens", type=float, default=10_000 * 2048)
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--tenants", type=int, default=1)
+    s.add_argument("--budget-days", type=float)
+    s.add_argument("--price-per-gpu-hour", type=float)
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--adam-8bit", action="store_true")
+    s.add_argument("--no-grad-checkpointing", action="store_true")
+    s.add_argument("--task-kind", choices=["generation", "classification", "embedding"],
+                   default="generation")
+    s.add_argument("--quality", choices=["normal", "max"], default="normal")
+    s.add_argument("--budget", choices=["low", "normal", "high"], default="normal")
+    s.add_argument("--domain", choices=["near", "far"], default="near")
+    s.add_argument("--new-language", action="store_true")
+    s.add_argument("--icl-enough", action="store_true", help="prompting already works")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("data", help="dataset tools")
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset file and summarise it")
@@ -93,6 +117,20 @@ def add_train_parser(sub) -> None:
             s.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
                            help=f"default: {f.default!r}")
     s.set_defaults(func=cmd_train)
+
+
+def cmd_plan(args) -> None:
+    import json
+
+    from peftkit.plan import format_plan, make_plan
+    plan = make_plan(args.model, args.gpu, args.gpus, args.seq_len, args.batch,
+                     args.dataset_tokens, args.epochs, args.tenants, args.budget_days,
+                     args.price_per_gpu_hour, args.rank, args.adam_8bit,
+                     not args.no_grad_checkpointing,
+                     profile={"task_kind": args.task_kind, "quality": args.quality,
+                              "budget": args.budget, "domain": args.domain,
+                              "new_language": args.new_language, "icl_enough": args.icl_enough})
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
 
 
 def cmd_models(args) -> None:

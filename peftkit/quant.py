@@ -31,11 +31,18 @@ class QuantConfig:
     double_quant: bool = True  # §3 "Double Quantization": absmax to 8 bit in blocks of 256
     compute_dtype: str = "float32"  # "float32" or "bfloat16"; the dtype matmuls run in
     skip: list[str] = field(default_factory=lambda: ["lm_head", "score", "classifier"])  # kept fp
+    # Embeddings and output head are not quantized. "float32" keeps them as loaded; "bfloat16"
+    # stores them at 16 bit as the QLoRA recipe does (§4: bf16 for everything not in NF4) and
+    # computes in fp32 (the head's weight is upcast per forward, a transient, not model state).
+    embed_dtype: str = "float32"
 
     def validate(self) -> None:
         if self.blocksize not in BLOCKSIZES:
             raise PeftkitError(f"unsupported NF4 blocksize {self.blocksize} "
                                f"(choose one of {', '.join(map(str, BLOCKSIZES))})")
+        if self.embed_dtype not in DTYPES:
+            raise PeftkitError(f"unsupported embedding dtype {self.embed_dtype!r} "
+                               f"(choose {' or '.join(DTYPES)})")
         if self.compute_dtype not in DTYPES:
             raise PeftkitError(f"unsupported compute dtype {self.compute_dtype!r} "
                                f"(choose {' or '.join(DTYPES)})")
@@ -101,8 +108,39 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
                                           state, config))
         n_params += lin.weight.numel()
         n_bits += quantized_bits(packed, state)
+    store_embeddings(model, config)
     model.config.peftkit_quantization = asdict(config)
     return QuantReport(len(targets), n_params, before, model_bytes(model), n_bits / n_params)
+
+
+class UpcastLinear(nn.Linear):
+    """A linear layer whose weight is stored at 16 bit and used at the input's precision."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _upcast_output(_module, _args, out):
+    return out.float()
+
+
+def store_embeddings(model: nn.Module, config: QuantConfig) -> None:
+    """Store input embeddings and output head in `config.embed_dtype`; compute stays fp32."""
+    if config.embed_dtype == "float32" or not hasattr(model, "get_input_embeddings"):
+        return
+    dtype = DTYPES[config.embed_dtype]
+    emb = model.get_input_embeddings()
+    emb.weight.data = emb.weight.data.to(dtype)
+    emb.register_forward_hook(_upcast_output)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and not isinstance(head, UpcastLinear):
+        up = UpcastLinear(head.in_features, head.out_features, bias=head.bias is not None,
+                          device="meta")
+        up.weight = head.weight  # the same Parameter: a tied head stays tied
+        up.weight.data = up.weight.data.to(dtype)
+        up.bias = head.bias
+        model.set_output_embeddings(up)
 
 
 def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig) -> Linear4bit:
@@ -194,6 +232,7 @@ def load_quantized(directory: str | Path, model_cls):
     if unexpected:
         raise PeftkitError(f"{directory / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}")
     model.tie_weights()
+    store_embeddings(model, config)
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
         raise PeftkitError(f"{directory / WEIGHTS_FILE}: missing tensors {still_meta[:3]}")

@@ -116,3 +116,19 @@ def test_merge_onto_nf4_writes_full_precision_model(tmp_path):
     assert merged.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     diff = (logits(merged.model, ids) - logits(adapted, ids)).abs().max()
     assert diff < 1e-4, f"merged vs unmerged max abs logit diff {diff:.2e}"
+
+
+def test_bf16_embeddings_shrink_state_and_round_trip(tmp_path):
+    ids = batch()
+    want = logits(tiny_llama().model, ids)
+    fp = load_base("tiny-llama", quantize=QuantConfig())
+    half = load_base("tiny-llama", quantize=QuantConfig(embed_dtype="bfloat16"))
+    assert half.quant_report.bytes_after < fp.quant_report.bytes_after
+    emb = half.model.get_input_embeddings().weight
+    assert emb.dtype == torch.bfloat16 and half.model.lm_head.weight is emb  # still tied
+    got = logits(half.model, ids)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < NF4_LOGIT_BOUND
+    save_quantized(half.model, half.tokenizer, tmp_path)
+    assert torch.equal(logits(load_base(str(tmp_path)).model, ids), got)
+    with pytest.raises(PeftkitError, match="unsupported embedding dtype 'int8'"):
+        QuantConfig(embed_dtype="int8").validate()

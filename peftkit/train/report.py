@@ -28,7 +28,7 @@ class Meter:
         """Bytes of weights + gradients + optimizer states, counted from the live tensors."""
         weights = model_bytes(trainee.module)
         if trainee.head is not None and trainee.head not in list(trainee.module.modules()):
-            weights += model_bytes(trainee.head) + model_bytes(trainee.base.model)
+            weights += model_bytes(trainee.head)  # causal-LM probe: a head beside the base
         grads = sum(p.grad.numel() * p.grad.element_size() for p in trainee.params
                     if p.grad is not None)
         optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()

@@ -1,0 +1,11 @@
+"""`make bench`: every benchmark, one after another (they need the machine to themselves)."""
+
+import importlib
+
+for name in ("methods", "qlora", "train", "serve"):
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError:
+        continue
+    print(f"\n=== bench.{name}", flush=True)
+    mod.main()

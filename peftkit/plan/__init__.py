@@ -1,0 +1,137 @@
+"""`peftkit plan`: memory, GPUs, time and cost of full fine-tuning, feature extraction, LoRA and
+QLoRA for a model on given hardware, and a recommendation with its reasons."""
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.plan.advisor import TaskProfile, advise
+from peftkit.plan.memory import GB, NF4_BITS, Settings, estimate
+from peftkit.plan.shapes import Shape, shape_for
+
+APPROACHES = ("full", "full_mixed", "probe", "lora", "qlora")
+CATALOG = Path(__file__).with_name("gpus.json")
+
+
+def gpu_catalog() -> dict:
+    path = Path(os.environ.get("PEFTKIT_GPUS", CATALOG))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PeftkitError(f"{path}: cannot read the GPU catalog ({e})") from None
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def find_gpu(name: str) -> tuple[str, dict]:
+    catalog = gpu_catalog()
+    for key, spec in catalog.items():
+        if name.lower() in (key.lower(), spec["name"].lower()):
+            return key, spec
+    raise PeftkitError(f"unknown GPU '{name}' (catalog: {', '.join(catalog)}; add yours to a "
+                       f"copy of {CATALOG.name} and set PEFTKIT_GPUS)")
+
+
+def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048, batch: int = 1,
+              dataset_tokens: float = 10_000 * 2048, epochs: float = 1.0, tenants: int = 1,
+              budget_days: float | None = None, price: float | None = None, rank: int = 16,
+              adam_8bit: bool = False, grad_checkpointing: bool = True,
+              profile: dict | None = None) -> dict:
+    if gpus < 1 or tenants < 1 or seq_len < 1 or batch < 1 or epochs <= 0 or dataset_tokens <= 0:
+        raise PeftkitError("--gpus, --tenants, --seq-len, --batch, --epochs and --dataset-tokens "
+                           "must be positive")
+    shape = shape_for(model)
+    key, spec = find_gpu(gpu)
+    price = spec["price_per_hour"] if price is None else price
+    s = Settings(seq_len=seq_len, batch=batch, rank=rank, grad_checkpointing=grad_checkpointing,
+                 adam_8bit=adam_8bit)
+    tokens = dataset_tokens * epochs
+    approaches = {a: estimate(shape, a, s, spec, gpus, tokens, price) for a in APPROACHES}
+    prof = TaskProfile(params=shape.params, gpus=gpus, tenants=tenants, **(profile or {}))
+    rec = advise(prof, {a: v["fits"] for a, v in approaches.items()})
+    chosen = approaches.get(rec["approach"])
+    if chosen is not None and not chosen["fits"]:
+        rec["reasons"].append(_what_fits(approaches, key, gpus))
+    plan = {"model": {"spec": model, "params": shape.params, "layers": shape.layers,
+                      "hidden": shape.hidden, "vocab": shape.vocab},
+            "gpu": {"key": key, **spec, "count": gpus, "price_per_hour": price},
+            "settings": {**asdict(s), "dataset_tokens": dataset_tokens, "epochs": epochs},
+            "approaches": approaches, "recommendation": rec,
+            "seed_figures": seed_figures(shape, tenants, rank)}
+    if tenants > 1 or budget_days is not None:
+        plan["tenants"] = tenant_plan(approaches, rec, tenants, budget_days, shape, rank)
+    return plan
+
+
+def _what_fits(approaches: dict, gpu: str, gpus: int) -> str:
+    ok = [a for a, v in approaches.items() if v["fits"]]
+    worst = max(approaches, key=lambda a: approaches[a]["gpus_needed"])
+    needs = f"{worst} needs {approaches[worst]['gpus_needed']}x{gpu}"
+    return f"does not fit {gpus}x{gpu}: {needs}; " + (
+        f"{', '.join(ok)} fit{'s' if len(ok) == 1 else ''} on {gpus}" if ok else "nothing fits")
+
+
+def seed_figures(shape: Shape, tenants: int, rank: int) -> dict:
+    """The memory arithmetic of the seed: inference precision, 4-bit, shared serving."""
+    n = shape.params
+    adapter = shape.adapter_params("lora", rank) * 2 / GB  # served in bf16
+    k = max(tenants, 5)
+    return {"fp16_inference_gb": 2 * n / GB, "int4_inference_gb": 0.5 * n / GB,
+            "nf4_constants_gb": (NF4_BITS - 4) / 8 * n / GB,
+            "full_ft_parameter_state_gb": 16 * n / GB,
+            "full_ft_h100s_for_parameter_state": 16 * n / GB / 80,
+            "adapter_gb_bf16": adapter, "tenants_compared": k,
+            "separate_4bit_models_gb": k * 0.5 * n / GB,
+            "shared_4bit_base_plus_adapters_gb": 0.5 * n / GB + k * adapter}
+
+
+def tenant_plan(approaches: dict, rec: dict, tenants: int, budget_days: float | None,
+                shape: Shape, rank: int) -> dict:
+    approach = rec["approach"] if rec["approach"] in approaches else "qlora"
+    per = approaches[approach]["hours"]
+    total_days = per * tenants / 24
+    adapter_gb = shape.adapter_params("lora", rank) * 2 / GB
+    base_gb = (approaches["qlora"]["weights_gb"] if approach == "qlora"
+               else approaches["probe"]["weights_gb"])
+    out = {"approach": approach, "adapters": tenants, "hours_per_adapter": per,
+           "days_per_adapter": per / 24, "days_total": total_days, "adapter_gb": adapter_gb,
+           "serving_shared_gb": base_gb + tenants * adapter_gb,
+           "serving_separate_gb": tenants * base_gb}
+    if budget_days is not None:
+        out["budget_days"] = budget_days
+        out["fits_budget"] = total_days <= budget_days
+        out["adapters_within_budget"] = math.floor(budget_days * 24 / per) if per else tenants
+    return out
+
+
+def format_plan(plan: dict) -> str:
+    m, g = plan["model"], plan["gpu"]
+    lines = [f"Plan: {m['spec']} ({m['params'] / 1e9:.3g}B params) on {g['count']}x {g['name']} "
+             f"({g['memory_gb']} GB, ${g['price_per_hour']:.2f}/h assumed)", "",
+             f"{'approach':<11}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total GB':>10}"
+             f"{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
+    for name, a in plan["approaches"].items():
+        lines.append(f"{name:<11}{a['weights_gb']:>9.1f}{a['grads_gb']:>8.1f}{a['optimizer_gb']:>8.1f}"
+                     f"{a['activations_gb']:>8.1f}{a['total_gb']:>10.1f}{'yes' if a['fits'] else 'no':>6}"
+                     f"{a['gpus_needed']:>6}{a['hours']:>9.1f}{a['cost']:>10,.0f}")
+    s = plan["seed_figures"]
+    lines += ["", f"fp16 weights {s['fp16_inference_gb']:.0f} GB; 4-bit {s['int4_inference_gb']:.0f} GB"
+              f" + {s['nf4_constants_gb']:.1f} GB quantization constants; full-FT parameter state "
+              f"{s['full_ft_parameter_state_gb']:.0f} GB (~{s['full_ft_h100s_for_parameter_state']:.0f}"
+              f" H100s just for that)",
+              f"{s['tenants_compared']} separate 4-bit models {s['separate_4bit_models_gb']:.0f} GB vs "
+              f"one shared base + {s['tenants_compared']} adapters "
+              f"{s['shared_4bit_base_plus_adapters_gb']:.1f} GB"]
+    if "tenants" in plan:
+        t = plan["tenants"]
+        lines.append(f"{t['adapters']} adapters ({t['approach']}): {t['days_per_adapter']:.1f} days each,"
+                     f" {t['days_total']:.1f} days total"
+                     + (f" (budget {t['budget_days']:g} days: {'fits' if t['fits_budget'] else 'over'})"
+                        if "budget_days" in t else ""))
+    r = plan["recommendation"]
+    lines += ["", f"Recommendation: {r['approach']}"
+              + (f" (r={r['rank']})" if "rank" in r else "") + f"  [rule: {r['rule']}]"]
+    lines += [f"  - {why}" for why in r["reasons"]]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The memory and time model, per approach. One model for GPU plans and for validating the
+trainer's measured CPU runs (`predict_state_bytes`).
+
+Parameter state, bytes per parameter (Adam: two fp32 moments):
+  full, fp32            weights 4 + grads 4 + Adam 8             = 16  (70B: 1120 GB)
+  full, mixed precision bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam 8 = 16
+  probe                 base at inference precision + a head trained like full
+  LoRA                  base at inference precision + adapter weights 4 + (grads 4 + Adam 8 = 12)
+  QLoRA                 NF4 linear layers at 4.127 bits (codes + double-quantized absmax),
+                        embeddings/head at 16 bit, + the adapter as in LoRA
+  8-bit Adam            the two moments take 1 byte each instead of 4 (Dettmers et al. 2022)
+Activations per layer (Korthikanti et al. 2022, arXiv:2205.05198, Eq. 2, 16-bit, no tensor
+parallelism): s·b·h·(34 + 5·a·s/h) bytes; with full activation checkpointing 2·s·b·h per layer
+plus one layer recomputed; fp32 training doubles both. Logits: s·b·V at 4 bytes, twice (the
+values and their gradient). PEFT backpropagates through the frozen base, so its activations are
+those of full fine-tuning; the probe runs forward only (one layer's activations at a time).
+Time: FLOPs per trained token = 6N (full), 4N (PEFT: no weight gradients for the base), 2N
+(probe: forward only), at a stated utilisation of the GPU's bf16 peak.
+"""
+
+import math
+from dataclasses import dataclass
+
+from peftkit.plan.shapes import Shape
+
+GB = 1e9
+NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 64·256 (QLoRA §3)
+NF4_TABLE_BYTES = (16 + 256) * 4 + 170  # per quantized matrix: code tables + packed state
+CUDA_CONTEXT_GB = 1.0  # assumption: context + cuBLAS workspace
+FRAGMENTATION = 0.05  # assumption: allocator slack on top of tensors
+UTILISATION = {"full": 0.4, "full_mixed": 0.4, "probe": 0.4, "lora": 0.4, "qlora": 0.1}
+# QLoRA's default is lower: every matmul dequantizes its NF4 weight first (assumption).
+FLOPS_PER_TOKEN = {"full": 6, "full_mixed": 6, "probe": 2, "lora": 4, "qlora": 4}
+
+
+@dataclass
+class Settings:
+    seq_len: int = 2048
+    batch: int = 1
+    rank: int = 16
+    targets: object = "all-linear"
+    grad_checkpointing: bool = True
+    adam_8bit: bool = False
+    head_outputs: int = 2  # classes for a probe head (the vocabulary for a causal-LM probe)
+    embed_bytes: int = 2  # QLoRA: bytes per non-quantized parameter (QLoRA recipe: bf16)
+
+
+def activation_bytes(shape: Shape, s: Settings, method: str, bytes_per_value: int = 2) -> float:
+    sbh = s.seq_len * s.batch * shape.hidden
+    per_layer = sbh * (34 + 5 * shape.heads * s.seq_len / shape.hidden) * bytes_per_value / 2
+    logits = 2 * s.seq_len * s.batch * shape.vocab * 4
+    if method == "probe":
+        return per_layer + logits / 2
+    if s.grad_checkpointing:
+        return shape.layers * 2 * sbh * bytes_per_value / 2 + per_layer + logits
+    return shape.layers * per_layer + logits
+
+
+def parameter_state(shape: Shape, method: str, s: Settings, base_bytes: int = 2) -> dict:
+    """Bytes of weights, gradients and optimizer states (no activations)."""
+    n = shape.params
+    moments = 2 if s.adam_8bit else 8
+    if method == "full":
+        return {"weights": 4 * n, "grads": 4 * n, "optimizer": moments * n}
+    if method == "full_mixed":
+        return {"weights": 2 * n, "grads": 2 * n, "optimizer": (4 + moments) * n}
+    if method == "probe":
+        head = shape.hidden * s.head_outputs + s.head_outputs
+        return {"weights": base_bytes * n + 4 * head, "grads": 4 * head, "optimizer": moments * head}
+    p = shape.adapter_params("lora" if method == "qlora" else method, s.rank, s.targets)
+    if method == "qlora":
+        q = shape.quantizable_params
+        tables = shape.layers * len(shape.linear) * NF4_TABLE_BYTES
+        base = q * NF4_BITS / 8 + tables + (n - q) * s.embed_bytes
+    else:
+        base = base_bytes * n
+    return {"weights": base + 4 * p, "grads": 4 * p, "optimizer": moments * p}
+
+
+def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, tokens: float,
+             price: float) -> dict:
+    state = parameter_state(shape, method, s)
+    act = activation_bytes(shape, s, method)
+    tensors = sum(state.values()) + act
+    overhead = CUDA_CONTEXT_GB * GB + FRAGMENTATION * tensors
+    total = tensors + overhead
+    mem = gpu["memory_gb"] * GB
+    needed = max(1, math.ceil(total / mem))
+    flops = FLOPS_PER_TOKEN[method] * shape.params * tokens
+    hours = flops / (gpus * gpu["bf16_tflops"] * 1e12 * UTILISATION[method]) / 3600
+    return {"weights_gb": state["weights"] / GB, "grads_gb": state["grads"] / GB,
+            "optimizer_gb": state["optimizer"] / GB, "activations_gb": act / GB,
+            "overhead_gb": overhead / GB, "total_gb": total / GB,
+            "parameter_state_gb": sum(state.values()) / GB, "fits": needed <= gpus,
+            "gpus_needed": needed, "hours": hours, "cost": hours * gpus * price,
+            "utilisation": UTILISATION[method]}
+
+
+def predict_state_bytes(shape: Shape, method: str, s: Settings) -> int:
+    """The trainer's `model_state_bytes` for a CPU run: fp32 base, fp32 adapters and Adam."""
+    state = parameter_state(shape, method, s, base_bytes=4)
+    return int(sum(state.values()))

@@ -1,0 +1,99 @@
+"""The planner: the seed's figures exactly, its worked cases, validation against measured runs."""
+
+import json
+
+import pytest
+
+from peftkit.cli import main
+from peftkit.errors import PeftkitError
+from peftkit.plan import make_plan
+from peftkit.plan.memory import Settings, predict_state_bytes
+from peftkit.plan.shapes import shape_for
+from peftkit.train import TrainConfig, train
+
+
+def test_seed_figures_for_70b():
+    plan = make_plan("70B", "H100", tenants=5)
+    full = plan["approaches"]["full"]
+    assert (full["weights_gb"], full["grads_gb"], full["optimizer_gb"]) == (280, 280, 560)
+    seed = plan["seed_figures"]
+    assert seed["full_ft_parameter_state_gb"] == 1120
+    assert seed["full_ft_h100s_for_parameter_state"] == 14
+    assert seed["fp16_inference_gb"] == 140 and seed["fp16_inference_gb"] > 80  # not one H100
+    assert seed["int4_inference_gb"] == 35
+    assert seed["nf4_constants_gb"] == pytest.approx(70e9 * 0.127 / 8 / 1e9)
+    assert seed["separate_4bit_models_gb"] == 175
+    assert seed["shared_4bit_base_plus_adapters_gb"] < 40
+    lora = plan["approaches"]["lora"]
+    adapter = shape_for("70B").adapter_params("lora", 16)
+    # PEFT = base at inference precision + 12 bytes per adapter parameter (+ its own 4 bytes)
+    assert lora["grads_gb"] + lora["optimizer_gb"] == pytest.approx(12 * adapter / 1e9)
+    assert lora["weights_gb"] == pytest.approx(140 + 4 * adapter / 1e9)
+    assert not full["fits"] and plan["approaches"]["qlora"]["fits"]
+
+
+def test_worked_case_70b_one_h100_five_customers():
+    plan = make_plan("70B", "H100", gpus=1, tenants=5, dataset_tokens=10_000 * 2048, epochs=3,
+                     budget_days=14)
+    rec = plan["recommendation"]
+    assert rec["approach"] == "qlora" and rec["adapters"] == 5
+    t = plan["tenants"]
+    assert t["days_per_adapter"] == pytest.approx(2.0, abs=0.1)
+    assert t["fits_budget"] and plan["approaches"]["qlora"]["total_gb"] < 80
+
+
+@pytest.mark.parametrize("profile,approach,rule", [
+    ({"task_kind": "classification"}, "probe", "frozen-features"),  # sentiment on movie reviews
+    ({"domain": "far"}, "lora", "far-domain-high-rank"),  # medical summarisation
+    ({"new_language": True}, "lora", "far-domain-high-rank"),  # code completion, new language
+    ({"icl_enough": True}, "none", "icl"),
+    ({"quality": "max", "budget": "high"}, "full", "max-quality"),
+])
+def test_worked_cases_7b(profile, approach, rule):
+    rec = make_plan("7B", "H100", gpus=8, profile=profile)["recommendation"]
+    assert (rec["approach"], rec["rule"]) == (approach, rule)
+    if profile.get("new_language") or profile.get("domain") == "far":
+        assert rec["rank"] >= 32
+        assert any("historically full fine-tuning" in r for r in rec["reasons"])
+
+
+def test_several_tenants_get_per_task_adapters():
+    rec = make_plan("7B", "A100-80", tenants=3)["recommendation"]
+    assert (rec["approach"], rec["rule"], rec["adapters"]) == ("lora", "per-task-adapters", 3)
+
+
+def test_nothing_fits_says_what_would():
+    rec = make_plan("70B", "H100", profile={"quality": "max", "budget": "high"})["recommendation"]
+    assert rec["approach"] == "qlora"
+    plan = make_plan("13B", "T4", profile={"quality": "max", "budget": "high"})
+    assert not plan["approaches"]["full"]["fits"]
+    assert plan["recommendation"]["approach"] == "qlora"
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("full", {}), ("qlora", {}), ("ia3", {}),
+                                       ("dora", {}), ("probe", {})])
+def test_plan_predicts_measured_state_bytes(method, kw, write, tmp_path):
+    data = write("d.jsonl", [{"prompt": f"q{i}", "completion": "yes"} for i in range(4)])
+    report = train(TrainConfig(model="tiny-llama", data=str(data), method=method, steps=1,
+                               output=str(tmp_path), val_split=0.0, rank=8, batch_size=4))
+    shape = shape_for("tiny-llama")
+    s = Settings(rank=8, head_outputs=shape.vocab, embed_bytes=4)
+    predicted = predict_state_bytes(shape, method, s)
+    measured = report["model_state_bytes"]
+    assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
+
+
+def test_cli_json_and_errors(capsys):
+    assert main(["plan", "--model", "70B", "--gpu", "H100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["approaches"]) >= {"full", "probe", "lora", "qlora"}
+    for a in plan["approaches"].values():
+        assert {"weights_gb", "grads_gb", "optimizer_gb", "activations_gb", "total_gb", "fits",
+                "gpus_needed", "hours", "cost"} <= set(a)
+    assert {"approach", "reasons", "rule"} <= set(plan["recommendation"])
+    assert main(["plan", "--model", "70B", "--gpu", "B300"]) == 2
+    assert "unknown GPU 'B300' (catalog: H100, H200" in capsys.readouterr().err
+    assert main(["plan", "--model", "70x"]) == 2
+    assert "malformed model size '70x'" in capsys.readouterr().err
+    with pytest.raises(PeftkitError, match="must be positive"):
+        make_plan("7B", gpus=0)
