@@ -84,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
+    s = sub.add_parser("serve", help="serve one base and many adapters (OpenAI-compatible API)")
+    s.add_argument("--base", default="smollm2-135m")
+    s.add_argument("--adapters", required=True, help="directory of PEFT adapters (id = subdir)")
+    s.add_argument("--quantize", choices=["nf4"])
+    s.add_argument("--max-loaded", type=int, default=8)
+    s.add_argument("--max-rank", type=int, default=16)
+    s.add_argument("--max-adapter-mb", type=float, default=512.0)
+    s.add_argument("--preload", default="", help="comma-separated adapter ids to load and pin")
+    s.add_argument("--api-keys", help="YAML/JSON: admin_keys and tenants -> keys, adapters")
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-queue", type=int, default=256)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
+
     s = sub.add_parser("data", help="dataset tools")
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset file and summarise it")
@@ -131,6 +146,25 @@ def cmd_plan(args) -> None:
                               "budget": args.budget, "domain": args.domain,
                               "new_language": args.new_language, "icl_enough": args.icl_enough})
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from peftkit.serve.app import create_app
+    from peftkit.serve.server import ServeConfig, Server
+    cfg = ServeConfig(base=args.base, adapters=args.adapters, quantize=args.quantize,
+                      max_loaded=args.max_loaded, max_rank=args.max_rank,
+                      max_adapter_mb=args.max_adapter_mb,
+                      preload=tuple(a for a in args.preload.split(",") if a),
+                      api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue)
+    server = Server(cfg).start()
+    print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    finally:
+        server.stop()
 
 
 def cmd_models(args) -> None:

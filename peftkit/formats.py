@@ -153,6 +153,33 @@ def _load_layers(adapted: AdaptedModel, items) -> None:
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str | Path) -> int:
+    """Load one LoRA adapter into slot `k` of an existing stack (for serving). Modules the
+    adapter does not target are zeroed in that slot. Returns the adapter's tensor bytes."""
+    directory = Path(directory)
+    config, tensors = read_adapter(directory)
+    where = directory / WEIGHTS_NAME
+    if not isinstance(config, LoraConfig) or config.use_dora:
+        kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
+        raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA batch; "
+                           "only LoRA/rsLoRA adapters are served")
+    layers = adapted.adapted_layers()
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        path, local = _split_key(key, where)
+        if path not in layers:
+            raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
+        grouped.setdefault(path, {})[local] = t
+    rank = next(iter(layers.values())).r
+    if config.r > rank:
+        raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
+    for layer in layers.values():
+        layer.clear_slot(k)
+    for path, local in grouped.items():
+        _write(layers[path], k, local, (name, directory, config, tensors), path)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _write(layer, k: int, local: dict, item, path: str) -> None:
     name, directory, cfg, _ = item
     where = directory / WEIGHTS_NAME

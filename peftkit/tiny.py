@@ -35,7 +35,7 @@ def _byte_level_tokenizer(specials: list[str]) -> Tokenizer:
 def tiny_llama_tokenizer() -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast(
         tokenizer_object=_byte_level_tokenizer(LLAMA_SPECIALS),
-        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
     tok.chat_template = CHATML_TEMPLATE
@@ -59,7 +59,9 @@ def tiny_llama_config() -> LlamaConfig:
         vocab_size=len(LLAMA_SPECIALS) + 256, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        pad_token_id=2, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
+        # pad is not eos: nn.Embedding zeroes the pad row, and a tied head could then never
+        # predict end-of-sequence.
+        pad_token_id=0, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
     )
 
 

@@ -55,6 +55,13 @@ class LoraLinear(FrozenLinear):
             if self.magnitude is not None:
                 self.magnitude[k] = magnitude
 
+    def clear_slot(self, k: int) -> None:
+        """Make slot k the identity again (zero weights, zero scale)."""
+        with torch.no_grad():
+            self.lora_A[k].zero_()
+            self.lora_B[k].zero_()
+            self.scale[k] = 0.0
+
     def read_slot(self, k: int, r: int) -> dict[str, torch.Tensor]:
         out = {"lora_A.weight": self.lora_A[k, :r], "lora_B.weight": self.lora_B[k, :, :r]}
         if self.magnitude is not None:
