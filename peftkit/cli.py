@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-invalid", action="store_true")
     c.set_defaults(func=cmd_data_check)
 
-    s = sub.add_parser("demo", help="run the main job")
+    s = sub.add_parser("demo", help="the main job: five customers, one base, one server")
     s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--output", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="fewer steps and examples (~3 min)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -239,13 +241,8 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_demo(args) -> None:
-    # The full five-customer scenario lands with the demo issue; until then: the chat check.
-    from peftkit.generation import generate_text
-    from peftkit.models import load_base
-    question = "What is the capital of France?"
-    base = load_base(args.model, task="causal-lm")
-    print(f"user:      {question}")
-    print(f"assistant: {generate_text(base, question, max_new_tokens=32)}")
+    from peftkit.demo import DemoConfig, run_demo
+    run_demo(DemoConfig(model=args.model, output=args.output, quick=args.quick))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class LoraLinear(FrozenLinear):
             if self.magnitude is None:
                 return y + lora
             return y + self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
+        if not bool(keep.any()):  # a batch of base-only rows: nothing to add
+            return y
         A, B = self.lora_A[idx], self.lora_B[idx]  # (Bt, r, in), (Bt, out, r)
         scale = (self.scale[idx] * keep).view(-1, *[1] * (x.dim() - 1))
         lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale

@@ -113,8 +113,10 @@ class Trainer:
         self.meter.start()
         self._prepare()
         t = self.trainee
+        start = time.perf_counter()
         self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg) \
             if cfg.method == "probe" else None
+        self.meter.feature_seconds = time.perf_counter() - start
         examples = self.probe.train_items if self.probe else self.train_ex
         per_epoch = math.ceil(len(examples) / cfg.batch_size)
         total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
@@ -132,6 +134,7 @@ class Trainer:
         old_handlers = self._trap_signals()
         bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         t.module.train()
+        loop_start = time.perf_counter()
         try:
             while step < total:
                 for g in opt.param_groups:
@@ -170,6 +173,7 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     save_checkpoint(self.out, t.params, opt, state)
         finally:
+            self.meter.loop_seconds = time.perf_counter() - loop_start
             bar.close()
             self._restore_signals(old_handlers)
         save_checkpoint(self.out, t.params, opt, {"step": step, "history": history, "losses": losses})

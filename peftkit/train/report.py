@@ -14,6 +14,8 @@ class Meter:
         self.t0 = 0.0
         self.tokens = 0
         self.state_bytes: dict[str, int] = {}
+        self.feature_seconds = 0.0  # probe: the one backbone pass over every example
+        self.loop_seconds = 0.0  # the optimisation loop (evaluations included)
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
@@ -54,6 +56,8 @@ def write_report(trainer, history: list[dict], losses: list[float], paths: dict)
         "model_state_bytes": trainer.meter.state_bytes.get("total", 0),
         "model_state_breakdown": trainer.meter.state_bytes,
         "wall_seconds": trainer.meter.elapsed(),
+        "feature_seconds": trainer.meter.feature_seconds,
+        "train_loop_seconds": trainer.meter.loop_seconds,
         "tokens_per_second": trainer.meter.tokens_per_second(),
         "train_examples": len(trainer.train_ex), "val_examples": len(trainer.val_ex),
         "truncated_examples": trainer.truncated,
