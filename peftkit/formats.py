@@ -173,8 +173,9 @@ def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str 
     rank = next(iter(layers.values())).r
     if config.r > rank:
         raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
-    for layer in layers.values():
-        layer.clear_slot(k)
+    for path, layer in layers.items():
+        if path not in grouped:  # modules this adapter leaves alone become the identity
+            layer.clear_slot(k)
     for path, local in grouped.items():
         _write(layers[path], k, local, (name, directory, config, tensors), path)
     return sum(t.numel() * t.element_size() for t in tensors.values())

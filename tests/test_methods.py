@@ -111,14 +111,15 @@ MIXED = {
 }
 
 
+@pytest.mark.parametrize("length", [6, 1])  # 1: the one-token decode path
 @pytest.mark.parametrize("method", list(MIXED))
-def test_mixed_batch_rows_equal_single_runs(method, tmp_path):
+def test_mixed_batch_rows_equal_single_runs(method, length, tmp_path):
     cfgs = MIXED[method]
     dirs = {f"a{i}": _save_random(c, tmp_path / f"a{i}", seed=i) for i, c in enumerate(cfgs)}
     multi = load_adapters(tiny_llama().model, dirs)
     base_rows = method not in ("prefix", "prompt")  # virtual tokens change the sequence length
     slots = [0, 1, len(cfgs) - 1, 1, 0] + ([-1, -1] if base_rows else [])
-    ids = batch(rows=len(slots), length=6, seed=5)
+    ids = batch(rows=len(slots), length=length, seed=5)
     out = logits(multi, ids, slots=torch.tensor(slots))
     plain = tiny_llama().model
     for row, k in enumerate(slots):

@@ -47,10 +47,10 @@ class LoraLinear(FrozenLinear):
                    magnitude: torch.Tensor | None = None) -> None:
         r = A.shape[0]
         with torch.no_grad():
-            self.lora_A[k].zero_()
-            self.lora_B[k].zero_()
             self.lora_A[k, :r] = A
             self.lora_B[k, :, :r] = B
+            self.lora_A[k, r:].zero_()  # only the zero-padding beyond this adapter's rank
+            self.lora_B[k, :, r:].zero_()
             self.scale[k] = scale
             if self.magnitude is not None:
                 self.magnitude[k] = magnitude
@@ -82,6 +82,8 @@ class LoraLinear(FrozenLinear):
             return y + self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
         if not bool(keep.any()):  # a batch of base-only rows: nothing to add
             return y
+        if self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
+            return y + self._decode_delta(xd, idx, keep)
         A, B = self.lora_A[idx], self.lora_B[idx]  # (Bt, r, in), (Bt, out, r)
         scale = (self.scale[idx] * keep).view(-1, *[1] * (x.dim() - 1))
         lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
@@ -90,6 +92,17 @@ class LoraLinear(FrozenLinear):
         uniq, inverse = torch.unique(idx, return_inverse=True)
         norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
         return y + self._dora(x, y, lora, self.magnitude[idx], norms, keep)
+
+    def _decode_delta(self, x, idx, keep) -> torch.Tensor:
+        """One token per row (a decode step): multiply by every slot's A at once and keep each
+        row's own block. This reads the stack once instead of gathering a copy of A and B per
+        row, which dominates a decode step on CPU; the extra FLOPs (x S) are tiny at T = 1."""
+        S, r = self.n_slots, self.r
+        xa = x[:, 0] @ self.lora_A.reshape(S * r, -1).t()  # (Bt, S·r)
+        own = nn.functional.one_hot(idx, S).to(x.dtype) * (self.scale[idx] * keep).unsqueeze(1)
+        h = (xa.view(-1, S, r) * own.unsqueeze(-1)).reshape(-1, S * r)  # zero outside own slot
+        stacked_B = self.lora_B.transpose(1, 2).reshape(S * r, self.out_features)  # (S·r, out)
+        return (h @ stacked_B).unsqueeze(1)
 
     @staticmethod
     def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
