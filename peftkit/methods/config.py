@@ -6,7 +6,7 @@ is our own (`"peft_type": "BOTTLENECK"`, documented in docs/adapter-format.md).
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from peftkit.errors import PeftkitError
 
@@ -142,7 +142,3 @@ def config_from_peft(cfg: dict, where: str) -> AdapterConfig:
         return CONFIGS[kind].from_peft(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise PeftkitError(f"{where}: bad {kind} config ({type(e).__name__}: {e})") from None
-
-
-def config_fields(config) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config)} if config else asdict(config)

@@ -1,7 +1,5 @@
 """One base loaded once, a pool of adapter slots, the engine and the store: a `Server`."""
 
-import asyncio
-import time
 from dataclasses import dataclass
 
 from peftkit.data import chat_prompt
@@ -88,14 +86,6 @@ class Server:
         if req.t_first is not None:
             self.metrics.ttft.observe(req.t_first - req.t_submit)
 
-    async def complete(self, model: str, ids: list[int], sampling: Sampling) -> Request:
-        loop, sink = asyncio.get_running_loop(), asyncio.Queue()
-        self.submit(model, ids, sampling, loop, sink)
-        while True:
-            item = await sink.get()
-            if isinstance(item, Request):
-                return item
-
 
 def generate_direct(server: Server, model: str, prompt_ids: list[int], sampling: Sampling) -> Request:
     """Run one request to completion in the calling thread (no HTTP; tests and benchmarks)."""
@@ -103,8 +93,3 @@ def generate_direct(server: Server, model: str, prompt_ids: list[int], sampling:
     req = server.engine.submit(Request(prompt_ids, slot, sampling))
     server.engine.run_until_idle()  # the engine's on_finish releases the slot
     return req
-
-
-def now() -> int:
-    return int(time.time())
-

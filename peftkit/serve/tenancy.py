@@ -2,7 +2,6 @@
 tenant's adapters: to it they do not exist. No keys file = open access (bind to localhost)."""
 
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +54,3 @@ class Tenancy:
         if not authorization or not authorization.lower().startswith("bearer "):
             return None
         return self.keys.get(authorization[7:].strip())
-
-
-def dump_example() -> str:
-    return json.dumps({"admin_keys": ["sk-admin"],
-                       "tenants": {"acme": {"keys": ["sk-acme"], "adapters": ["acme-*"]}}}, indent=2)

@@ -9,7 +9,7 @@ import torch
 
 from peftkit.data import IGNORE
 from peftkit.train.batches import collate
-from peftkit.train.evaluate import evaluate_classifier, exact_match, macro_f1  # noqa: F401
+from peftkit.train.evaluate import exact_match, macro_f1
 
 
 class FeatureCache:
