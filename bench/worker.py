@@ -12,19 +12,9 @@ import torch
 from bench.common import median_time
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
-from peftkit.train.report import peak_rss_bytes
-from peftkit.quant import model_bytes
+from peftkit.train.report import peak_rss_bytes, state_bytes
 
 MODEL = "smollm2-135m"
-
-
-def state_bytes(model, params, opt) -> dict:
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    optim = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                if torch.is_tensor(v))
-    weights = model_bytes(model)
-    return {"weights": weights, "gradients": grads, "optimizer": optim,
-            "total": weights + grads + optim}
 
 
 def step_run(method: str, base_dir: str | None, steps: int, rank: int) -> dict:
@@ -49,7 +39,7 @@ def step_run(method: str, base_dir: str | None, steps: int, rank: int) -> dict:
         module(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         if not measured:
-            measured.update(state_bytes(module, params, opt))
+            measured.update(state_bytes([module], params, opt))
         opt.zero_grad(set_to_none=True)
     step_s = median_time(step, repeats=steps, warmup=1)
     return {"method": method, "load_s": load_s, "step_s": step_s, "state_bytes": measured,

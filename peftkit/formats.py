@@ -131,9 +131,8 @@ def _load_layers(adapted: AdaptedModel, items) -> None:
     model = adapted.model
     per_module: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for k, (name, directory, cfg, tensors) in enumerate(items):
-        for key, t in tensors.items():
-            path, local = _split_key(key, directory / WEIGHTS_NAME)
-            per_module.setdefault(path, {}).setdefault(k, {})[local] = t
+        for path, local in _by_module(tensors, directory / WEIGHTS_NAME).items():
+            per_module.setdefault(path, {})[k] = local
     max_r = max((c.r for _, _, c, _ in items if isinstance(c, LoraConfig)), default=None)
     router: SlotRouter = adapted.router
     for path, slots in per_module.items():
@@ -164,12 +163,10 @@ def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str 
         raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA batch; "
                            "only LoRA/rsLoRA adapters are served")
     layers = adapted.adapted_layers()
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        path, local = _split_key(key, where)
+    grouped = _by_module(tensors, where)
+    for path in grouped:
         if path not in layers:
             raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
-        grouped.setdefault(path, {})[local] = t
     rank = next(iter(layers.values())).r
     if config.r > rank:
         raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
@@ -212,6 +209,15 @@ def _write(layer, k: int, local: dict, item, path: str) -> None:
         for key, shape in want.items():
             _check_shape(where, f"{path}.{key}", shape, local[key])
         layer.write_slot(k, local)
+
+
+def _by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT keys -> {module path: {local name (lora_A.weight, ia3_l, ...): tensor}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        path, local = _split_key(key, where)
+        out.setdefault(path, {})[local] = t
+    return out
 
 
 def _split_key(key: str, where: Path) -> tuple[str, str]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import QueueFull, Request, Sampling
 from peftkit.serve.server import Server
-from peftkit.serve.store import AdapterInvalid, AdapterNotFound, StoreFull
+from peftkit.serve.store import AdapterNotFound, StoreFull
 
 
 class ApiError(Exception):
@@ -120,9 +120,7 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(404, str(e), "not_found_error") from None
         except (StoreFull, QueueFull) as e:
             raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
-        except AdapterInvalid as e:
-            raise ApiError(400, str(e)) from None
-        except PeftkitError as e:
+        except PeftkitError as e:  # AdapterInvalid, prompt over the context, ...
             raise ApiError(400, str(e)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

@@ -27,16 +27,19 @@ class Meter:
         return self.tokens / max(self.elapsed(), 1e-9)
 
     def measure_state(self, trainee, optimizer) -> None:
-        """Bytes of weights + gradients + optimizer states, counted from the live tensors."""
-        weights = model_bytes(trainee.module)
-        if trainee.head is not None and trainee.head not in list(trainee.module.modules()):
-            weights += model_bytes(trainee.head)  # causal-LM probe: a head beside the base
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in trainee.params
-                    if p.grad is not None)
-        optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
-                    for v in st.values() if torch.is_tensor(v))
-        self.state_bytes = {"weights": weights, "gradients": grads, "optimizer": optim,
-                            "total": weights + grads + optim}
+        extra = [trainee.head] if trainee.head is not None and \
+            trainee.head not in list(trainee.module.modules()) else []  # causal-LM probe head
+        self.state_bytes = state_bytes([trainee.module, *extra], trainee.params, optimizer)
+
+
+def state_bytes(modules: list, params: list, optimizer) -> dict[str, int]:
+    """Bytes of weights + gradients + optimizer states, counted from the live tensors."""
+    weights = sum(model_bytes(m) for m in modules)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    optim = sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                for v in st.values() if torch.is_tensor(v))
+    return {"weights": weights, "gradients": grads, "optimizer": optim,
+            "total": weights + grads + optim}
 
 
 def peak_rss_bytes() -> int:
