@@ -123,11 +123,12 @@ class LoraLinear(FrozenLinear):
             base = nn.functional.linear(self.dropout(x), self.dense_weight().to(x.dtype))
         return (ratio - 1) * base + ratio * lora
 
+    @torch.no_grad()  # detached anyway: building its graph would hold a weight-sized copy
     def _norms(self, which) -> torch.Tensor:
         W = self.dense_weight()
         delta = torch.einsum("s,sor,sri->soi", self.scale[which], self.lora_B[which],
                              self.lora_A[which])
-        return self._row_norm(W + delta).detach()
+        return self._row_norm(W + delta)
 
     @staticmethod
     def _row_norm(w: torch.Tensor) -> torch.Tensor:
