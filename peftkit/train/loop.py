@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from peftkit.data import IGNORE, load_dataset, split, tokenize
 from peftkit.errors import PeftkitError
+from peftkit.train.allocator import trim_between_layers
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import Trainee, build
 from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -113,8 +114,9 @@ class Trainer:
         self.meter.start()
         self._prepare()
         t = self.trainee
+        trim_hooks = trim_between_layers(t.base.model)
         start = time.perf_counter()
-        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg) \
+        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch) \
             if cfg.method == "probe" else None
         self.meter.feature_seconds = time.perf_counter() - start
         examples = self.probe.train_items if self.probe else self.train_ex
@@ -144,6 +146,8 @@ class Trainer:
                     items = batch_at(examples, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
                     batch = self.probe.collate(items) if self.probe else collate(items, pad)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    if "input_ids" in batch:
+                        self.meter.see_batch(*batch["input_ids"].shape)
                     with autocast:
                         loss = self._loss(batch) / cfg.grad_accum
                     loss.backward()
@@ -173,6 +177,8 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     save_checkpoint(self.out, t.params, opt, state)
         finally:
+            for hook in trim_hooks:
+                hook.remove()
             self.meter.loop_seconds = time.perf_counter() - loop_start
             bar.close()
             self._restore_signals(old_handlers)

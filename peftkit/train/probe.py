@@ -18,10 +18,12 @@ class FeatureCache:
         self.head = trainee.head
         self.backbone_rows = 0  # examples the backbone has run on (each exactly once)
         self.train_items, self.val_items = [], []
+        self.on_batch = lambda rows, length: None  # the trainer's meter sees each backbone pass
 
     @classmethod
-    def build(cls, trainee, train_ex, val_ex, cfg) -> "FeatureCache":
+    def build(cls, trainee, train_ex, val_ex, cfg, on_batch=None) -> "FeatureCache":
         cache = cls(trainee, trainee.task)
+        cache.on_batch = on_batch or cache.on_batch
         cache.train_items = cache._extract(train_ex, cfg.batch_size)
         cache.val_items = cache._extract(val_ex, cfg.batch_size)
         return cache
@@ -34,6 +36,7 @@ class FeatureCache:
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i:i + batch_size], pad)
             self.backbone_rows += batch["input_ids"].shape[0]
+            self.on_batch(*batch["input_ids"].shape)
             if self.task == "classify":
                 feats = t.module.features(batch["input_ids"], batch["attention_mask"])
                 items += [(f, y) for f, y in zip(feats, batch["labels"])]
