@@ -26,3 +26,24 @@ def randomize(adapted, seed: int = 0) -> None:
 @torch.no_grad()
 def logits(model, ids, **kw) -> torch.Tensor:
     return model(input_ids=ids, **kw).logits
+
+
+def saved_activation_bytes(loss: torch.Tensor, module: torch.nn.Module) -> int:
+    """Bytes of the tensors autograd saved for backward (each storage once), parameters and
+    buffers excepted: walks the graph behind `loss`."""
+    skip = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen, stack, visited = {}, [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in visited:
+            continue
+        visited.add(fn)
+        for name in dir(fn):
+            if not name.startswith("_saved_"):
+                continue
+            value = getattr(fn, name)
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in skip:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack += [f for f, _ in fn.next_functions]
+    return sum(seen.values())

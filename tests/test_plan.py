@@ -1,15 +1,21 @@
 """The planner: the seed's figures exactly, its worked cases, validation against measured runs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.plan import make_plan
-from peftkit.plan.memory import Settings, predict_state_bytes
+from peftkit.plan.cpu import CpuRun, activation_bytes_cpu, predict_state_bytes
+from peftkit.plan.memory import Settings
 from peftkit.plan.shapes import shape_for
 from peftkit.train import TrainConfig, train
+from peftkit.train.build import build
+from tests.helpers import saved_activation_bytes
 
 
 def test_seed_figures_for_70b():
@@ -81,6 +87,48 @@ def test_plan_predicts_measured_state_bytes(method, kw, write, tmp_path):
     predicted = predict_state_bytes(shape, method, s)
     measured = report["model_state_bytes"]
     assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
+
+
+@pytest.mark.parametrize("method,task,dropout", [
+    ("full", "causal-lm", 0), ("lora", "causal-lm", 0.05), ("lora", "classify", 0.0),
+    ("dora", "causal-lm", 0.05), ("ia3", "classify", 0), ("bottleneck", "causal-lm", 0),
+    ("prompt", "causal-lm", 0), ("prefix", "causal-lm", 0),
+])
+def test_activation_count_matches_the_autograd_graph(method, task, dropout):
+    """The per-op activation formula against what autograd really saved, on a padded batch."""
+    cfg = TrainConfig(model="tiny-llama", method=method, data="unused", rank=8, dropout=dropout)
+    torch.manual_seed(0)
+    trainee = build(cfg, task, ["neg", "pos"])
+    trainee.module.train()
+    rows, length = 4, 24
+    ids = torch.randint(5, 200, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[-1, length // 2:] = 0  # a padded row: the trainer's batches carry a mask
+    if task == "classify":
+        loss = trainee.module(ids, mask).sum()
+    else:
+        loss = trainee.module(input_ids=ids, attention_mask=mask, labels=ids).loss
+    measured = saved_activation_bytes(loss, trainee.module)
+    run = CpuRun(method, task, rows, length, rank=8, dropout=dropout)
+    predicted = activation_bytes_cpu(shape_for("tiny-llama"), run)
+    assert abs(predicted - measured) / measured <= 0.10, (predicted, measured)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_report_predicts_the_runs_peak_rss(method, write, tmp_path):
+    """A real `peftkit train` process: the planner's peak-RSS prediction in its report is
+    within 15% of the peak the process measured."""
+    data = write("d.jsonl", [{"prompt": f"question {i} " * (1 + i % 5), "completion": "yes"}
+                             for i in range(16)])
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "peftkit.cli", "train", "--model", "tiny-llama",
+                    "--method", method, "--data", str(data), "--output", str(out), "--steps", "2",
+                    "--val-split", "0"], check=True, capture_output=True)
+    report = json.loads((out / "report.json").read_text())
+    predicted, measured = report["predicted_peak_rss"]["total"], report["peak_rss_bytes"]
+    assert report["largest_batch"][0] == 8 and report["largest_batch"][1] > 10
+    assert report["runtime_rss_bytes"] < measured
+    assert abs(predicted - measured) / measured <= 0.15, report["predicted_peak_rss"]
 
 
 def test_cli_json_and_errors(capsys):

@@ -1,5 +1,5 @@
 """The memory and time model, per approach. One model for GPU plans and for validating the
-trainer's measured CPU runs (`predict_state_bytes`).
+trainer's measured CPU runs (cpu.py).
 
 Parameter state, bytes per parameter (Adam: two fp32 moments):
   full, fp32            weights 4 + grads 4 + Adam 8             = 16  (70B: 1120 GB)
@@ -94,9 +94,3 @@ def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, token
             "parameter_state_gb": sum(state.values()) / GB, "fits": needed <= gpus,
             "gpus_needed": needed, "hours": hours, "cost": hours * gpus * price,
             "utilisation": UTILISATION[method]}
-
-
-def predict_state_bytes(shape: Shape, method: str, s: Settings) -> int:
-    """The trainer's `model_state_bytes` for a CPU run: fp32 base, fp32 adapters and Adam."""
-    state = parameter_state(shape, method, s, base_bytes=4)
-    return int(sum(state.values()))

@@ -86,7 +86,7 @@ def shape_for(spec: str) -> Shape:
         path = Path(spec)
         path = path.parent if path.name == "config.json" else resolve_model_dir(spec)
         config = AutoConfig.from_pretrained(path)
-    return _from_config(spec, config)
+    return shape_from_config(spec, config)
 
 
 def _from_size(name: str, n: float) -> Shape:
@@ -99,7 +99,7 @@ def _from_size(name: str, n: float) -> Shape:
     return Shape(name, n, layers, d, heads, kv, vocab, vocab * d * (1 if tied else 2), linear)
 
 
-def _from_config(name: str, config) -> Shape:
+def shape_from_config(name: str, config) -> Shape:
     """Count exactly on a meta-device model: any architecture transformers knows."""
     from accelerate import init_empty_weights
     from torch import nn

@@ -45,16 +45,18 @@ def summary_row(r: dict) -> dict:
     return {"method": r["method"], "metric": metric, "quality": value,
             "trainable_percent": r["trainable_percent"], "trainable_params": r["trainable_params"],
             "model_state_mib": r["model_state_bytes"] / MIB, "peak_rss_mib": r["peak_rss_bytes"] / MIB,
+            "predicted_peak_rss_mib": r["predicted_peak_rss"]["total"] / MIB,
             "wall_seconds": r["wall_seconds"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | quality | trainable % | model state (MiB) | peak RSS (MiB) | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | quality | trainable % | model state (MiB) | peak RSS (MiB) "
+             "| planner's peak RSS (MiB) | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | "
                      f"{r['trainable_percent']:.3f} | {r['model_state_mib']:.1f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['wall_seconds']:.1f} |")
+                     f"{r['peak_rss_mib']:.0f} | {r['predicted_peak_rss_mib']:.0f} | "
+                     f"{r['wall_seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ import json
 import resource
 import time
 
+import psutil
 import torch
 
 from peftkit.quant import model_bytes
@@ -16,9 +17,16 @@ class Meter:
         self.state_bytes: dict[str, int] = {}
         self.feature_seconds = 0.0  # probe: the one backbone pass over every example
         self.loop_seconds = 0.0  # the optimisation loop (evaluations included)
+        self.runtime_rss = 0  # RSS before the model loads: interpreter + libraries
+        self.largest_batch = (0, 0)  # (rows, padded length) of the most tokens seen at once
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
+        self.runtime_rss = current_rss_bytes()
+
+    def see_batch(self, rows: int, length: int) -> None:
+        if rows * length > self.largest_batch[0] * self.largest_batch[1]:
+            self.largest_batch = (rows, length)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -42,8 +50,22 @@ def state_bytes(modules: list, params: list, optimizer) -> dict[str, int]:
             "total": weights + grads + optim}
 
 
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def predicted_peak_rss(trainer) -> dict:
+    """The planner's prediction for this very run, from the model's config and largest batch."""
+    from peftkit.plan.cpu import CpuRun, predict_peak_rss
+    from peftkit.plan.shapes import shape_from_config
+    t, cfg = trainer.trainee, trainer.cfg
+    shape = shape_from_config(cfg.model, t.base.model.config)
+    run = CpuRun.from_train(cfg, trainer.task, len(t.label_names), trainer.meter.largest_batch)
+    return {k: int(v) for k, v in predict_peak_rss(shape, run, trainer.meter.runtime_rss).items()}
 
 
 def write_report(trainer, history: list[dict], losses: list[float], paths: dict) -> dict:
@@ -56,6 +78,9 @@ def write_report(trainer, history: list[dict], losses: list[float], paths: dict)
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "peak_rss_bytes": peak_rss_bytes(),
+        "runtime_rss_bytes": trainer.meter.runtime_rss,
+        "largest_batch": list(trainer.meter.largest_batch),
+        "predicted_peak_rss": predicted_peak_rss(trainer),
         "model_state_bytes": trainer.meter.state_bytes.get("total", 0),
         "model_state_breakdown": trainer.meter.state_bytes,
         "wall_seconds": trainer.meter.elapsed(),
@@ -82,7 +107,8 @@ def report_markdown(r: dict) -> str:
              f"| trainable params | {r['trainable_params']:,d} of {r['total_params']:,d} "
              f"({r['trainable_percent']:.4f}%) |",
              f"| model state (weights + grads + optimizer) | {r['model_state_bytes'] / mib:.1f} MiB |",
-             f"| peak RSS | {r['peak_rss_bytes'] / mib:.1f} MiB |",
+             f"| peak RSS | {r['peak_rss_bytes'] / mib:.1f} MiB (planner predicted "
+             f"{r['predicted_peak_rss']['total'] / mib:.1f} MiB) |",
              f"| wall time | {r['wall_seconds']:.1f} s |",
              f"| tokens/s | {r['tokens_per_second']:.0f} |"]
     lines += [f"| val {k} | {v:.4g} |" for k, v in r["metrics"].items() if isinstance(v, float)]

@@ -1,0 +1,196 @@
+"""The memory model for the trainer's own CPU runs: what `peftkit train` will measure, predicted
+from the model's shape before anything runs. The GPU plan (memory.py) and this share the
+parameter-state model; what differs is the runtime (a Python process instead of a CUDA context)
+and the activations (fp32 eager PyTorch, counted per op, instead of Korthikanti's 16-bit GPU
+formula).
+
+  peak RSS = runtime      the process before the model loads (interpreter + libraries;
+                          measured by the trainer, `runtime_rss_bytes`)
+           + framework    tokenizer + model code, 32 MiB + 1 KiB per vocabulary entry
+           + weights      fp32; a classifier's frozen embedding table stays in the mapped
+                          safetensors file, and only the rows the data uses get paged in
+           + Adam states  two fp32 moments per trainable parameter
+           + the larger of
+               forward peak   tensors autograd saves for backward; for a causal LM the logits
+                              and their gradient (2 V floats a token) and, in full FT, the
+                              output head's weight gradient, the first one backward makes
+               step peak      gradients, and the two temporaries torch's single-tensor AdamW
+                              makes per parameter (the largest trained tensor counts: full
+                              FT's embedding, a causal-LM probe's vocabulary head)
+No allocator slack: the trainer returns freed heap memory after every decoder layer
+(peftkit/train/allocator.py), so RSS follows the live tensors.
+
+Saved activations of one Llama decoder layer (transformers' LlamaDecoderLayer, SDPA attention,
+which on CPU saves q, k and v (repeated to every head when a padding mask is passed, as in every
+padded training batch), the output and a log-sum-exp per head), floats per token:
+  frozen weights   RMSNorm inputs 2h + 2 rsqrt; SDPA q + 2q + out + heads; SiLU input and output
+                   and the up projection 3i. Frozen linears save their weight, not their input.
+  full FT          + the linear inputs (3h + i) and the normalised RMSNorm outputs (2h, for the
+                   norm weights' gradient), less the attention output the o_proj input aliases (h)
+  LoRA             + per target: the input A multiplies (in), dropout's noise (in, if dropout > 0;
+                   without dropout targets sharing an input share it) and x·Aᵀ (r)
+  DoRA             + per target, on top of LoRA: a second dropout noise (in) and the base and
+                   LoRA outputs the magnitude scaling saves (2 out)
+  IA³              + per target: the vector scales the output (out) or, feed-forward, the input (in)
+  bottleneck       + per adapter: its input (out of the wrapped layer) and 2 x bottleneck size
+  prompt / prefix  frozen, over the virtual tokens too (prompt) or their keys and values (prefix)
+The probe runs the backbone without autograd: one layer's temporaries at a time.
+Checked op by op against the autograd graph (tests/test_plan.py) and end to end against peak RSS
+(bench/plan.py, docs/bench-plan.md). Architectures other than Llama fall back to Korthikanti's
+per-layer formula at fp32 (memory.activation_bytes), which is looser.
+"""
+
+from dataclasses import dataclass
+
+from peftkit.plan.memory import Settings, activation_bytes, parameter_state
+from peftkit.plan.shapes import Shape
+from peftkit.train.build import BOTTLENECK_TARGETS, IA3_TARGETS
+
+MIB = 2 ** 20
+FP32 = 4
+FRAMEWORK_BYTES = 32 * MIB  # calibrated on tiny models: model code, tokenizer object, dataset
+TOKENIZER_BYTES_PER_ENTRY = 1024  # calibrated: smollm2's 49k-entry BPE tokenizer adds ~48 MiB
+
+
+@dataclass
+class CpuRun:
+    """One `peftkit train` run on CPU, as far as memory goes."""
+    method: str
+    task: str = "causal-lm"  # or "classify"
+    rows: int = 8  # the largest batch: rows x padded length
+    length: int = 64
+    rank: int = 8
+    targets: object = "all-linear"
+    dropout: float = 0.05  # LoRA / DoRA dropout (Hu et al. 2021 use 0.05-0.1)
+    virtual_tokens: int = 20
+    bottleneck_size: int = 64
+    grad_checkpointing: bool = False
+    labels: int = 2  # classify: the head's outputs
+
+    @classmethod
+    def from_train(cls, cfg, task: str, labels: int, largest_batch) -> "CpuRun":
+        return cls(cfg.method, task, *largest_batch, cfg.rank, cfg.target_list(),
+                   cfg.dropout if cfg.method in ("lora", "qlora", "dora") else 0.0,
+                   cfg.num_virtual_tokens, cfg.bottleneck_size, cfg.grad_checkpointing, labels)
+
+    def settings(self, shape: Shape) -> Settings:
+        return Settings(seq_len=self.length, batch=self.rows, rank=self.rank, targets=self.targets,
+                        grad_checkpointing=self.grad_checkpointing, embed_bytes=FP32,
+                        head_outputs=shape.vocab if self.task == "causal-lm" else self.labels)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * (self.length + (self.virtual_tokens if self.method == "prompt" else 0))
+
+
+def predict_state_bytes(shape: Shape, method: str, s: Settings) -> int:
+    """The trainer's `model_state_bytes` for a CPU run: fp32 base, fp32 adapters and Adam."""
+    return int(sum(parameter_state(shape, method, s, base_bytes=FP32).values()))
+
+
+def _dims(shape: Shape) -> dict:
+    lin = {n: (i, o) for n, i, o in shape.linear}
+    head_dim = shape.hidden // shape.heads
+    return {"h": shape.hidden, "q": shape.heads * head_dim, "heads": shape.heads,
+            "i": lin.get("down_proj", (4 * shape.hidden, 0))[0], "lin": lin}
+
+
+def _targets(shape: Shape, targets) -> list[tuple[str, int, int]]:
+    return [(n, i, o) for n, i, o in shape.linear if targets == "all-linear" or n in targets]
+
+
+def layer_floats(shape: Shape, run: CpuRun) -> float:
+    """Floats autograd saves per token in one Llama decoder layer (see the module docstring)."""
+    d, method = _dims(shape), run.method
+    h, q, i = d["h"], d["q"], d["i"]
+    frozen = 2 * h + 2 + (q + 2 * q + q + d["heads"]) + 3 * i
+    if method == "full":
+        return frozen + 3 * h + i + 2 * h - q
+    if method in ("lora", "qlora", "dora"):
+        chosen = _targets(shape, run.targets)
+        extra = run.rank * len(chosen)
+        if run.dropout > 0:
+            extra += sum(2 * i_ for _, i_, _ in chosen)
+        else:  # inputs shared by q/k/v and by gate/up are saved once
+            groups = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp",
+                      "up_proj": "mlp"}
+            extra += sum(dict((groups.get(n, n), i_) for n, i_, _ in chosen).values())
+        if method == "dora":
+            extra += sum((i_ if run.dropout > 0 else 0) + 2 * o for _, i_, o in chosen)
+        return frozen + extra
+    if method == "ia3":
+        return frozen + sum(i_ if n == "down_proj" else o for n, (i_, o) in d["lin"].items()
+                            if n in IA3_TARGETS["llama"][0])
+    if method == "bottleneck":
+        return frozen + sum(d["lin"][n][1] + 2 * run.bottleneck_size
+                            for n in BOTTLENECK_TARGETS["llama"] if n in d["lin"])
+    return frozen  # prompt, prefix: the frozen layer over a longer sequence
+
+
+def first_layer_saving(shape: Shape, run: CpuRun) -> float:
+    """Floats per token layer 0 does NOT save under PEFT: the embeddings are frozen, so ops
+    before the first trainable one have no input that needs a gradient."""
+    if run.method in ("full", "prompt", "probe"):  # embeddings / virtual tokens need gradients
+        return 0
+    d = _dims(shape)
+    norm = d["h"] + 1
+    if run.method == "bottleneck":  # nothing trains before the o_proj adapter
+        return norm + 4 * d["q"] + d["heads"]
+    if run.method in ("lora", "qlora", "dora") and run.dropout > 0:  # dropout on a frozen input
+        noise = sum(i_ for n, i_, _ in _targets(shape, run.targets)
+                    if n in ("q_proj", "k_proj", "v_proj"))
+        return norm + noise * (2 if run.method == "dora" else 1)
+    return norm
+
+
+def activation_bytes_cpu(shape: Shape, run: CpuRun) -> float:
+    """Bytes autograd holds at the end of the forward pass of the run's largest batch."""
+    if shape.model_type != "llama":
+        fallback = Settings(seq_len=run.length, batch=run.rows,
+                            grad_checkpointing=run.grad_checkpointing)
+        return activation_bytes(shape, fallback, run.method, bytes_per_value=FP32)
+    d, tokens = _dims(shape), run.tokens
+    if run.method == "probe":  # no autograd: one layer's intermediates at a time
+        return tokens * (2 * d["h"] + 3 * d["i"]) * FP32
+    per_layer = layer_floats(shape, run) * tokens
+    prefix = run.virtual_tokens if run.method == "prefix" else 0
+    per_layer += run.rows * prefix * 2 * d["q"]  # prefix keys and values, in every layer
+    if run.grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+        layers = shape.layers * tokens * d["h"] + per_layer
+    else:
+        layers = shape.layers * per_layer - tokens * first_layer_saving(shape, run)
+    head = tokens * shape.vocab if run.task == "causal-lm" else 0  # log-softmax output
+    mask = run.rows * run.length * (run.length + prefix)
+    return (layers + tokens * 2 * d["h"] + head + mask) * FP32
+
+
+def largest_trained_tensor(shape: Shape, run: CpuRun) -> int:
+    """Elements of the biggest parameter Adam updates (adapters' are too small to matter)."""
+    if run.method == "full":
+        return max([shape.vocab * shape.hidden] + [i * o for _, i, o in shape.linear])
+    if run.method == "probe":
+        return shape.hidden * run.settings(shape).head_outputs
+    return 0
+
+
+def predict_peak_rss(shape: Shape, run: CpuRun, runtime_bytes: float) -> dict:
+    """Predicted peak RSS of a `peftkit train` run on CPU, term by term. Activations and
+    gradients peak at different moments (the forward's end; the optimizer step), so the larger
+    of the two counts, on top of what is resident throughout."""
+    state = parameter_state(shape, run.method, run.settings(shape), base_bytes=FP32)
+    weights = state["weights"]
+    if run.task == "classify" and run.method != "full":  # see the module docstring
+        weights -= shape.vocab * shape.hidden * FP32
+    act = activation_bytes_cpu(shape, run)
+    forward = act
+    if run.task == "causal-lm":  # the logits and their gradient, as backward starts
+        forward += 2 * run.tokens * shape.vocab * FP32
+        if run.method == "full":  # ... when the output head's weight gradient is made first
+            forward += shape.vocab * shape.hidden * FP32
+    step = state["grads"] + 2 * largest_trained_tensor(shape, run) * FP32  # AdamW temporaries
+    terms = {"runtime": runtime_bytes,
+             "framework": FRAMEWORK_BYTES + TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
+             "weights": weights, "optimizer_states": state["optimizer"],
+             "activations": act, "forward_peak": forward, "optimizer_step_peak": step}
+    resident = runtime_bytes + terms["framework"] + weights + state["optimizer"]
+    return {**terms, "total": resident + max(forward, step)}
