@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domain", choices=["near", "far"], default="near")
     s.add_argument("--new-language", action="store_true")
     s.add_argument("--icl-enough", action="store_true", help="prompting already works")
+    s.add_argument("--cpu", action="store_true",
+                   help="instead: peak RSS of `peftkit train` on this CPU, per method, for "
+                        "--batch rows of --seq-len padded tokens (trainer defaults otherwise)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -140,6 +143,8 @@ def cmd_plan(args) -> None:
     import json
 
     from peftkit.plan import format_plan, make_plan
+    if args.cpu:
+        return cmd_plan_cpu(args)
     plan = make_plan(args.model, args.gpu, args.gpus, args.seq_len, args.batch,
                      args.dataset_tokens, args.epochs, args.tenants, args.budget_days,
                      args.price_per_gpu_hour, args.rank, args.adam_8bit,
@@ -148,6 +153,18 @@ def cmd_plan(args) -> None:
                               "budget": args.budget, "domain": args.domain,
                               "new_language": args.new_language, "icl_enough": args.icl_enough})
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+
+
+def cmd_plan_cpu(args) -> None:
+    import json
+
+    from peftkit.plan.cpu import cpu_plan, format_cpu_plan
+    from peftkit.plan.shapes import shape_for
+    from peftkit.train.config import METHODS
+    task = "classify" if args.task_kind == "classification" else "causal-lm"
+    methods = [m for m in METHODS if task == "causal-lm" or m not in ("prompt", "prefix")]
+    plan = cpu_plan(shape_for(args.model), methods, args.batch, args.seq_len, args.rank, task)
+    print(json.dumps(plan, indent=2) if args.json else format_cpu_plan(plan, args.model))
 
 
 def cmd_serve(args) -> None:

@@ -131,6 +131,25 @@ def test_report_predicts_the_runs_peak_rss(method, write, tmp_path):
     assert abs(predicted - measured) / measured <= 0.15, report["predicted_peak_rss"]
 
 
+def test_cpu_plan_per_method(capsys):
+    assert main(["plan", "--cpu", "--model", "135M", "--batch", "8", "--seq-len", "55",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    m = plan["methods"]
+    assert set(m) == {"full", "probe", "lora", "qlora", "dora", "ia3", "prefix", "prompt",
+                      "bottleneck"}
+    assert m["full"]["optimizer_states_gib"] == pytest.approx(2 * m["full"]["weights_gib"])
+    assert m["lora"]["optimizer_states_gib"] < 0.05 * m["full"]["optimizer_states_gib"]
+    assert m["qlora"]["weights_gib"] < 0.5 * m["lora"]["weights_gib"]
+    assert m["dora"]["activations_gib"] > m["lora"]["activations_gib"] > m["ia3"]["activations_gib"]
+    assert m["full"]["total_gib"] > m["lora"]["total_gib"] > m["probe"]["total_gib"]
+    assert all(v["fits_ram"] for v in m.values())
+    assert main(["plan", "--cpu", "--model", "135M", "--batch", "4096", "--seq-len", "4096",
+                 "--task-kind", "classification"]) == 0
+    text = capsys.readouterr().out
+    assert "prefix" not in text and text.rstrip().endswith("no")  # a classifier: no prompts
+
+
 def test_cli_json_and_errors(capsys):
     assert main(["plan", "--model", "70B", "--gpu", "H100", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
