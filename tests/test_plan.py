@@ -131,6 +131,19 @@ def test_report_predicts_the_runs_peak_rss(method, write, tmp_path):
     assert abs(predicted - measured) / measured <= 0.15, report["predicted_peak_rss"]
 
 
+def test_shape_of_a_bare_backbone_config():
+    """A saved classifier/NF4 backbone's config names `LlamaModel`: its modules have no
+    `model.` prefix, and the shape must still find the block's linear layers."""
+    from peftkit.plan.shapes import shape_from_config
+    from peftkit.tiny import tiny_llama_config
+    config = tiny_llama_config()
+    config.architectures = ["LlamaModel"]
+    bare = shape_from_config("bare", config)
+    assert [n for n, _, _ in bare.linear] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"]
+    assert bare.linear == shape_for("tiny-llama").linear
+
+
 def test_cpu_plan_per_method(capsys):
     assert main(["plan", "--cpu", "--model", "135M", "--batch", "8", "--seq-len", "55",
                  "--json"]) == 0

@@ -25,6 +25,7 @@ SIZE_DEFAULTS = {
 }
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMBT])$", re.IGNORECASE)
 UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+FIRST_BLOCK = re.compile(r"(^|\.)(layers|layer)\.0\.")
 
 
 @dataclass
@@ -118,8 +119,9 @@ def shape_from_config(name: str, config) -> Shape:
     layers = config.num_hidden_layers
     block = {}
     for n, m in model.named_modules():
-        if isinstance(m, nn.Linear) and (".layers.0." in n or ".layer.0." in n):
-            block[n.split(".0.", 1)[1]] = (m.in_features, m.out_features)
+        first = FIRST_BLOCK.search(n)  # a bare backbone's names have no "model." prefix
+        if isinstance(m, nn.Linear) and first:
+            block[n[first.end():]] = (m.in_features, m.out_features)
     linear = [(k.split(".")[-1], i, o) for k, (i, o) in block.items()]
     heads = config.num_attention_heads
     return Shape(name, float(params), layers, config.hidden_size, heads,

@@ -31,8 +31,9 @@ def trim_between_layers(model: nn.Module) -> list:
     (none where the C library has no malloc_trim, or PEFTKIT_MALLOC_TRIM=0 turns it off)."""
     if MALLOC_TRIM is None or os.environ.get("PEFTKIT_MALLOC_TRIM", "1") == "0":
         return []
-    def trim(_module, _inputs, _output):
-        MALLOC_TRIM(0)
+    def trim(module, _inputs, _output):
+        if module.training:  # not in evaluation: generation runs a layer per token
+            MALLOC_TRIM(0)
     return [block.register_forward_hook(trim) for name, blocks in model.named_modules()
             if isinstance(blocks, nn.ModuleList) and name.rsplit(".", 1)[-1] in LAYER_LISTS
             for block in blocks]
