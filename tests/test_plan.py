@@ -114,6 +114,17 @@ def test_activation_count_matches_the_autograd_graph(method, task, dropout):
     assert abs(predicted - measured) / measured <= 0.10, (predicted, measured)
 
 
+def test_peak_rss_is_the_processs_own():
+    """A trainer started from a bigger process (pytest here) must not report its parent's peak:
+    Linux's ru_maxrss survives exec, VmHWM does not."""
+    ballast = bytearray(600 * 2 ** 20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: resident
+    code = "from peftkit.train.report import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                               text=True).stdout)
+    assert child < len(ballast)
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_report_predicts_the_runs_peak_rss(method, write, tmp_path):
     """A real `peftkit train` process: the planner's peak-RSS prediction in its report is
@@ -129,6 +140,8 @@ def test_report_predicts_the_runs_peak_rss(method, write, tmp_path):
     assert report["largest_batch"][0] == 8 and report["largest_batch"][1] > 10
     assert report["runtime_rss_bytes"] < measured
     assert abs(predicted - measured) / measured <= 0.15, report["predicted_peak_rss"]
+    state = report["predicted_model_state_bytes"]
+    assert abs(state - report["model_state_bytes"]) / report["model_state_bytes"] <= 0.05
 
 
 def test_shape_of_a_bare_backbone_config():

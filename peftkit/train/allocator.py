@@ -1,10 +1,10 @@
 """Hand freed memory back to the OS between decoder layers while training (glibc only).
 
 Activation-sized tensors come from glibc's heap once its adaptive mmap threshold has grown, and
-the holes freed temporaries leave there stay resident: two identical SmolLM2 LoRA runs (batch
-8 x 55) peaked at 2772 and 2979 MiB although autograd never held more than ~2150 MiB at once.
-`malloc_trim(0)` after each decoder layer returns those holes: the same run peaks at 2198 MiB,
-the same in every run, at the same step time (4.3-5.4 s vs 4.3-5.7 s on a busy 2-core machine).
+the holes freed temporaries leave there stay resident: identical SmolLM2 LoRA runs (batch
+8 x 55) peaked anywhere from 2673 to 2979 MiB although autograd never held more than ~2150 MiB
+at once. `malloc_trim(0)` after each decoder layer returns those holes: the same run peaks at
+2199 MiB every time, at the same speed (3 steps: 14.9 / 15.4 s with, 14.7 / 16.3 s without).
 This is also what makes the planner's peak-RSS prediction hold (docs/bench-plan.md).
 """
 

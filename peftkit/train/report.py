@@ -2,6 +2,7 @@
 
 import json
 import resource
+import sys
 import time
 
 import psutil
@@ -55,17 +56,29 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS. On Linux, VmHWM: getrusage's ru_maxrss survives exec, so a
+    process started from a larger one (pytest, a notebook) would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def predicted_peak_rss(trainer) -> dict:
-    """The planner's prediction for this very run, from the model's config and largest batch."""
-    from peftkit.plan.cpu import CpuRun, predict_peak_rss
+def planner_predictions(trainer) -> dict:
+    """The planner's figures for this very run, from the model's config and largest batch."""
+    from peftkit.plan.cpu import CpuRun, predict_peak_rss, predict_state_bytes
     from peftkit.plan.shapes import shape_from_config
     t, cfg = trainer.trainee, trainer.cfg
     shape = shape_from_config(cfg.model, t.base.model.config)
     run = CpuRun.from_train(cfg, trainer.task, len(t.label_names), trainer.meter.largest_batch)
-    return {k: int(v) for k, v in predict_peak_rss(shape, run, trainer.meter.runtime_rss).items()}
+    peak = predict_peak_rss(shape, run, trainer.meter.runtime_rss)
+    return {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method,
+                                                               run.settings(shape)),
+            "predicted_peak_rss": {k: int(v) for k, v in peak.items()}}
 
 
 def write_report(trainer, history: list[dict], losses: list[float], paths: dict) -> dict:
@@ -80,7 +93,7 @@ def write_report(trainer, history: list[dict], losses: list[float], paths: dict)
         "peak_rss_bytes": peak_rss_bytes(),
         "runtime_rss_bytes": trainer.meter.runtime_rss,
         "largest_batch": list(trainer.meter.largest_batch),
-        "predicted_peak_rss": predicted_peak_rss(trainer),
+        **planner_predictions(trainer),
         "model_state_bytes": trainer.meter.state_bytes.get("total", 0),
         "model_state_breakdown": trainer.meter.state_bytes,
         "wall_seconds": trainer.meter.elapsed(),
