@@ -62,7 +62,7 @@ class CpuRun:
     length: int = 64
     rank: int = 8
     targets: object = "all-linear"
-    dropout: float = 0.05  # LoRA / DoRA dropout (Hu et al. 2021 use 0.05-0.1)
+    dropout: float = 0.05  # LoRA / DoRA only (Hu et al. 2021 use 0.05-0.1); others ignore it
     virtual_tokens: int = 20
     bottleneck_size: int = 64
     grad_checkpointing: bool = False
@@ -70,8 +70,7 @@ class CpuRun:
 
     @classmethod
     def from_train(cls, cfg, task: str, labels: int, largest_batch) -> "CpuRun":
-        return cls(cfg.method, task, *largest_batch, cfg.rank, cfg.target_list(),
-                   cfg.dropout if cfg.method in ("lora", "qlora", "dora") else 0.0,
+        return cls(cfg.method, task, *largest_batch, cfg.rank, cfg.target_list(), cfg.dropout,
                    cfg.num_virtual_tokens, cfg.bottleneck_size, cfg.grad_checkpointing, labels)
 
     def settings(self, shape: Shape) -> Settings:
@@ -205,8 +204,7 @@ def cpu_plan(shape: Shape, methods: list[str], rows: int, length: int, rank: int
     ram = psutil.virtual_memory().total
     out = {}
     for method in methods:
-        run = CpuRun(method, task, rows, length, rank=rank, grad_checkpointing=grad_checkpointing,
-                     dropout=0.05 if method in ("lora", "qlora", "dora") else 0.0)
+        run = CpuRun(method, task, rows, length, rank=rank, grad_checkpointing=grad_checkpointing)
         terms = predict_peak_rss(shape, run, runtime_bytes)
         out[method] = {**{f"{k}_gib": v / 2 ** 30 for k, v in terms.items()},
                        "fits_ram": terms["total"] <= ram}
