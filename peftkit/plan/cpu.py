@@ -95,10 +95,6 @@ def _dims(shape: Shape) -> dict:
             "i": lin.get("down_proj", (4 * shape.hidden, 0))[0], "lin": lin}
 
 
-def _targets(shape: Shape, targets) -> list[tuple[str, int, int]]:
-    return [(n, i, o) for n, i, o in shape.linear if targets == "all-linear" or n in targets]
-
-
 def layer_floats(shape: Shape, run: CpuRun) -> float:
     """Floats autograd saves per token in one Llama decoder layer (see the module docstring)."""
     d, method = _dims(shape), run.method
@@ -107,7 +103,7 @@ def layer_floats(shape: Shape, run: CpuRun) -> float:
     if method == "full":
         return frozen + 3 * h + i + 2 * h - q
     if method in ("lora", "qlora", "dora"):
-        chosen = _targets(shape, run.targets)
+        chosen = shape.targeted(run.targets)
         extra = run.rank * len(chosen)
         if run.dropout > 0:
             extra += sum(2 * i_ for _, i_, _ in chosen)
@@ -137,7 +133,7 @@ def first_layer_saving(shape: Shape, run: CpuRun) -> float:
     if run.method == "bottleneck":  # nothing trains before the o_proj adapter
         return norm + 4 * d["q"] + d["heads"]
     if run.method in ("lora", "qlora", "dora") and run.dropout > 0:  # dropout on a frozen input
-        noise = sum(i_ for n, i_, _ in _targets(shape, run.targets)
+        noise = sum(i_ for n, i_, _ in shape.targeted(run.targets)
                     if n in ("q_proj", "k_proj", "v_proj"))
         return norm + noise * (2 if run.method == "dora" else 1)
     return norm

@@ -46,10 +46,13 @@ class Shape:
         """Parameters in linear layers of the blocks (what NF4 quantizes)."""
         return self.layers * sum(i * o for _, i, o in self.linear)
 
+    def targeted(self, targets="all-linear") -> list[tuple[str, int, int]]:
+        """The block's linear layers an adapter with these targets wraps."""
+        return [(n, i, o) for n, i, o in self.linear if targets == "all-linear" or n in targets]
+
     def adapter_params(self, method: str, rank: int = 16, targets="all-linear",
                        virtual_tokens: int = 20, bottleneck: int = 64) -> int:
-        chosen = [(n, i, o) for n, i, o in self.linear
-                  if targets == "all-linear" or n in targets]
+        chosen = self.targeted(targets)
         if method in ("lora", "qlora"):
             return self.layers * sum(rank * (i + o) for _, i, o in chosen)
         if method == "dora":
