@@ -50,9 +50,10 @@ def main() -> None:
     table, raw = [], {"runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        chat = chat_set(tmp)
         sets = [("classify", classification_set(tmp), CLASSIFY, ["--max-length", "64"]),
-                ("chat", chat_set(tmp), CAUSAL, ["--max-length", "128"]),
-                ("chat, grad checkpointing", chat_set(tmp), ["lora", "full"],
+                ("chat", chat, CAUSAL, ["--max-length", "128"]),
+                ("chat, grad checkpointing", chat, ["lora", "full"],
                  ["--max-length", "128", "--grad-checkpointing"])]
         for label, data, methods, extra in sets:
             for r in runs(tmp, label.replace(" ", "_").replace(",", ""), data, methods, extra):
@@ -63,7 +64,7 @@ def main() -> None:
         peaks = {}
         for trim in ("1", "0"):
             os.environ["PEFTKIT_MALLOC_TRIM"] = trim
-            peaks[trim] = runs(tmp, f"trim{trim}", chat_set(tmp), ["lora"],
+            peaks[trim] = runs(tmp, f"trim{trim}", chat, ["lora"],
                                ["--max-length", "128"])[0]
         os.environ.pop("PEFTKIT_MALLOC_TRIM")
     on, off = (peaks[k]["peak_rss_bytes"] for k in ("1", "0"))

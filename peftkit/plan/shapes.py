@@ -25,7 +25,8 @@ SIZE_DEFAULTS = {
 }
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMBT])$", re.IGNORECASE)
 UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
-FIRST_BLOCK = re.compile(r"(^|\.)(layers|layer)\.0\.")
+BLOCK_LISTS = ("layers", "layer", "h", "blocks")  # a model's list of blocks: Llama, BERT, GPT-2
+FIRST_BLOCK = re.compile(rf"(^|\.)({'|'.join(BLOCK_LISTS)})\.0\.")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 
 from torch import nn
 
-LAYER_LISTS = ("layers", "layer", "h", "blocks")  # Llama, BERT, GPT-2, others
+from peftkit.plan.shapes import BLOCK_LISTS
 
 
 def _malloc_trim():
@@ -35,5 +35,5 @@ def trim_between_layers(model: nn.Module) -> list:
         if module.training:  # not in evaluation: generation runs a layer per token
             MALLOC_TRIM(0)
     return [block.register_forward_hook(trim) for name, blocks in model.named_modules()
-            if isinstance(blocks, nn.ModuleList) and name.rsplit(".", 1)[-1] in LAYER_LISTS
+            if isinstance(blocks, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS
             for block in blocks]
