@@ -150,6 +150,11 @@ def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig) -> Linear
                               compress_statistics=config.double_quant, quant_type="nf4",
                               bnb_quantized=True, module=layer)
     layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks weight.data in place at the first no-grad
+    # eval forward (another layout, bf16 numerics): the same base then answers differently
+    # before and after, per machine, and FrozenLinear's matmul_4bit would read the new layout
+    # with the old quant state. One layout, everywhere.
+    layer.support_avx512bf16_for_cpu = False
     return layer
 
 
