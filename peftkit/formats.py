@@ -5,6 +5,7 @@ Safetensors only: a pickle (`adapter_model.bin`) is refused, never opened.
 
 import difflib
 import json
+import stat
 from pathlib import Path
 
 import torch
@@ -50,34 +51,92 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str =
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Config and tensors of an adapter directory, validated; errors name the file."""
+def read_adapter(directory: str | Path, root: Path | None = None
+                 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of an adapter directory, validated before anything is allocated from
+    them; errors name the file. With `root`, both files must resolve inside it (a served adapter
+    directory may not point at files elsewhere)."""
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not directory.is_dir():
         raise PeftkitError(f"adapter directory not found: {directory}")
-    if not cfg_path.exists():
+    if not cfg_path.exists() and not cfg_path.is_symlink():
         raise PeftkitError(f"{cfg_path}: missing (not a PEFT adapter directory)")
-    if not w_path.exists():
+    if not w_path.exists() and not w_path.is_symlink():
         pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
         if pickles:
             raise PeftkitError(f"{directory / pickles[0]}: pickle adapters are refused, never loaded;"
                                f" convert it to {WEIGHTS_NAME}")
         raise PeftkitError(f"{w_path}: missing adapter weights")
+    _regular_file(cfg_path, root, MAX_CONFIG_BYTES)
     try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{cfg_path}: invalid JSON ({e})") from None
+        raw = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits
+        raise PeftkitError(f"{cfg_path}: invalid JSON ({str(e)[:120]})") from None
     if not isinstance(raw, dict):
         raise PeftkitError(f"{cfg_path}: expected a JSON object")
     config = config_from_peft(raw, str(cfg_path))
+    _regular_file(w_path, root)
     try:
         tensors = load_file(w_path)
-    except (SafetensorError, OSError) as e:
-        raise PeftkitError(f"{w_path}: corrupt safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PeftkitError(f"{w_path}: corrupt safetensors file ({str(e)[:160]})") from None
     if not tensors:
         raise PeftkitError(f"{w_path}: holds no tensors")
+    for key, t in tensors.items():
+        _check_values(w_path, key, t)
+    _check_rank(w_path, config, tensors)
     return config, tensors
+
+
+MAX_CONFIG_BYTES = 1 << 20
+# Trained adapter weights are O(1); |w| past this is corruption or an attack, and its products
+# would overflow to Inf in the next layers.
+MAX_ABS_WEIGHT = 1e4
+
+
+def _regular_file(path: Path, root: Path | None, max_bytes: int | None = None) -> None:
+    """Refuse what would hang or escape: FIFOs and devices (open() blocks), directories,
+    dangling links, links out of `root`, oversize configs."""
+    try:
+        real = path.resolve(strict=True)
+        st = real.stat()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        raise PeftkitError(f"{path}: missing or a dangling link") from None
+    if root is not None and not real.is_relative_to(root.resolve()):
+        raise PeftkitError(f"{path}: points outside the adapters directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise PeftkitError(f"{path}: not a regular file")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise PeftkitError(f"{path}: {st.st_size} bytes, over the {max_bytes} byte limit")
+
+
+def _check_values(where: Path, key: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise PeftkitError(f"{where}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                           "adapter weights are floating point")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise PeftkitError(f"{where}: {key} holds NaN or Inf values; refusing to load it")
+    if t.numel() and float(t.abs().max()) > MAX_ABS_WEIGHT:
+        raise PeftkitError(f"{where}: {key} holds values beyond ±{MAX_ABS_WEIGHT:g} "
+                           f"(max |w| = {float(t.abs().max()):.3g}); refusing to load it")
+
+
+def _check_rank(where: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """The declared rank / token count must be what the tensors hold, so nothing is ever
+    allocated from a number the file merely claims."""
+    if isinstance(config, LoraConfig):
+        for key, t in tensors.items():
+            axis = 0 if key.endswith("lora_A.weight") else 1 if key.endswith("lora_B.weight") else None
+            if axis is not None and (t.dim() != 2 or t.shape[axis] != config.r):
+                rank = t.shape[axis] if t.dim() == 2 else f"? (shape {tuple(t.shape)})"
+                raise PeftkitError(f"{where}: {key} has rank {rank} but {CONFIG_NAME} says "
+                                   f"r={config.r}")
+    elif isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        t = tensors.get(VIRTUAL_KEY)
+        if t is not None and (t.dim() != 2 or t.shape[0] != config.num_virtual_tokens):
+            raise PeftkitError(f"{where}: {VIRTUAL_KEY} has shape {tuple(t.shape)}, not "
+                               f"{config.num_virtual_tokens} virtual tokens as {CONFIG_NAME} says")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
@@ -112,6 +171,10 @@ def load_adapters(model: nn.Module, directories: dict[str, str | Path],
 def _load_virtual(adapted: AdaptedModel, items) -> None:
     kind = "prompt" if isinstance(items[0][2], PromptTuningConfig) else "prefix"
     n = items[0][2].num_virtual_tokens
+    context = getattr(adapted.model.config, "max_position_embeddings", None)
+    if context and n >= context:
+        raise PeftkitError(f"adapter '{items[0][0]}': {n} virtual tokens leave no room in the "
+                           f"model's {context}-token context")
     virtual = VirtualTokens(adapted.model, kind, n, len(items))
     for k, (name, directory, cfg, tensors) in enumerate(items):
         t = tensors.get(VIRTUAL_KEY)
@@ -152,11 +215,12 @@ def _load_layers(adapted: AdaptedModel, items) -> None:
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
-def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str | Path) -> int:
+def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str | Path,
+                       root: Path | None = None) -> int:
     """Load one LoRA adapter into slot `k` of an existing stack (for serving). Modules the
     adapter does not target are zeroed in that slot. Returns the adapter's tensor bytes."""
     directory = Path(directory)
-    config, tensors = read_adapter(directory)
+    config, tensors = read_adapter(directory, root)
     where = directory / WEIGHTS_NAME
     if not isinstance(config, LoraConfig) or config.use_dora:
         kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
@@ -184,10 +248,7 @@ def _write(layer, k: int, local: dict, item, path: str) -> None:
     if isinstance(layer, LoraLinear):
         need = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] if cfg.use_dora else [])
         _require(local, need, where, path)
-        A, B = local["lora_A.weight"], local["lora_B.weight"]
-        if A.dim() != 2 or A.shape[0] != cfg.r:
-            raise PeftkitError(f"{where}: {path}.lora_A.weight has rank {A.shape[0] if A.dim() else 0}"
-                               f" but adapter_config.json says r={cfg.r}")
+        A, B = local["lora_A.weight"], local["lora_B.weight"]  # ranks checked by read_adapter
         _check_shape(where, f"{path}.lora_A.weight", (cfg.r, layer.in_features), A)
         _check_shape(where, f"{path}.lora_B.weight", (layer.out_features, cfg.r), B)
         mag = local.get("lora_magnitude_vector")

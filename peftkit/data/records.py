@@ -7,10 +7,15 @@ Formats users already have:
          {"text": ..., "label": ...}                 classification
   CSV/TSV with a header row: a text column and, for classification, a label column.
 Field names for text and label are configurable. One file holds one kind of record.
+
+Any bytes are read without a traceback or a hang: invalid UTF-8 and lone surrogates are
+reported at their line (never replaced), a UTF-8 BOM is skipped, nesting too deep for the JSON
+parser, CSV fields of any length and CSV syntax errors each become `FILE:LINE: reason`.
 """
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,13 @@ from peftkit.errors import DataError, PeftkitError
 
 ROLES = ("system", "user", "assistant")
 KINDS = ("chat", "prompt_completion", "text", "classification")
+# Integer labels are class ids only below this; beyond, they are names (a stray 99999999999
+# must not ask for a head of 10^11 classes).
+MAX_CLASS_ID = 10_000
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (131,072 characters) rejects long texts
+# Bytes that are not UTF-8 arrive as U+DC80..U+DCFF under errors="surrogateescape".
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -38,9 +50,13 @@ class Dataset:
     records: list[Record]
     skipped: int = 0
     label_names: list[str] = field(default_factory=list)  # index = label id
+    _ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def label_id(self, record: Record) -> int:
-        return self.label_names.index(record.label)
+        names = self.label_names  # a dict, not list.index: K can be 10^5
+        if self._ids.get(None) is not names:  # built for this list (it may be reassigned)
+            self._ids = {None: names, **{name: i for i, name in enumerate(names)}}
+        return self._ids[record.label]
 
 
 class _Invalid(Exception):
@@ -52,6 +68,8 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
     """Parse and validate a dataset file. Raises DataError listing the bad records unless
     `skip_invalid`, in which case they are dropped and counted in `Dataset.skipped`."""
     path = Path(path)
+    if path.is_dir():
+        raise PeftkitError(f"{path}: is a directory; give a .jsonl, .csv or .tsv file")
     if not path.is_file():
         raise PeftkitError(f"dataset not found: {path}")
     suffix = path.suffix.lower()
@@ -82,33 +100,67 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
     return Dataset(path, kind, records, skipped=len(problems), label_names=labels)
 
 
+def _open(path: Path, newline: str):
+    """Text with undecodable bytes kept visible (as surrogates) so they are reported, not
+    silently replaced; a leading BOM dropped."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
 def _jsonl_rows(path: Path, text_field: str, label_field: str):
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with _open(path, "\n") as fh:  # lines end at \n only, as `wc -l` counts them
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
+                continue
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                yield line_no, _Invalid(f"invalid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                                        f"column {bad.start() + 1})")
                 continue
             try:
                 obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield line_no, _Invalid(f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
+            except RecursionError:
+                yield line_no, _Invalid("invalid JSON (nested too deeply)")
+                continue
+            except ValueError as e:  # an integer literal past Python's digit limit
+                yield line_no, _Invalid(f"invalid JSON ({str(e)[:80]})")
+                continue
             yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
 
 
 def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str):
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with _open(path, "") as fh:  # the csv module reads the line ends itself
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            yield 1, _Invalid(f"unreadable header ({e})")
+            return
         if header is None:
             return
-        if text_field not in header:
-            yield 1, _Invalid(f"header has no '{text_field}' column (columns: {', '.join(header)})")
+        bad = next((h for h in header if _BAD_BYTE.search(h)), None)
+        if bad is not None or text_field not in header:
+            shown = ", ".join(h.encode("utf-8", "replace").decode()[:40] for h in header[:20])
+            why = "invalid UTF-8 in the header" if bad is not None else f"header has no " \
+                f"'{text_field}' column"
+            yield 1, _Invalid(f"{why} (columns: {shown})")
             return
         ti = header.index(text_field)
         li = header.index(label_field) if label_field in header else None
         start = reader.line_num + 1
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader resumes at the next line
+                line_no, start = start, reader.line_num + 1
+                yield line_no, _Invalid(f"CSV syntax: {e}")
+                continue
             line_no, start = start, reader.line_num + 1
             if not row:
                 continue
@@ -144,7 +196,10 @@ def _record_from_object(obj, line: int, text_field: str, label_field: str) -> Re
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise _Invalid(f"field '{label_field}' must be a string or integer, "
                            f"got {type(label).__name__}")
-        return Record("classification", line, text=_string(obj, text_field), label=str(label))
+        if isinstance(label, int) and label < 0:
+            raise _Invalid(f"field '{label_field}': {label} is negative; class ids start at 0")
+        label = str(label) if isinstance(label, int) else _valid_text(label, label_field)
+        return Record("classification", line, text=_string(obj, text_field), label=label)
     if text_field in obj:
         return Record("text", line, text=_string(obj, text_field))
     raise _Invalid(f"no known fields (expected 'messages', 'prompt'+'completion', "
@@ -159,7 +214,18 @@ def _string(obj: dict, key: str, allow_empty: bool = False) -> str:
         raise _Invalid(f"field '{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise _Invalid(f"field '{key}' is empty")
-    return value
+    return _valid_text(value, key)
+
+
+def _valid_text(value: str, key: str) -> str:
+    """Strings that tokenizers can encode: no undecodable bytes, no lone surrogates."""
+    bad = _SURROGATE.search(value)
+    if bad is None:
+        return value
+    code = ord(bad.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        raise _Invalid(f"field '{key}': invalid UTF-8 (byte 0x{code - 0xDC00:02x})")
+    raise _Invalid(f"field '{key}': lone surrogate \\u{code:04x} (not valid Unicode)")
 
 
 def _messages(messages) -> list[dict]:
@@ -176,6 +242,7 @@ def _messages(messages) -> list[dict]:
         content = m.get("content")
         if not isinstance(content, str):
             raise _Invalid(f"{where}.content must be a string, got {type(content).__name__}")
+        _valid_text(content, f"{where}.content")
         if role == "assistant" and not content.strip():
             raise _Invalid(f"{where}.content: empty assistant message")
         out.append({"role": role, "content": content})
@@ -185,8 +252,12 @@ def _messages(messages) -> list[dict]:
 
 
 def _label_names(records: list[Record]) -> list[str]:
-    """Labels 0..K-1 keep their value as id; any other labels are numbered in sorted order."""
+    """Integer labels below MAX_CLASS_ID keep their value as id (ids 0..max, so a class absent
+    from a sample keeps its number); any other labels are numbered in sorted order. Only ASCII
+    digits count as integers: "²" and "٣" are names."""
     labels = {r.label for r in records}
-    if all(lab.isdigit() for lab in labels):
+    numeric = all(lab.isascii() and lab.isdigit() and (lab == "0" or lab[0] != "0")
+                  for lab in labels)  # canonical non-negative integers
+    if numeric and all(len(lab) < len(str(MAX_CLASS_ID)) for lab in labels):
         return [str(i) for i in range(max(int(lab) for lab in labels) + 1)]
-    return sorted(labels)
+    return sorted(labels, key=lambda lab: (len(lab), lab) if numeric else (0, lab))

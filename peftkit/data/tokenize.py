@@ -5,9 +5,11 @@ with their end-of-turn token) unless `completion_only=False`; every other label 
 Classification: token ids and the label id.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
 from peftkit.data.records import Dataset, Record
 from peftkit.errors import PeftkitError
@@ -49,7 +51,11 @@ def tokenize(dataset: Dataset, tokenizer, max_length: int = 512,
 
 def lm_example(rec: Record, tokenizer, completion_only: bool = True) -> tuple[list[int], list[int]]:
     if rec.kind == "chat":
-        ids, labels = _chat_example(rec.messages, tokenizer)
+        try:
+            ids, labels = _chat_example(rec.messages, tokenizer)
+        except (TemplateError, ValueError, TypeError) as e:  # the template's own raise_exception
+            raise PeftkitError(f"line {rec.line}: the chat template refused this record "
+                               f"({str(e)[:120]})") from None
     elif rec.kind == "prompt_completion":
         # Prompt and completion tokenized apart, so no token straddles the boundary.
         prompt = tokenizer(rec.prompt).input_ids if rec.prompt else []
@@ -74,23 +80,57 @@ def _chat_example(messages: list[dict], tokenizer) -> tuple[list[int], list[int]
     (its content and end-of-turn marker, not its role header) and map them to tokens."""
     if not getattr(tokenizer, "chat_template", None):
         raise PeftkitError("tokenizer has no chat template; use prompt/completion records")
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=False, add_generation_prompt=gen)
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
     full = render(messages)
+    spans = _assistant_spans(messages, render, full)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels, k = [], 0
+    for tok, (a, _) in zip(enc.input_ids, enc.offset_mapping):  # spans and offsets ascend
+        while k < len(spans) and spans[k][1] <= a:
+            k += 1
+        labels.append(tok if k < len(spans) and spans[k][0] <= a else IGNORE)
+    return enc.input_ids, labels
+
+
+MARK = "\ue000{}\ue001"  # private-use characters: never in a template's own text
+MARK_RE = re.compile("\ue000(\\w+)\ue001")
+
+
+def _assistant_spans(messages: list[dict], render, full: str) -> list[tuple[int, int]]:
+    """Character spans (content + end-of-turn) of the assistant turns in `full`, from one extra
+    render whatever the number of turns (rendering every prefix is quadratic: 2,000 turn pairs
+    took 27 s). Contents are swapped for numbered markers, the markers located, the contents
+    put back; the result must rebuild `full` exactly (as is, or trimmed, as Llama 3's template
+    does), so a template that rewrites contents some other way is an error, not a guess."""
+    marked = render([{**m, "content": MARK.format(i)} for i, m in enumerate(messages)])
+    tail = _end_of_turn(render)
+    for clean in (lambda c: c, str.strip):
+        pieces, starts, ends, pos = MARK_RE.split(marked), {}, {}, 0
+        for j, piece in enumerate(pieces):
+            if j % 2:
+                i = int(piece)
+                piece = clean(messages[i]["content"])
+                starts[i], ends[i] = pos, pos + len(piece)
+                pieces[j] = piece
+            pos += len(piece)
+        if "".join(pieces) == full:
+            break
+    else:
+        raise PeftkitError("the tokenizer's chat template rewrites message contents; cannot "
+                           "find assistant tokens (use prompt/completion records)")
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start_text, end_text = render(messages[:i], True), render(messages[: i + 1])
-        if not (full.startswith(start_text) and full.startswith(end_text)):
-            raise PeftkitError("the tokenizer's chat template does not render turns as prefixes; "
-                               "cannot find assistant tokens")
-        spans.append((len(start_text), len(end_text)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc.input_ids
-    labels = [tok if any(s <= a < e for s, e in spans) else IGNORE
-              for tok, (a, _) in zip(ids, enc.offset_mapping)]
-    return ids, labels
+        if m["role"] == "assistant" and i in starts:
+            end = ends[i] + (len(tail) if full.startswith(tail, ends[i]) else 0)
+            spans.append((starts[i], end))
+    return spans
+
+
+def _end_of_turn(render) -> str:
+    """What the template writes after an assistant message's content (ChatML: <|im_end|>\\n)."""
+    text = render([{"role": "user", "content": MARK.format("u")},
+                   {"role": "assistant", "content": MARK.format("a")}])
+    return text.rpartition(MARK.format("a"))[2]
 
 
 def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:

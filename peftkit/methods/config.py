@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 
 from peftkit.errors import PeftkitError
 
+# Bounds no real adapter comes near; past them a config is corrupt or hostile (a rank of 1e9
+# would allocate terabytes before any shape check).
+MAX_RANK = 65536
+MAX_ALPHA = 1e6
+MAX_VIRTUAL_TOKENS = 65536
+
 Targets = list[str] | str  # module names, a regex (full match), or "all-linear"
 
 
@@ -43,10 +49,10 @@ class LoraConfig:
             if cfg.get(key):
                 raise PeftkitError(f"adapter_config.json: '{key}' is not supported")
         init = cfg.get("init_lora_weights", True)
-        return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
-                   dropout=float(cfg.get("lora_dropout", 0.0)),
-                   targets=cfg["target_modules"], use_rslora=bool(cfg.get("use_rslora")),
-                   use_dora=bool(cfg.get("use_dora")),
+        return cls(r=_int(cfg, "r", 1, MAX_RANK), alpha=_float(cfg, "lora_alpha", 8.0, MAX_ALPHA),
+                   dropout=_float(cfg, "lora_dropout", 0.0, 1.0),
+                   targets=_targets(cfg), use_rslora=_bool(cfg, "use_rslora"),
+                   use_dora=_bool(cfg, "use_dora"),
                    init="kaiming" if init is True else str(init))
 
 
@@ -65,8 +71,8 @@ class IA3Config:
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "IA3Config":
-        ff = cfg.get("feedforward_modules") or []
-        return cls(targets=cfg["target_modules"], feedforward=[ff] if isinstance(ff, str) else ff)
+        ff = _targets(cfg, "feedforward_modules", required=False) or []
+        return cls(targets=_targets(cfg), feedforward=[ff] if isinstance(ff, str) else ff)
 
 
 @dataclass
@@ -85,8 +91,11 @@ class BottleneckConfig:
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "BottleneckConfig":
-        return cls(size=int(cfg["bottleneck_size"]), non_linearity=cfg.get("non_linearity", "gelu"),
-                   targets=cfg["target_modules"])
+        act = cfg.get("non_linearity", "gelu")
+        if not isinstance(act, str):  # the layer checks the name itself
+            raise ValueError(f"'non_linearity' must be a string, got {_show(act)}")
+        return cls(size=_int(cfg, "bottleneck_size", 1, MAX_RANK), non_linearity=act,
+                   targets=_targets(cfg))
 
 
 @dataclass
@@ -105,8 +114,11 @@ class PromptTuningConfig:
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "PromptTuningConfig":
-        return cls(num_virtual_tokens=int(cfg["num_virtual_tokens"]),
-                   init_text=cfg.get("prompt_tuning_init_text"))
+        text = cfg.get("prompt_tuning_init_text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError("prompt_tuning_init_text must be a string or null")
+        return cls(num_virtual_tokens=_int(cfg, "num_virtual_tokens", 1, MAX_VIRTUAL_TOKENS),
+                   init_text=text)
 
 
 @dataclass
@@ -124,9 +136,9 @@ class PrefixTuningConfig:
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "PrefixTuningConfig":
-        if cfg.get("prefix_projection"):
-            raise PeftkitError("adapter_config.json: prefix_projection=true is not supported")
-        return cls(num_virtual_tokens=int(cfg["num_virtual_tokens"]))
+        if _bool(cfg, "prefix_projection"):
+            raise ValueError("prefix_projection=true is not supported")
+        return cls(num_virtual_tokens=_int(cfg, "num_virtual_tokens", 1, MAX_VIRTUAL_TOKENS))
 
 
 CONFIGS = {c.peft_type: c for c in (LoraConfig, IA3Config, BottleneckConfig, PromptTuningConfig,
@@ -136,9 +148,59 @@ AdapterConfig = LoraConfig | IA3Config | BottleneckConfig | PromptTuningConfig |
 
 def config_from_peft(cfg: dict, where: str) -> AdapterConfig:
     kind = cfg.get("peft_type")
-    if kind not in CONFIGS:
-        raise PeftkitError(f"{where}: unknown peft_type {kind!r} (supported: {', '.join(CONFIGS)})")
+    if not isinstance(kind, str) or kind not in CONFIGS:
+        shown = repr(kind)[:60]
+        raise PeftkitError(f"{where}: unknown peft_type {shown} (supported: {', '.join(CONFIGS)})")
     try:
         return CONFIGS[kind].from_peft(cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise PeftkitError(f"{where}: bad {kind} config ({type(e).__name__}: {e})") from None
+    except KeyError as e:
+        raise PeftkitError(f"{where}: {kind} config lacks field {e}") from None
+    except (TypeError, ValueError, PeftkitError) as e:
+        raise PeftkitError(f"{where}: {str(e)[:200]}") from None
+
+
+# -- strict field readers: types as PEFT's dataclass declares them, no bool("false") == True --
+
+def _int(cfg: dict, key: str, lo: int, hi: int) -> int:
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"'{key}' must be an integer, got {_show(v)}")
+    if not lo <= v <= hi:
+        raise ValueError(f"'{key}' = {_show(v)} is outside [{lo}, {hi}]")
+    return v
+
+
+def _float(cfg: dict, key: str, default: float, hi: float) -> float:
+    v = cfg.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"'{key}' must be a number, got {_show(v)}")
+    if not math.isfinite(v) or abs(v) > hi:  # json reads 1e999 as inf
+        raise ValueError(f"'{key}' = {_show(v)} is not a finite number within ±{hi:g}")
+    return float(v)
+
+
+def _bool(cfg: dict, key: str) -> bool:
+    v = cfg.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ValueError(f"'{key}' must be true or false, got {_show(v)}")
+    return v
+
+
+def _targets(cfg: dict, key: str = "target_modules", required: bool = True):
+    v = cfg[key] if required else cfg.get(key)
+    if v is None and not required:
+        return None
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
+        return v
+    raise ValueError(f"'{key}' must be a module name, a regex or a list of names, got {_show(v)}")
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -85,8 +85,10 @@ class LoraLinear(FrozenLinear):
         if self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
             return y + self._decode_delta(xd, idx, keep)
         A, B = self.lora_A[idx], self.lora_B[idx]  # (Bt, r, in), (Bt, out, r)
-        scale = (self.scale[idx] * keep).view(-1, *[1] * (x.dim() - 1))
+        scale = self.scale[idx].view(-1, *[1] * (x.dim() - 1))
         lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
+        # where, not a 0/1 product: a base row must not see what slot 0 holds (0 * NaN = NaN).
+        lora = torch.where(keep.view(-1, *[1] * (x.dim() - 1)), lora, 0.0)
         if self.magnitude is None:
             return y + lora
         uniq, inverse = torch.unique(idx, return_inverse=True)
@@ -94,15 +96,22 @@ class LoraLinear(FrozenLinear):
         return y + self._dora(x, y, lora, self.magnitude[idx], norms, keep)
 
     def _decode_delta(self, x, idx, keep) -> torch.Tensor:
-        """One token per row (a decode step): multiply by every slot's A at once and keep each
-        row's own block. This reads the stack once instead of gathering a copy of A and B per
-        row, which dominates a decode step on CPU; the extra FLOPs (x S) are tiny at T = 1."""
-        S, r = self.n_slots, self.r
-        xa = x[:, 0] @ self.lora_A.reshape(S * r, -1).t()  # (Bt, S·r)
-        own = nn.functional.one_hot(idx, S).to(x.dtype) * (self.scale[idx] * keep).unsqueeze(1)
-        h = (xa.view(-1, S, r) * own.unsqueeze(-1)).reshape(-1, S * r)  # zero outside own slot
-        stacked_B = self.lora_B.transpose(1, 2).reshape(S * r, self.out_features)  # (S·r, out)
-        return (h @ stacked_B).unsqueeze(1)
+        """One token per row (a decode step): multiply by the A of every slot in the batch at
+        once and keep each row's own block. This reads each used slot once instead of gathering
+        a copy of A and B per row, which dominates a decode step on CPU; the extra FLOPs (x U)
+        are tiny at T = 1. Slots no row uses are never read, so whatever an idle or retired
+        slot holds cannot reach another tenant's row."""
+        used = torch.unique(idx[keep])  # sorted slot ids present in this batch
+        U, r = len(used), self.r
+        whole = U == self.n_slots  # every slot in use: views, no copies
+        A = self.lora_A if whole else self.lora_A[used]  # (U, r, in)
+        B = self.lora_B if whole else self.lora_B[used]  # (U, out, r)
+        xa = (x[:, 0] @ A.reshape(U * r, -1).t()).view(-1, U, r)  # (Bt, U, r)
+        pos = torch.searchsorted(used, idx)  # each row's block among the used slots
+        own = (nn.functional.one_hot(pos.clamp(max=U - 1), U).bool() & keep.unsqueeze(1))
+        h = torch.where(own.unsqueeze(-1), xa * self.scale[idx].view(-1, 1, 1), 0.0)
+        return (h.reshape(-1, U * r) @ B.transpose(1, 2).reshape(U * r, self.out_features)
+                ).unsqueeze(1)
 
     @staticmethod
     def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
