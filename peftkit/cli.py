@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     except PeftkitError as e:
         print(f"peftkit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or vanished paths: say which, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"peftkit: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130
@@ -98,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-keys", help="YAML/JSON: admin_keys and tenants -> keys, adapters")
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--max-queue", type=int, default=256)
+    s.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds after which any request is ended (answer or error)")
+    s.add_argument("--max-body-mb", type=float, default=2.0, help="larger request bodies get 413")
+    s.add_argument("--tenant-max-inflight", type=int, default=0,
+                   help="requests one tenant may have queued or running (0 = no limit); 429 past it")
+    s.add_argument("--slot-wait", type=float, default=30.0,
+                   help="seconds a request for a cold adapter waits for a free slot before 429")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=cmd_serve)
@@ -176,12 +187,15 @@ def cmd_serve(args) -> None:
                       max_loaded=args.max_loaded, max_rank=args.max_rank,
                       max_adapter_mb=args.max_adapter_mb,
                       preload=tuple(a for a in args.preload.split(",") if a),
-                      api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue)
+                      api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue,
+                      request_timeout_s=args.request_timeout, max_body_mb=args.max_body_mb,
+                      tenant_max_inflight=args.tenant_max_inflight, slot_wait_s=args.slot_wait)
     server = Server(cfg).start()
     print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
-    try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    try:  # SIGTERM: stop accepting, let running requests finish (bounded), then exit
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=10)
     finally:
         server.stop()
 

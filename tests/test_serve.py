@@ -77,15 +77,15 @@ def test_mixed_batch_matches_each_request_alone(adapters):
 @pytest.fixture(scope="module")
 def live(adapters, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text("admin_keys: [sk-admin]\ntenants:\n"
-                    "  acme: {keys: [sk-acme], adapters: [alpha, 'rand*', broken]}\n"
-                    "  bolt: {keys: [sk-bolt], adapters: [beta]}\n")
+    keys.write_text("admin_keys: [sk-admin-0001]\ntenants:\n"
+                    "  acme: {keys: [sk-acme-0001], adapters: [alpha, 'rand*', broken]}\n"
+                    "  bolt: {keys: [sk-bolt-0001], adapters: [beta]}\n")
     server = make_server(adapters, max_loaded=3, api_keys=str(keys), max_batch=8).start()
     yield server
     server.stop()
 
 
-def client(server, key="sk-acme"):
+def client(server, key="sk-acme-0001"):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server)),
                              base_url="http://test", headers={"Authorization": f"Bearer {key}"},
                              timeout=60)
@@ -97,12 +97,12 @@ def complete(model, key, prompt=PROMPT, **kw):
 
 def test_concurrent_requests_keep_their_own_behaviour(live):
     async def go():
-        async with client(live, "sk-acme") as a, client(live, "sk-bolt") as b:
+        async with client(live, "sk-acme-0001") as a, client(live, "sk-bolt-0001") as b:
             calls = []
             for i in range(6):
-                calls.append(a.post("/v1/completions", json=complete("alpha", "sk-acme")))
-                calls.append(b.post("/v1/completions", json=complete("beta", "sk-bolt")))
-                calls.append(a.post("/v1/completions", json=complete("tiny-llama", "sk-acme")))
+                calls.append(a.post("/v1/completions", json=complete("alpha", "sk-acme-0001")))
+                calls.append(b.post("/v1/completions", json=complete("beta", "sk-bolt-0001")))
+                calls.append(a.post("/v1/completions", json=complete("tiny-llama", "sk-acme-0001")))
             return await asyncio.gather(*calls)
     answers = [r.json()["choices"][0]["text"] for r in asyncio.run(go())]
     assert answers[0::3] == ["aaaa"] * 6 and answers[1::3] == ["bbbb"] * 6
@@ -128,9 +128,9 @@ def test_error_contract(live, adapters):
             r["cross"] = await c.post("/v1/completions", json=complete("beta", ""))
             r["models"] = await c.get("/v1/models")
             r["admin"] = await c.post("/v1/load_lora_adapter", json={"lora_name": "alpha"})
-            async with client(live, "sk-wrong") as w:
+            async with client(live, "sk-wrong-0001") as w:
                 r["nokey"] = await w.get("/v1/models")
-            async with client(live, "sk-admin") as adm:
+            async with client(live, "sk-admin-0001") as adm:
                 r["load"] = await adm.post("/v1/load_lora_adapter", json={"lora_name": "rand2"})
                 r["load_missing"] = await adm.post("/v1/load_lora_adapter",
                                                    json={"lora_name": "ghost"})

@@ -9,16 +9,17 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from peftkit.errors import PeftkitError
 from peftkit.serve.engine import QueueFull, Request, Sampling
-from peftkit.serve.server import Server
+from peftkit.serve.server import Server, TenantBusy
 from peftkit.serve.store import AdapterNotFound, StoreFull
 
 
@@ -28,13 +29,17 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
+MAX_STOP = 16  # OpenAI allows 4; enough for any template, few enough to check per token
+Stop = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class SamplingParams(BaseModel):
-    model: str = ""
-    max_tokens: int = Field(16, ge=1, le=4096)
+    model: str = ""  # any length: an unknown id is a 404 like any other
+    max_tokens: int = Field(16, ge=1)  # and prompt + max_tokens within the context (400)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
@@ -57,8 +62,52 @@ class AdapterBody(BaseModel):
     pin: bool = False
 
 
-def create_app(server: Server) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before the app parses it
+    (Content-Length or counted while reading, for chunked bodies)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._too_large(send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._too_large(send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # later calls: disconnect detection
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes",
+                                     "type": "invalid_request_error", "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(server: Server):
+    """The FastAPI app wrapped in the body-size limit (an ASGI app either way)."""
     app = FastAPI(title="peftkit", version="0.1.0")
+    cfg = server.cfg
+    waiting_for_slot = 0  # requests polling for an adapter slot (event-loop state only)
 
     @app.exception_handler(ApiError)
     async def api_error(_req, e: ApiError):
@@ -69,7 +118,7 @@ def create_app(server: Server) -> FastAPI:
     async def invalid(_req, e: RequestValidationError):
         msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
                         for err in e.errors())
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error",
+        return JSONResponse({"error": {"message": msg[:1000], "type": "invalid_request_error",
                                        "code": 422}}, status_code=422)
 
     def caller(http: HTTPRequest, admin: bool = False):
@@ -80,20 +129,33 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(403, "admin key required", "permission_error")
         return who
 
+    def missing(model: str) -> str:
+        return f"The model `{model[:128]}` does not exist."
+
     def resolve(who, model: str) -> str:
+        """The model a caller may use; anything else is 404 before any file is looked at, so
+        another tenant's adapter and a missing one look (and take) the same."""
         if model in ("", server.name):
             return model
         if not who.may_use(model):
-            raise ApiError(404, f"The model `{model}` does not exist.", "not_found_error")
+            raise ApiError(404, missing(model), "not_found_error")
         return model
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": server.name, **server.store.stats(),
-                "queue": server.engine.queue_depth(), "batch_rows": len(server.engine.active)}
+    async def health(http: HTTPRequest):
+        """Liveness for anyone; totals for a tenant key; adapter ids for an admin (or open)."""
+        who = server.tenancy.caller(http.headers.get("authorization"))
+        if who is None:
+            return {"status": "ok"}
+        stats = server.store.stats()
+        out = {"status": "ok", "model": server.name, "loaded": len(stats["loaded"]),
+               "capacity": stats["capacity"], "queue": server.engine.queue_depth(),
+               "batch_rows": len(server.engine.active)}
+        return {**out, **stats} if who.admin else out
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(http: HTTPRequest):
+        caller(http, admin=True)  # labels name adapters: admin only when keys are configured
         server.metrics.queue.set(server.engine.queue_depth())
         server.metrics.active.set(len(server.engine.active))
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -105,35 +167,67 @@ def create_app(server: Server) -> FastAPI:
                  "parent": None, "root": server.name}]
         data += [{"id": a, "object": "model", "created": 0, "owned_by": "peftkit",
                   "parent": server.name, "root": server.name}
-                 for a in server.store.available() if who.may_use(a)]
+                 for a in await run_in_threadpool(server.store.available) if who.may_use(a)]
         return {"object": "list", "data": data}
 
-    async def run(http, body: SamplingParams, ids: list[int], chat: bool):
+    async def slot_for(model: str) -> int:
+        """The adapter's slot, waiting (bounded in time and in waiters) while every slot is
+        busy, as vLLM queues requests for a cold LoRA; loads run off the event loop."""
+        nonlocal waiting_for_slot
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + cfg.slot_wait_s, 0.005
+        while True:
+            try:
+                return await run_in_threadpool(server.slot_for, model)
+            except StoreFull as e:
+                if loop.time() + delay > deadline or waiting_for_slot >= cfg.max_queue:
+                    raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+            waiting_for_slot += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                waiting_for_slot -= 1
+            delay = min(delay * 2, 0.05)
+
+    async def run(http, body: SamplingParams, prompt=None, messages=None):
         who = caller(http)
         model = resolve(who, body.model)
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
-        loop, sink = asyncio.get_running_loop(), asyncio.Queue()
         try:
-            server.submit(model, ids, sampling, loop, sink)
-        except AdapterNotFound as e:
-            raise ApiError(404, str(e), "not_found_error") from None
-        except (StoreFull, QueueFull) as e:
+            server.admit(who.tenant)
+        except TenantBusy as e:
             raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
-        except PeftkitError as e:  # AdapterInvalid, prompt over the context, ...
+        submitted = False
+        try:
+            ids = await run_in_threadpool(server.prompt_ids, prompt, messages)
+            server.engine.check(len(ids), body.max_tokens)
+            slot = await slot_for(model)
+            stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+            sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
+            sink = asyncio.Queue()
+            req = server.submit(model, ids, sampling, asyncio.get_running_loop(), sink,
+                                slot=slot, tenant=who.tenant, admitted=True,
+                                stream=body.stream)
+            submitted = True
+        except AdapterNotFound:
+            raise ApiError(404, missing(model), "not_found_error") from None
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+        except PeftkitError as e:  # AdapterInvalid, prompt over the context, bad seed, ...
             raise ApiError(400, str(e)) from None
+        finally:
+            if not submitted:
+                server.leave(who.tenant)
+        chat = messages is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = model or server.name
         if body.stream:
-            return StreamingResponse(stream(sink, rid, created, name, chat),
+            return StreamingResponse(stream(req, sink, rid, created, name, chat),
                                      media_type="text/event-stream")
-        while True:
-            item = await sink.get()
-            if isinstance(item, Request):
-                break
+        item = await finished(http, req, sink)
         if item.error:
-            raise ApiError(500, item.error, "server_error")
+            status = 503 if item.finish_reason == "timeout" else 500
+            raise ApiError(status, item.error, "server_error")
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(item.out_ids),
                  "total_tokens": len(ids) + len(item.out_ids)}
         if chat:
@@ -146,27 +240,48 @@ def create_app(server: Server) -> FastAPI:
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [choice], "usage": usage}
 
-    async def stream(sink, rid, created, name, chat):
+    async def finished(http, req: Request, sink: asyncio.Queue) -> Request:
+        """Wait for the engine to finish `req`; a client that hangs up cancels it."""
+        get = asyncio.ensure_future(sink.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=0.5)
+                if done:
+                    return get.result()  # non-streamed requests get only the final item
+                if await http.is_disconnected():
+                    req.cancel()
+        finally:
+            get.cancel()
+
+    async def stream(req: Request, sink, rid, created, name, chat):
         obj = "chat.completion.chunk" if chat else "text_completion"
         first = True
-        while True:
-            item = await sink.get()
-            done = isinstance(item, Request)
-            text = "" if done else item
-            if chat:
-                delta = {"role": "assistant", "content": text} if first else {"content": text}
-                choice = {"index": 0, "delta": delta if (text or first) else {},
-                          "finish_reason": item.finish_reason if done else None}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None,
-                          "finish_reason": item.finish_reason if done else None}
-            first = False
-            chunk = {"id": rid, "object": obj, "created": created, "model": name,
-                     "choices": [choice]}
-            yield f"data: {json.dumps(chunk)}\n\n"
-            if done:
-                yield "data: [DONE]\n\n"
-                return
+        try:
+            while True:
+                item = await sink.get()
+                done = isinstance(item, Request)
+                if done and item.error:
+                    error = {"message": item.error, "type": "server_error", "code": 500}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                text = "" if done else item
+                if chat:
+                    delta = {"role": "assistant", "content": text} if first else {"content": text}
+                    choice = {"index": 0, "delta": delta if (text or first) else {},
+                              "finish_reason": item.finish_reason if done else None}
+                else:
+                    choice = {"index": 0, "text": text, "logprobs": None,
+                              "finish_reason": item.finish_reason if done else None}
+                first = False
+                chunk = {"id": rid, "object": obj, "created": created, "model": name,
+                         "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if done:
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:  # the client left mid-stream (or we are done): the row leaves the batch
+            req.cancel()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
@@ -174,18 +289,17 @@ def create_app(server: Server) -> FastAPI:
             body.prompt[0] if len(body.prompt) == 1 else None)
         if prompt is None:
             raise ApiError(422, "prompt: give one string (batched prompts are not supported)")
-        return await run(http, body, server.prompt_ids(prompt=prompt), chat=False)
+        return await run(http, body, prompt=prompt)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
-        messages = [m.model_dump() for m in body.messages]
-        return await run(http, body, server.prompt_ids(messages=messages), chat=True)
+        return await run(http, body, messages=[m.model_dump() for m in body.messages])
 
     def admin(action):
         async def endpoint(body: AdapterBody, http: HTTPRequest):
             caller(http, admin=True)
             try:
-                entry = action(body)
+                entry = await run_in_threadpool(action, body)
             except AdapterNotFound as e:
                 raise ApiError(404, str(e), "not_found_error") from None
             except StoreFull as e:
@@ -199,4 +313,4 @@ def create_app(server: Server) -> FastAPI:
     app.post("/v1/load_lora_adapter")(admin(lambda b: server.store.load(b.lora_name, pin=b.pin)))
     app.post("/v1/unload_lora_adapter")(admin(lambda b: server.store.unload(b.lora_name)))
     app.post("/v1/reload_lora_adapter")(admin(lambda b: server.store.reload(b.lora_name)))
-    return app
+    return BodyLimit(app, int(cfg.max_body_mb * 2**20))

@@ -3,6 +3,10 @@
 New requests are prefilled and join the running batch; finished ones leave. Each row carries its
 adapter slot (-1 = base), so one forward per step serves every tenant in the batch. The KV cache
 is one left-padded batch cache, rebuilt only when the batch changes.
+
+Every request ends: with its answer, or with an error that fails that row alone (a bad prefill,
+non-finite logits), or when its client went away (`cancel`) or its deadline passed, checked at
+every step. Stopping the engine fails whatever is left, so no caller waits forever.
 """
 
 import queue
@@ -46,11 +50,24 @@ class Request:
     t_first: float | None = None
     generator: torch.Generator | None = None
     kv: list | None = None  # per layer (keys, values) of shape (kv_heads, length, head_dim)
+    model: str = ""  # the adapter id (or base name) it was submitted for
+    tenant: str | None = None
+    admitted: bool = False  # counted in its tenant's in-flight limit (Server.admit)
+    deadline: float | None = None  # perf_counter time after which it is aborted
+    cancelled: bool = False  # set from any thread (client gone); the engine drops the row
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class RowError(Exception):
+    """Fails one request, not the batch."""
 
 
 class Engine:
     def __init__(self, adapted, tokenizer, max_batch: int = 32, max_queue: int = 256,
-                 max_len: int | None = None, on_finish=lambda req: None):
+                 max_len: int | None = None, on_finish=lambda req: None,
+                 timeout_s: float | None = None):
         self.adapted, self.tok = adapted, tokenizer
         self.model = adapted.model
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -65,20 +82,36 @@ class Engine:
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
         self.steps = 0
+        self.timeout_s = timeout_s  # per-request bound, submit to finish
 
     # -- public -------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
-        if len(req.prompt_ids) >= self.max_len:
-            raise PeftkitError(f"prompt is {len(req.prompt_ids)} tokens; the context is "
-                               f"{self.max_len}")
+        self.check(len(req.prompt_ids), req.sampling.max_tokens)
+        if self._stop.is_set():
+            raise QueueFull("the server is shutting down")
         if self.waiting.qsize() >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} waiting)")
         req.t_submit = time.perf_counter()
+        if self.timeout_s is not None:
+            req.deadline = req.t_submit + self.timeout_s
         if req.sampling.seed is not None:
-            req.generator = torch.Generator().manual_seed(req.sampling.seed)
+            try:
+                req.generator = torch.Generator().manual_seed(req.sampling.seed)
+            except (RuntimeError, OverflowError, TypeError):
+                raise PeftkitError(f"seed: {req.sampling.seed} is not a 64-bit seed") from None
         self.waiting.put(req)
         self._wake.set()
         return req
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A request that can never be served: an empty prompt, or one over the context."""
+        if prompt_tokens == 0:
+            raise PeftkitError("prompt: empty (give at least one token of text)")
+        if prompt_tokens >= self.max_len:
+            raise PeftkitError(f"prompt: {prompt_tokens} tokens; the context is {self.max_len}")
+        if prompt_tokens + max_tokens > self.max_len:
+            raise PeftkitError(f"max_tokens: {max_tokens} + the prompt's {prompt_tokens} tokens "
+                               f"exceed the {self.max_len}-token context")
 
     def queue_depth(self) -> int:
         return self.waiting.qsize()
@@ -93,6 +126,12 @@ class Engine:
         self._wake.set()
         if self.thread:
             self.thread.join(timeout=10)
+        # Anything left ends now, so no client waits on a stopped engine. (No model lock here:
+        # finishing releases slots, and the store takes that lock to clear them.)
+        for req in self._drain_waiting() + self.active:
+            if req.finish_reason is None:
+                self._fail(req, "the server is shutting down")
+        self.active, self.cache = [], None
 
     def run_until_idle(self) -> None:
         """Process everything submitted so far in this thread (tests, benchmarks)."""
@@ -110,16 +149,23 @@ class Engine:
                 self.step()
             except Exception as e:  # never let one bad step kill the server: fail its rows
                 for req in self.active:
-                    req.error = f"engine error: {e}"
-                    self._finish(req, "error")
+                    if req.finish_reason is None:
+                        self._fail(req, f"engine error: {type(e).__name__}: {e}")
                 self.active, self.cache = [], None
 
     @torch.no_grad()
     def step(self) -> None:
+        self._drop_ended()
         new = []
         while len(self.active) + len(new) < self.max_batch and not self.waiting.empty():
             req = self.waiting.get()
-            self._prefill(req)
+            if self._ended(req):
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:  # this request's own fault (or bad luck): fail it alone
+                self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+                continue
             if req.finish_reason is None:
                 new.append(req)
         if new:
@@ -130,6 +176,29 @@ class Engine:
         if self.active:
             self._decode()
         self.steps += 1
+
+    def _ended(self, req: Request) -> bool:
+        """Finish a cancelled or overdue request; True when it was."""
+        if req.cancelled:
+            self._finish(req, "abort")
+        elif req.deadline is not None and time.perf_counter() > req.deadline:
+            self._fail(req, f"request timed out after {self.timeout_s:g} s", "timeout")
+        return req.finish_reason is not None
+
+    def _drop_ended(self) -> None:
+        """Rows whose client left or whose time ran out leave the batch before the next step."""
+        ended = [r for r in self.active if self._ended(r)]
+        if ended:
+            if self.cache is not None:
+                self._unpack(self.active)
+            self.active = [r for r in self.active if r.finish_reason is None]
+            self.cache = None
+
+    def _drain_waiting(self) -> list[Request]:
+        out = []
+        while not self.waiting.empty():
+            out.append(self.waiting.get())
+        return out
 
     def _prefill(self, req: Request) -> None:
         cache = DynamicCache(config=self.model.config)
@@ -185,7 +254,12 @@ class Engine:
 
     # -- sampling and stopping ----------------------------------------------------------------
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
-        token = self._sample(req, logits)
+        if not bool(torch.isfinite(logits).all()):
+            return self._fail(req, "the model produced non-finite logits for this request")
+        try:
+            token = self._sample(req, logits)
+        except RuntimeError as e:
+            return self._fail(req, f"sampling failed: {e}")
         if req.t_first is None:
             req.t_first = time.perf_counter()
         if token in self.eos:
@@ -213,7 +287,9 @@ class Engine:
         s = req.sampling
         if s.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+        # Shift before dividing: a temperature of 1e-45 then gives 0 and -inf, never inf - inf.
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < s.top_p
@@ -224,6 +300,10 @@ class Engine:
         if req.on_delta is not None and upto > req.sent:
             req.on_delta(req.text[req.sent:upto])
             req.sent = upto
+
+    def _fail(self, req: Request, message: str, reason: str = "error") -> None:
+        req.error = message
+        self._finish(req, reason)
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason

@@ -1,5 +1,7 @@
 """One base loaded once, a pool of adapter slots, the engine and the store: a `Server`."""
 
+import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from peftkit.data import chat_prompt
@@ -24,8 +26,19 @@ class ServeConfig:
     preload: tuple[str, ...] = ()  # loaded and pinned at start
     api_keys: str | None = None
     max_batch: int = 32
-    max_queue: int = 256
+    max_queue: int = 256  # waiting requests (in the engine's queue or for an adapter slot)
     targets: str = "all-linear"  # modules that adapters may target
+    # Abuse limits: every request ends within request_timeout_s; bodies over max_body_mb get 413;
+    # a tenant with tenant_max_inflight requests queued or running gets 429 (0 = no limit);
+    # a request for a cold adapter waits up to slot_wait_s for a slot before its 429.
+    request_timeout_s: float = 300.0
+    max_body_mb: float = 2.0
+    tenant_max_inflight: int = 0
+    slot_wait_s: float = 30.0
+
+
+class TenantBusy(PeftkitError):
+    """This tenant already has its limit of requests queued or running: HTTP 429."""
 
 
 class Server:
@@ -41,10 +54,12 @@ class Server:
                                    slots=cfg.max_loaded, init=False).eval()
         self.metrics = Metrics()
         self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch, cfg.max_queue,
-                             on_finish=self._finished)
+                             on_finish=self._finished, timeout_s=cfg.request_timeout_s)
         self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.lock,
                                   cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event)
         self.tenancy = Tenancy(cfg.api_keys)
+        self.inflight: Counter = Counter()  # tenant -> requests admitted and not yet finished
+        self._inflight_lock = threading.Lock()
         for adapter_id in cfg.preload:
             self.store.load(adapter_id, pin=True)
 
@@ -57,18 +72,56 @@ class Server:
 
     # -- requests -----------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a completion prompt or a chat; text that is not valid Unicode (a lone
+        surrogate from a JSON escape) is the caller's error, not a tokenizer crash."""
         tok = self.base.tokenizer
+        texts = [prompt] if messages is None else [m["content"] for m in messages]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                field = "prompt" if messages is None else "messages"
+                raise PeftkitError(f"{field}: not valid Unicode (lone surrogate at "
+                                   f"character {e.start})") from None
         if messages is not None:
             return tok(chat_prompt(messages, tok), add_special_tokens=False).input_ids
         return tok(prompt).input_ids
 
-    def submit(self, model: str, ids: list[int], sampling: Sampling, loop, sink) -> Request:
-        """Queue a request; `sink` (an asyncio.Queue on `loop`) receives text deltas, then the
-        finished Request. Raises AdapterNotFound / AdapterInvalid / StoreFull / QueueFull."""
-        slot = -1 if model in ("", self.name) else self.store.acquire(model)
-        put = lambda item: loop.call_soon_threadsafe(sink.put_nowait, item)  # noqa: E731
-        req = Request(ids, slot, sampling, on_delta=put, on_done=put)
-        req.model = model or self.name
+    def admit(self, tenant: str | None) -> None:
+        """Count a tenant's request in; TenantBusy past --tenant-max-inflight, so one tenant
+        flooding the queue cannot starve the others. Every admit is matched by one `leave`
+        (when the request ends, or when it fails before reaching the engine)."""
+        limit = self.cfg.tenant_max_inflight
+        with self._inflight_lock:
+            if limit and tenant is not None and self.inflight[tenant] >= limit:
+                raise TenantBusy(f"tenant '{tenant}' has {limit} requests in flight (the limit); "
+                                 "retry when one ends")
+            self.inflight[tenant] += 1
+
+    def leave(self, tenant: str | None) -> None:
+        with self._inflight_lock:
+            self.inflight[tenant] -= 1
+            if self.inflight[tenant] <= 0:
+                del self.inflight[tenant]
+
+    def slot_for(self, model: str) -> int:
+        """-1 for the base, else the adapter's slot, loaded when needed and held until the
+        request ends. Raises AdapterNotFound / AdapterInvalid / StoreFull."""
+        return -1 if model in ("", self.name) else self.store.acquire(model)
+
+    def submit(self, model: str, ids: list[int], sampling: Sampling, loop=None, sink=None,
+               slot: int | None = None, tenant: str | None = None, admitted: bool = False,
+               stream: bool = False) -> Request:
+        """Queue a request; `sink` (an asyncio.Queue on `loop`) receives the finished Request,
+        preceded by text deltas when `stream`. Takes `slot` from `slot_for` (acquired here when
+        not given); the slot is released when the request ends, or here when it cannot be
+        queued. An `admitted` tenant (see `admit`) leaves when the request ends."""
+        slot = self.slot_for(model) if slot is None else slot
+        put = None if sink is None else (
+            lambda item: loop.call_soon_threadsafe(sink.put_nowait, item))
+        req = Request(ids, slot, sampling, on_delta=put if stream else None, on_done=put,
+                      model=model or self.name)
+        req.tenant, req.admitted = tenant, admitted
         try:
             return self.engine.submit(req)
         except PeftkitError:
@@ -79,7 +132,9 @@ class Server:
     def _finished(self, req: Request) -> None:
         if req.slot >= 0:
             self.store.release(req.slot)
-        model = getattr(req, "model", self.name)
+        if req.admitted:
+            self.leave(req.tenant)
+        model = req.model or self.name
         self.metrics.requests.labels(model, req.finish_reason or "error").inc()
         self.metrics.tokens.labels(model).inc(len(req.out_ids))
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
@@ -89,7 +144,6 @@ class Server:
 
 def generate_direct(server: Server, model: str, prompt_ids: list[int], sampling: Sampling) -> Request:
     """Run one request to completion in the calling thread (no HTTP; tests and benchmarks)."""
-    slot = -1 if model in ("", server.name) else server.store.acquire(model)
-    req = server.engine.submit(Request(prompt_ids, slot, sampling))
+    req = server.submit(model, prompt_ids, sampling)
     server.engine.run_until_idle()  # the engine's on_finish releases the slot
     return req

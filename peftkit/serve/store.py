@@ -1,7 +1,8 @@
 """The adapter store: a directory of PEFT adapters (subdirectory name = adapter id) served from
 a fixed pool of slots in one multi-slot LoRA stack. Adapters load on first request into an LRU
 cache bounded by count (the pool) and bytes; pinned adapters are never evicted. A reload writes
-the new weights into a fresh slot; requests already running finish on the old one."""
+the new weights into a fresh slot; requests already running finish on the old one. A slot that
+no adapter owns any more is zeroed as soon as no request uses it."""
 
 import re
 import threading
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import write_adapter_slot
+from peftkit.formats import WEIGHTS_NAME, write_adapter_slot
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -55,7 +56,7 @@ class AdapterStore:
 
     # -- ids and listing ----------------------------------------------------------------------
     def path_of(self, adapter_id: str) -> Path:
-        if not ID_RE.match(adapter_id) or ".." in adapter_id:
+        if not ID_RE.fullmatch(adapter_id) or ".." in adapter_id:  # before any file system call
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
         path = (self.root / adapter_id).resolve()
         if path.parent != self.root or not path.is_dir():
@@ -64,7 +65,7 @@ class AdapterStore:
 
     def available(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and ID_RE.match(p.name) and (p / "adapter_config.json").exists())
+                      if ID_RE.fullmatch(p.name) and p.is_dir() and (p / "adapter_config.json").exists())
 
     # -- acquire / release (one per request) --------------------------------------------------
     def acquire(self, adapter_id: str) -> int:
@@ -85,6 +86,7 @@ class AdapterStore:
             self.busy[slot] -= 1
             if self.busy[slot] == 0 and slot in self.retired:
                 self.retired.discard(slot)
+                self._clear(slot)
 
     # -- admin --------------------------------------------------------------------------------
     def load(self, adapter_id: str, pin: bool = False) -> Entry:
@@ -100,6 +102,8 @@ class AdapterStore:
             entry = self.entries.pop(adapter_id)
             if self.busy[entry.slot]:
                 self.retired.add(entry.slot)
+            else:
+                self._clear(entry.slot)
 
     def reload(self, adapter_id: str) -> Entry:
         """New weights under the same id; running requests keep the old slot until they end."""
@@ -140,8 +144,16 @@ class AdapterStore:
             self.on_event("evict")
         return free[0]
 
+    def _clear(self, slot: int) -> None:
+        with self.lock:
+            for layer in self.adapted.adapted_layers().values():
+                layer.clear_slot(slot)
+
     def _load(self, adapter_id: str, path: Path) -> Entry:
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        try:  # the real checks (regular file, inside the root) come with the read
+            size = (path / WEIGHTS_NAME).stat().st_size
+        except OSError:
+            size = 0
         if size > self.max_bytes:
             raise AdapterInvalid(f"adapter '{adapter_id}' is {size / 2**20:.1f} MB, over the "
                                  f"{self.max_bytes / 2**20:.1f} MB limit")
@@ -149,11 +161,9 @@ class AdapterStore:
         start = time.perf_counter()
         try:
             with self.lock:
-                nbytes = write_adapter_slot(self.adapted, slot, adapter_id, path)
+                nbytes = write_adapter_slot(self.adapted, slot, adapter_id, path, self.root)
         except PeftkitError as e:
-            with self.lock:
-                for layer in self.adapted.adapted_layers().values():
-                    layer.clear_slot(slot)
+            self._clear(slot)
             raise AdapterInvalid(str(e)) from None
         seconds = time.perf_counter() - start
         self.load_seconds.append(seconds)

@@ -1,5 +1,10 @@
 """Checkpoints: trainable tensors, optimizer state and RNG in safetensors, the rest in JSON.
-Written into a temp directory and renamed into place, so a crash never leaves half of one."""
+
+Written into `.checkpoint-tmp`, flushed to disk, then swapped in with two renames (the old one
+parked as `.checkpoint-old` between them). A death at any instant leaves one complete checkpoint
+under one of the three names, and `recover` puts it back in place. A write that fails (disk
+full, read-only directory) removes its partial copy and leaves the previous checkpoint as it was.
+"""
 
 import json
 import os
@@ -7,45 +12,80 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftkit.errors import PeftkitError
 
 NAME = "checkpoint"
+TENSORS, META = "state.safetensors", "trainer_state.json"
 
 
 def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, state: dict) -> Path:
-    tmp = out / f".{NAME}-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
-    opt = optimizer.state_dict()
-    for i, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, tmp / "state.safetensors")
-    meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params)}
-    (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
-    final, old = out / NAME, out / f".{NAME}-old"
+    recover(out)
+    tmp, final, old = out / f".{NAME}-tmp", out / NAME, out / f".{NAME}-old"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        opt = optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{i}.{k}"] = (v.detach().contiguous() if torch.is_tensor(v)
+                                             else torch.tensor(v))
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, tmp / TENSORS)
+        meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params)}
+        (tmp / META).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
+        _sync(tmp / TENSORS, tmp / META, tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the previous checkpoint in {final} is intact" if final.exists() else ""
+        raise PeftkitError(f"{out}: cannot write a checkpoint ({e.strerror or e}){kept}") from None
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _sync(out)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def recover(out: Path) -> str | None:
+    """Put a complete checkpoint back under its name after a death between the two renames
+    (or during a write). Returns what was done, for the resume message."""
+    final, tmp, old = out / NAME, out / f".{NAME}-tmp", out / f".{NAME}-old"
+    if complete(final):
+        return None
+    for source in (tmp, old):  # tmp is newer when complete: it was fully written and synced
+        if complete(source):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(source, final)
+            return f"recovered the checkpoint from {source.name}"
+    return None
+
+
+def complete(ckpt: Path) -> bool:
+    try:
+        json.loads((ckpt / META).read_text())
+        return (ckpt / TENSORS).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> dict:
     ckpt = out / NAME
-    meta_path, tensor_path = ckpt / "trainer_state.json", ckpt / "state.safetensors"
-    if not meta_path.exists() or not tensor_path.exists():
+    meta_path, tensor_path = ckpt / META, ckpt / TENSORS
+    if not complete(ckpt):
         raise PeftkitError(f"--resume: no checkpoint in {ckpt}")
     meta = json.loads(meta_path.read_text())
     if meta["n_params"] != len(params):
         raise PeftkitError(f"{ckpt}: holds {meta['n_params']} trainable tensors, this run has "
                            f"{len(params)}; was it written with other options?")
-    tensors = load_file(tensor_path)
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError) as e:
+        raise PeftkitError(f"{tensor_path}: unreadable ({str(e)[:120]})") from None
     with torch.no_grad():
         for i, p in enumerate(params):
             saved = tensors[f"param.{i}"]
@@ -61,3 +101,13 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
     return meta
+
+
+def _sync(*paths: Path) -> None:
+    """fsync files and directories, so a power cut cannot reorder the renames before the data."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -7,6 +7,7 @@ exact `--resume`; report.json / report.md with measured memory, time and quality
 
 import math
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,7 +20,7 @@ from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import Trainee, build
-from peftkit.train.checkpoint import load_checkpoint, save_checkpoint
+from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
 from peftkit.train.config import DEFAULT_LR, TrainConfig
 from peftkit.train.evaluate import (evaluate_classifier, evaluate_lm_loss, exact_match)
 from peftkit.train.probe import FeatureCache
@@ -127,8 +128,16 @@ class Trainer:
         opt = torch.optim.AdamW(t.params, lr=peak, weight_decay=cfg.weight_decay)
         step, history, losses = 0, [], []
         if cfg.resume:
-            meta = load_checkpoint(self.out, t.params, opt)
-            step, history, losses = meta["step"], meta["history"], meta["losses"]
+            recovered = recover(self.out)
+            if recovered:
+                print(f"peftkit: {recovered}", file=sys.stderr)
+            if complete(self.out / "checkpoint"):
+                meta = load_checkpoint(self.out, t.params, opt)
+                step, history, losses = meta["step"], meta["history"], meta["losses"]
+                print(f"peftkit: resuming from step {step}", file=sys.stderr)
+            else:  # killed before its first checkpoint: nothing to lose, start over
+                print(f"peftkit: --resume: no complete checkpoint in {self.out}; starting from "
+                      "step 0", file=sys.stderr)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(cfg.to_json())
         pad = t.base.tokenizer.pad_token_id
