@@ -2,7 +2,7 @@
 
 import importlib
 
-for name in ("methods", "qlora", "train", "plan", "serve"):
+for name in ("methods", "qlora", "train", "plan", "serve", "load"):
     try:
         mod = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError:

@@ -4,6 +4,8 @@ import argparse
 import sys
 from collections import Counter
 
+from safetensors import SafetensorError
+
 from peftkit.errors import DataError, PeftkitError
 
 
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only or vanished paths: say which, no traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"peftkit: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # its write errors (a full disk) are not OSErrors
+        print(f"peftkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)

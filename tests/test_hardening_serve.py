@@ -27,7 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
-from peftkit.serve.engine import Sampling
+from peftkit.serve.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server, generate_direct
 from peftkit.serve.tenancy import Tenancy
 from tests.helpers import randomize, tiny_llama
@@ -280,7 +280,7 @@ def test_no_other_slot_can_reach_a_row(root):
     """Defence in depth behind the load-time checks: NaN in an idle slot (and in base rows'
     clamped slot 0) must not change any other row, prefill or decode."""
     server = Server(ServeConfig(base="tiny-llama", adapters=str(root), max_loaded=4, max_rank=16))
-    jobs = [("a00", "completion"), ("tiny-llama", "chat"), ("a01", "completion")]
+    jobs = [("a00", "completion"), ("tiny-llama", "completion"), ("a01", "chat")]
     before = [_reference(server, *job) for job in jobs]
     slot = server.store.acquire("a05")
     server.store.release(slot)
@@ -289,13 +289,22 @@ def test_no_other_slot_can_reach_a_row(root):
             layer.lora_A[slot].fill_(float("nan"))
             layer.lora_B[slot].fill_(float("nan"))
     assert [_reference(server, *job) for job in jobs] == before
+    # a sampled request on the poisoned slot itself fails alone; a base row beside it does not
+    ids = server.prompt_ids(prompt=PROMPTS["completion"])
+    assert server.store.acquire("a05") == slot  # held by the request, released when it ends
+    poisoned = server.engine.submit(Request(ids, slot, Sampling(max_tokens=4, temperature=0.7)))
+    beside = server.submit("tiny-llama", ids, Sampling(max_tokens=6))
+    server.engine.run_until_idle()
+    assert poisoned.finish_reason == "error" and "non-finite" in poisoned.error
+    assert beside.error is None and beside.text == before[1]
     server.store.unload("a05")  # unloading zeroes the slot
-    assert all(float(layer.lora_A[slot].abs().sum()) == 0 == float(layer.scale[slot])
+    assert all(not layer.lora_A[slot].any() and float(layer.scale[slot]) == 0
                for layer in server.adapted.adapted_layers().values())
 
 
 def test_sigterm_drains_and_exits(root, tmp_path):
     port = _free_port()
+    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "peftkit.cli", "serve", "--base", "tiny-llama",
                              "--adapters", str(root), "--port", str(port)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -304,14 +313,24 @@ def test_sigterm_drains_and_exits(root, tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(f"{url}/health").status_code == 200:
                     break
             time.sleep(0.2)
         for prompt in ("", "x"):  # an empty prompt once hung and blocked SIGTERM
-            httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                       json={"prompt": prompt, "max_tokens": 2}, timeout=30)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+                           timeout=30)
+            assert r.status_code in (200, 400)
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
+                "model": "a02", "prompt": "x", "max_tokens": 60, "stream": True,
+                "temperature": 0}) as stream:
+            for line in stream.iter_lines():
+                if not lines:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream: it must still finish
+                lines.append(line)
+        assert "data: [DONE]" in lines and sum(x.startswith("data: {") for x in lines) > 1
+        # uvicorn re-raises the signal after its graceful shutdown: -SIGTERM is a clean exit
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         proc.kill()
     assert "Traceback" not in proc.stderr.read()

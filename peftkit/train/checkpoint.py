@@ -38,10 +38,11 @@ def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, stat
         meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params)}
         (tmp / META).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
         _sync(tmp / TENSORS, tmp / META, tmp)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as its own
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"; the previous checkpoint in {final} is intact" if final.exists() else ""
-        raise PeftkitError(f"{out}: cannot write a checkpoint ({e.strerror or e}){kept}") from None
+        why = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2]
+        raise PeftkitError(f"{out}: cannot write a checkpoint ({why}){kept}") from None
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
