@@ -177,8 +177,12 @@ def create_app(server: Server):
         loop = asyncio.get_running_loop()
         deadline, delay = loop.time() + cfg.slot_wait_s, 0.005
         while True:
+            acquiring = asyncio.ensure_future(run_in_threadpool(server.slot_for, model))
             try:
-                return await run_in_threadpool(server.slot_for, model)
+                return await asyncio.shield(acquiring)
+            except asyncio.CancelledError:  # the caller is gone; the thread still finishes
+                acquiring.add_done_callback(release_unused)
+                raise
             except StoreFull as e:
                 if loop.time() + delay > deadline or waiting_for_slot >= cfg.max_queue:
                     raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
@@ -188,6 +192,10 @@ def create_app(server: Server):
             finally:
                 waiting_for_slot -= 1
             delay = min(delay * 2, 0.05)
+
+    def release_unused(acquiring: asyncio.Future) -> None:
+        if not acquiring.cancelled() and acquiring.exception() is None and acquiring.result() >= 0:
+            server.store.release(acquiring.result())
 
     async def run(http, body: SamplingParams, prompt=None, messages=None):
         who = caller(http)
