@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.run_all
+
+# On a CUDA machine: random-weight models at SmolLM2 / Llama-3.2-1B / Llama-3.1-8B shapes.
+bench-gpu: $(VENV)/.installed
+	$(BIN)/python -m bench.gpu --device cuda
 
 clean:
 	rm -rf $(VENV) *.egg-info

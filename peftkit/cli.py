@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_placement(s)
     s.set_defaults(func=cmd_generate)
 
     add_train_parser(sub)
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--exact-match-max", type=int, default=64)
+    add_placement(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="every method on the same data, side by side")
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request for a cold adapter waits for a free slot before 429")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    add_placement(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("data", help="dataset tools")
@@ -135,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="fewer steps and examples (~3 min)")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def add_placement(s) -> None:
+    """--device / --dtype / --attn, as `peftkit train` has them (TrainConfig's fields)."""
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    s.add_argument("--dtype", default="auto",
+                   help="the base's precision: auto (bf16 on a GPU, else fp32) | float32 | "
+                        "bfloat16 | float16")
+    s.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
+
+
+def placement(args):
+    """(device, dtype, attn) of a command, or a one-line error naming the flag."""
+    from peftkit.device import resolve_attn, resolve_device, resolve_dtype
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device), resolve_attn(args.attn)
 
 
 def add_train_parser(sub) -> None:
@@ -194,7 +213,8 @@ def cmd_serve(args) -> None:
                       preload=tuple(a for a in args.preload.split(",") if a),
                       api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue,
                       request_timeout_s=args.request_timeout, max_body_mb=args.max_body_mb,
-                      tenant_max_inflight=args.tenant_max_inflight, slot_wait_s=args.slot_wait)
+                      tenant_max_inflight=args.tenant_max_inflight, slot_wait_s=args.slot_wait,
+                      device=args.device, dtype=args.dtype, attn=args.attn)
     server = Server(cfg).start()
     print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -215,7 +235,8 @@ def cmd_models(args) -> None:
 def cmd_generate(args) -> None:
     from peftkit.generation import generate_text
     from peftkit.train.artifacts import load_run
-    run = load_run(args.model, args.adapter)
+    device, dtype, attn = placement(args)
+    run = load_run(args.model, args.adapter, device, dtype, attn)
     if run.task != "causal-lm":
         from peftkit.errors import PeftkitError
         raise PeftkitError(f"{args.adapter}: a classifier; use `peftkit eval`")
@@ -244,7 +265,7 @@ def cmd_eval(args) -> None:
     import json
 
     from peftkit.train.artifacts import evaluate_file, load_run
-    run = load_run(args.model, args.adapter)
+    run = load_run(args.model, args.adapter, *placement(args))
     metrics = evaluate_file(run, args.data, args.max_length, args.batch_size, args.exact_match_max)
     print(json.dumps(metrics, indent=2))
 

@@ -3,6 +3,7 @@
 import torch
 
 from peftkit.data import chat_prompt
+from peftkit.device import module_device
 from peftkit.models import Base
 
 
@@ -16,7 +17,7 @@ def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:
 def greedy_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, head=None) -> list[int]:
     """Greedy continuation of one sequence. HF models (adapters routed inside their layers) use
     `generate` with a KV cache; prompt/prefix-tuned models and probe heads recompute each step."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=module_device(model))
     virtual = getattr(model, "virtual", None) is not None
     if head is None and not virtual:
         hf = getattr(model, "model", model) if hasattr(model, "router") else model
@@ -27,14 +28,14 @@ def greedy_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, head=Non
     for _ in range(max_new_tokens):
         if head is not None:
             hidden = model.base_model(input_ids=x).last_hidden_state  # after the final norm
-            logits = head(hidden[:, -1])
+            logits = head(hidden[:, -1].float())
         else:
             logits = model(input_ids=x).logits[:, -1]
         token = int(logits.argmax(-1))
         if token == eos_id:
             break
         new.append(token)
-        x = torch.cat([x, torch.tensor([[token]])], dim=1)
+        x = torch.cat([x, x.new_tensor([[token]])], dim=1)
     return new
 
 

@@ -75,21 +75,40 @@ def cache_dir() -> Path:
 
 
 def load_base(spec: str, task: str | None = None, num_labels: int = 2,
-              dtype: torch.dtype = torch.float32, quantize=None) -> Base:
-    """Load `spec` for `task` (default: the model's own: causal-lm for decoders, else encoder).
+              dtype: torch.dtype = torch.float32, quantize=None, device="cpu",
+              attn: str | None = None) -> Base:
+    """Load `spec` for `task` (default: the model's own: causal-lm for decoders, else encoder),
+    in `dtype`, on `device` ("auto", "cpu", "cuda:1", a torch.device), with attention `attn`
+    (sdpa, eager, flash_attention_2; None = transformers' default).
 
     `quantize` (a `peftkit.quant.QuantConfig`) gives an NF4 base; it is quantized once and kept
     under `$PEFTKIT_CACHE/nf4/`, so later loads read the 4-bit weights and never hold an fp32 copy.
     A directory written by `save_quantized` loads as the 4-bit base it holds.
     """
+    from peftkit.device import resolve_attn, resolve_device
+    target = resolve_device(device)
+    attn = resolve_attn(attn) if attn is not None else None
+    base = _load(spec, task, num_labels, dtype, quantize)
+    if attn is not None:
+        base.model.set_attn_implementation(attn)
+    if target.type != "cpu":
+        from peftkit.quant import place
+        place(base.model, target)
+    return base
+
+
+def _load(spec: str, task: str | None, num_labels: int, dtype: torch.dtype, quantize) -> Base:
+    """`load_base` on the CPU."""
     if task is not None and task not in TASKS:
         raise PeftkitError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     if quantize is not None:
         return _load_nf4(spec, task, num_labels, quantize)
     if spec in TINY:
-        return _load_tiny(spec, task, num_labels)
+        base = _load_tiny(spec, task, num_labels)
+        base.model.to(dtype)
+        return base
     path = resolve_model_dir(spec)
-    from peftkit.quant import is_quantized_dir, load_quantized
+    from peftkit.quant import is_quantized_dir, load_quantized  # bitsandbytes only if quantized
     if is_quantized_dir(path):
         config = AutoConfig.from_pretrained(path)
         task = task or _default_task(config)
@@ -144,19 +163,19 @@ def _load_nf4(spec: str, task: str | None, num_labels: int, config) -> Base:
     from peftkit.quant import quantize_model, save_quantized
     config.validate()
     if spec in TINY or task == "classify":  # cheap or head-specific: quantize in memory
-        base = load_base(spec, task, num_labels)
+        base = _load(spec, task, num_labels, torch.float32, None)
         base.quant_report = quantize_model(base.model, config)
         return base
     key = hashlib.sha256(json.dumps([str(resolve_model_dir(spec).resolve()), asdict(config), task],
                                     sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "nf4" / f"{Path(spec).name}-{key}"
     if not (target / "config.json").exists():
-        base = load_base(spec, task, num_labels)
+        base = _load(spec, task, num_labels, torch.float32, None)
         report = quantize_model(base.model, config)
         _publish(lambda tmp: save_quantized(base.model, base.tokenizer, tmp), target)
         base.quant_report, base.path = report, target
         return base
-    base = load_base(str(target), task, num_labels)
+    base = _load(str(target), task, num_labels, torch.float32, None)
     base.name = spec
     return base
 

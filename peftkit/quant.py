@@ -8,16 +8,22 @@ so later runs and the server never hold a full-precision copy of the quantized l
 """
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
-from bitsandbytes.nn import Linear4bit, Params4bit
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import PeftkitError
+
+
+def bnb():
+    """bitsandbytes, imported on first use: commands that never quantize neither pay its
+    import time nor print its warnings."""
+    import bitsandbytes
+    return bitsandbytes
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -64,7 +70,7 @@ class QuantReport:
 
 def quantize_tensor(w: torch.Tensor, config: QuantConfig):
     config.validate()
-    return bnb.functional.quantize_4bit(w.detach().float().contiguous(), blocksize=config.blocksize,
+    return bnb().functional.quantize_4bit(w.detach().float().contiguous(), blocksize=config.blocksize,
                                         compress_statistics=config.double_quant, quant_type="nf4")
 
 
@@ -143,10 +149,10 @@ def store_embeddings(model: nn.Module, config: QuantConfig) -> None:
         model.set_output_embeddings(up)
 
 
-def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig) -> Linear4bit:
-    layer = Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=DTYPES[config.compute_dtype],
+def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig):
+    layer = bnb().nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=DTYPES[config.compute_dtype],
                        compress_statistics=config.double_quant, quant_type="nf4", device="meta")
-    layer.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
+    layer.weight = bnb().nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
                               compress_statistics=config.double_quant, quant_type="nf4",
                               bnb_quantized=True, module=layer)
     layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -171,7 +177,7 @@ def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             module = model.get_submodule(name[: -len(".weight")])
             qs = getattr(getattr(module, "weight", None), "quant_state", None)
             if qs is not None:
-                out[name] = bnb.functional.dequantize_4bit(module.weight.data, qs).float()
+                out[name] = bnb().functional.dequantize_4bit(module.weight.data, qs).float()
                 continue
         if "weight." in name and any(name.endswith(s) for s in ("absmax", "quant_map",
                                                                    "bitsandbytes__nf4")):
@@ -200,11 +206,37 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | Path) -> Path:
         seen[key] = name
         tensors[name] = t.detach().contiguous()
     for name, m in model.named_modules():
-        if isinstance(m, Linear4bit):
+        if isinstance(m, bnb().nn.Linear4bit):
             layers[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     (directory / QUANT_FILE).write_text(json.dumps({"config": cfg, "layers": layers}, indent=2))
     return directory
+
+
+def place(model: nn.Module, device: torch.device) -> None:
+    """Move a model, NF4 layers included, to `device`. A bitsandbytes `Params4bit` keeps its
+    quant state as an attribute that `Module.to` does not carry, so 4-bit weights are rebuilt
+    on the device with their state moved; every other tensor moves as usual."""
+    loaded = sys.modules.get("bitsandbytes")
+    four_bit = set()
+    if loaded is not None:
+        for m in model.modules():
+            if isinstance(m, loaded.nn.Linear4bit):
+                w, state = m.weight, m.weight.quant_state
+                state.to(device)  # moves its tensors in place
+                m.weight = loaded.nn.Params4bit(
+                    w.data.to(device), requires_grad=False, quant_state=state,
+                    blocksize=w.blocksize, compress_statistics=w.compress_statistics,
+                    quant_type=w.quant_type, bnb_quantized=True, module=m)
+                four_bit.add(id(m.weight))
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in four_bit:
+                p.data = p.data.to(device)
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[name] = b.to(device)
 
 
 def is_quantized_dir(path: Path) -> bool:
@@ -230,7 +262,7 @@ def load_quantized(directory: str | Path, model_cls):
         for k in list(tensors):
             if k.startswith(prefix):
                 del tensors[k]
-        state = bnb.functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+        state = bnb().functional.QuantState.from_dict(stats, device=torch.device("cpu"))
         bias = tensors.pop(f"{name}.bias") if spec["bias"] else None
         _replace(model, name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

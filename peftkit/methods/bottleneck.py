@@ -22,10 +22,11 @@ class BottleneckLinear(FrozenLinear):
                                f"(choose from {', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[non_linearity]
         d = self.out_features
-        self.down = nn.Parameter(torch.zeros(slots, size, d))  # (S, m, d)
-        self.down_bias = nn.Parameter(torch.zeros(slots, size))
-        self.up = nn.Parameter(torch.zeros(slots, d, size))  # (S, d, m)
-        self.up_bias = nn.Parameter(torch.zeros(slots, d))
+        at = self.weight.device  # beside the base weight, in float32
+        self.down = nn.Parameter(torch.zeros(slots, size, d, device=at))  # (S, m, d)
+        self.down_bias = nn.Parameter(torch.zeros(slots, size, device=at))
+        self.up = nn.Parameter(torch.zeros(slots, d, size, device=at))  # (S, d, m)
+        self.up_bias = nn.Parameter(torch.zeros(slots, d, device=at))
 
     def init_slot(self, k: int) -> None:
         with torch.no_grad():
@@ -47,19 +48,20 @@ class BottleneckLinear(FrozenLinear):
                 "adapter_up.weight": self.up[k], "adapter_up.bias": self.up_bias[k]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.base_forward(x)
+        y = self.base_forward(x)
         if not self.active():
-            return h
+            return y
+        h = y.to(self.down.dtype)  # the adapter runs in its own (float32) precision
         idx, keep = self.route()
         if idx is None:
             z = self.act(h @ self.down[0].t() + self.down_bias[0])
-            return h + z @ self.up[0].t() + self.up_bias[0]
+            return y + (z @ self.up[0].t() + self.up_bias[0]).to(y.dtype)
         shape = (-1,) + (1,) * (h.dim() - 1)
         hs = h if h.dim() > 2 else h.unsqueeze(1)
         z = self.act(torch.bmm(hs, self.down[idx].transpose(1, 2)) + self.down_bias[idx][:, None])
         out = torch.bmm(z, self.up[idx].transpose(1, 2)) + self.up_bias[idx][:, None]
         out = out if h.dim() > 2 else out.squeeze(1)
-        return h + out * keep.view(shape).to(h.dtype)
+        return y + torch.where(keep.view(shape), out, 0.0).to(y.dtype)
 
     def merged_params(self, k: int = 0) -> dict[str, torch.Tensor]:
         raise PeftkitError("bottleneck adapters are nonlinear and cannot be merged into the base")

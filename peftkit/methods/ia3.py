@@ -12,7 +12,7 @@ class IA3Linear(FrozenLinear):
         super().__init__(base, router, slots)
         self.feedforward = feedforward
         dim = self.in_features if feedforward else self.out_features
-        self.ia3_l = nn.Parameter(torch.ones(slots, dim))  # (S, in) or (S, out); ones = identity
+        self.ia3_l = nn.Parameter(torch.ones(slots, dim, device=self.weight.device))  # (S, in) or (S, out); ones = identity
 
     def init_slot(self, k: int) -> None:
         with torch.no_grad():
@@ -37,9 +37,10 @@ class IA3Linear(FrozenLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return self.base_forward(x)
-        if self.feedforward:
-            return self.base_forward(x * self._scales(x))
-        return self.base_forward(x) * self._scales(x)
+        if self.feedforward:  # scales in float32, applied in the base's precision
+            return self.base_forward(x * self._scales(x).to(x.dtype))
+        y = self.base_forward(x)
+        return y * self._scales(x).to(y.dtype)
 
     def merged_params(self, k: int = 0) -> dict[str, torch.Tensor]:
         l = self.ia3_l[k].detach()

@@ -6,13 +6,12 @@ torchtune's LoRALinear). Subclasses add S adapter *slots*; a `SlotRouter` shared
 a model says which slot each batch row uses (-1 = base only), so one forward serves many tenants.
 """
 
+import sys
+
 import torch
 from torch import nn
 
-try:  # bitsandbytes is optional at import time; 4-bit bases need it
-    import bitsandbytes as bnb
-except ImportError:  # pragma: no cover
-    bnb = None
+from peftkit.quant import bnb
 
 
 class SlotRouter:
@@ -28,7 +27,10 @@ class SlotRouter:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bnb is not None and isinstance(module, bnb.nn.Linear4bit))
+    if isinstance(module, nn.Linear):
+        return True
+    loaded = sys.modules.get("bitsandbytes")  # no 4-bit layer can exist before it is imported
+    return loaded is not None and isinstance(module, loaded.nn.Linear4bit)
 
 
 class FrozenLinear(nn.Module):
@@ -40,11 +42,15 @@ class FrozenLinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.quant_state = getattr(base.weight, "quant_state", None)  # set for NF4 bases
         self.compute_dtype = getattr(base, "compute_dtype", None) or torch.float32
         self.router = router
         self.n_slots = slots
         self.merged = False
+
+    @property
+    def quant_state(self):
+        """Set for NF4 bases; read from the weight, so it follows the weight across devices."""
+        return getattr(self.weight, "quant_state", None)
 
     # -- base computation -------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +58,7 @@ class FrozenLinear(nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
+        out = bnb().matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
                               quant_state=self.quant_state)
         return out.to(dtype)
 
@@ -60,7 +66,7 @@ class FrozenLinear(nn.Module):
         """The base weight in full precision (dequantized for NF4 bases)."""
         if self.quant_state is None:
             return self.weight
-        return bnb.functional.dequantize_4bit(self.weight.data, self.quant_state).float()
+        return bnb().functional.dequantize_4bit(self.weight.data, self.quant_state).float()
 
     def set_dense_weight(self, w: torch.Tensor) -> None:
         from peftkit.errors import PeftkitError

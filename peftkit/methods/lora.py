@@ -21,9 +21,10 @@ class LoraLinear(FrozenLinear):
                  dora: bool = False, dropout: float = 0.0):
         super().__init__(base, router, slots)
         self.r = r
-        self.lora_A = nn.Parameter(torch.zeros(slots, r, self.in_features))  # (S, r, in)
-        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, r))  # (S, out, r)
-        self.register_buffer("scale", torch.zeros(slots))  # (S,), 0 for empty slots
+        at = self.weight.device  # adapters live beside their base weight, in float32
+        self.lora_A = nn.Parameter(torch.zeros(slots, r, self.in_features, device=at))  # (S, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, r, device=at))
+        self.register_buffer("scale", torch.zeros(slots, device=at))  # (S,), 0 = empty slot
         self.magnitude = None
         if dora:  # an empty DoRA slot is the identity only when m = ‖W‖ row-wise
             norms = self._row_norm(self.dense_weight().detach().float())
@@ -73,27 +74,34 @@ class LoraLinear(FrozenLinear):
         y = self.base_forward(x)
         if not self.active():
             return y
+        delta = self._delta_out(x, y)
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def _delta_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """What the adapter adds to the base output, computed in the adapter's own precision
+        (float32 masters beside a bfloat16 base, as PEFT does; autocast still applies)."""
         idx, keep = self.route()
+        x = x.to(self.lora_A.dtype)
         xd = self.dropout(x)
         if idx is None:  # one adapter for all rows: plain matmuls
             lora = (xd @ self.lora_A[0].t()) @ self.lora_B[0].t() * self.scale[0]
             if self.magnitude is None:
-                return y + lora
-            return y + self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
+                return lora
+            return self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
         if not bool(keep.any()):  # a batch of base-only rows: nothing to add
-            return y
+            return None
         if self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
-            return y + self._decode_delta(xd, idx, keep)
+            return self._decode_delta(xd, idx, keep)
         A, B = self.lora_A[idx], self.lora_B[idx]  # (Bt, r, in), (Bt, out, r)
         scale = self.scale[idx].view(-1, *[1] * (x.dim() - 1))
         lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
         # where, not a 0/1 product: a base row must not see what slot 0 holds (0 * NaN = NaN).
         lora = torch.where(keep.view(-1, *[1] * (x.dim() - 1)), lora, 0.0)
         if self.magnitude is None:
-            return y + lora
+            return lora
         uniq, inverse = torch.unique(idx, return_inverse=True)
         norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
-        return y + self._dora(x, y, lora, self.magnitude[idx], norms, keep)
+        return self._dora(x, y, lora, self.magnitude[idx], norms, keep)
 
     def _decode_delta(self, x, idx, keep) -> torch.Tensor:
         """One token per row (a decode step): multiply by the A of every slot in the batch at
@@ -127,14 +135,14 @@ class LoraLinear(FrozenLinear):
         shape = (ratio.shape[0],) + (1,) * (x.dim() - 2) + (ratio.shape[-1],)
         ratio = ratio.view(shape) if x.dim() > 2 else ratio
         if isinstance(self.dropout, nn.Identity):  # x Wᵀ is already in y
-            base = y if self.bias is None else y - self.bias
+            base = (y if self.bias is None else y - self.bias).to(x.dtype)
         else:
             base = nn.functional.linear(self.dropout(x), self.dense_weight().to(x.dtype))
         return (ratio - 1) * base + ratio * lora
 
     @torch.no_grad()  # detached anyway: building its graph would hold a weight-sized copy
     def _norms(self, which) -> torch.Tensor:
-        W = self.dense_weight()
+        W = self.dense_weight().float()
         delta = torch.einsum("s,sor,sri->soi", self.scale[which], self.lora_B[which],
                              self.lora_A[which])
         return self._row_norm(W + delta)

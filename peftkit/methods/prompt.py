@@ -36,7 +36,8 @@ class VirtualTokens(nn.Module):
         else:
             layers, kv_heads, head_dim = kv_geometry(model.config)
             width = layers * 2 * kv_heads * head_dim
-        self.prompt_embeddings = nn.Parameter(torch.zeros(slots, n, width))
+        at = model.get_input_embeddings().weight.device
+        self.prompt_embeddings = nn.Parameter(torch.zeros(slots, n, width, device=at))
 
     def init_slot(self, k: int, model, init_text: str | None = None, tokenizer=None) -> None:
         with torch.no_grad():
@@ -45,7 +46,8 @@ class VirtualTokens(nn.Module):
                     raise PeftkitError("prompt tuning init_text needs the tokenizer")
                 ids = tokenizer(init_text, add_special_tokens=False).input_ids
                 ids = (ids * (self.n // max(len(ids), 1) + 1))[: self.n]
-                emb = model.get_input_embeddings().weight[torch.tensor(ids)]
+                table = model.get_input_embeddings().weight
+                emb = table[torch.tensor(ids, device=table.device)]
                 self.prompt_embeddings[k] = emb
             else:  # PEFT's default: an nn.Embedding's N(0, 1)
                 nn.init.normal_(self.prompt_embeddings[k])
@@ -72,7 +74,8 @@ class VirtualTokens(nn.Module):
             out.logits = out.logits[:, self.n:]  # align logits with the caller's input_ids
             return out
         return model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                     past_key_values=self.prefix_cache(model, virtual), **kw)
+                     past_key_values=self.prefix_cache(model, virtual.to(hidden_dtype(model))),
+                     **kw)
 
     def prefix_cache(self, model, virtual: torch.Tensor) -> DynamicCache:
         layers, kv_heads, head_dim = kv_geometry(model.config)
@@ -82,3 +85,12 @@ class VirtualTokens(nn.Module):
         for layer in range(layers):  # (B, kv_heads, n, head_dim) each
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
         return cache
+
+
+def hidden_dtype(model) -> torch.dtype:
+    """The precision the layers compute keys and values in: a norm's weight dtype (norms are
+    never quantized nor stored at 16 bit apart from the whole base)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("Norm") and getattr(module, "weight", None) is not None:
+            return module.weight.dtype
+    return torch.float32

@@ -77,13 +77,23 @@ def parameter_state(shape: Shape, method: str, s: Settings, base_bytes: int = 2)
     return {"weights": base + 4 * p, "grads": 4 * p, "optimizer": moments * p}
 
 
+def device_bytes(shape: Shape, method: str, s: Settings, base_bytes: int = 2) -> dict:
+    """Peak bytes of one training process on one GPU, term by term (a run's report puts its
+    measured `peak_device_bytes` beside this)."""
+    state = parameter_state(shape, method, s, base_bytes)
+    act = activation_bytes(shape, s, method, bytes_per_value=base_bytes)
+    tensors = sum(state.values()) + act
+    out = {**state, "activations": act, "context": CUDA_CONTEXT_GB * GB,
+           "fragmentation": FRAGMENTATION * tensors}
+    return {**out, "total": sum(out.values())}
+
+
 def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, tokens: float,
              price: float) -> dict:
-    state = parameter_state(shape, method, s)
-    act = activation_bytes(shape, s, method)
-    tensors = sum(state.values()) + act
-    overhead = CUDA_CONTEXT_GB * GB + FRAGMENTATION * tensors
-    total = tensors + overhead
+    parts = device_bytes(shape, method, s)
+    state = {k: parts[k] for k in ("weights", "grads", "optimizer")}
+    act, total = parts["activations"], parts["total"]
+    overhead = parts["context"] + parts["fragmentation"]
     mem = gpu["memory_gb"] * GB
     needed = max(1, math.ceil(total / mem))
     flops = FLOPS_PER_TOKEN[method] * shape.params * tokens

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 
 
@@ -70,6 +71,7 @@ class Engine:
                  timeout_s: float | None = None):
         self.adapted, self.tok = adapted, tokenizer
         self.model = adapted.model
+        self.device = module_device(self.model)  # every tensor a step makes goes here
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos = {tokenizer.eos_token_id}
@@ -202,9 +204,9 @@ class Engine:
 
     def _prefill(self, req: Request) -> None:
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([req.prompt_ids])
+        ids = torch.tensor([req.prompt_ids], device=self.device)
         with self.lock:
-            out = self.adapted(input_ids=ids, slots=torch.tensor([req.slot]),
+            out = self.adapted(input_ids=ids, slots=torch.tensor([req.slot], device=self.device),
                                past_key_values=cache, use_cache=True)
         req.kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
         self._accept(req, out.logits[0, -1])
@@ -214,14 +216,15 @@ class Engine:
         if self.cache is None:
             self.cache, self.pad = self._pack(rows)
         width = self.cache.get_seq_length()
-        last = torch.tensor([[r.out_ids[-1]] for r in rows])
-        mask = torch.ones(len(rows), width + 1, dtype=torch.long)
+        on = {"device": self.device}
+        last = torch.tensor([[r.out_ids[-1]] for r in rows], **on)
+        mask = torch.ones(len(rows), width + 1, dtype=torch.long, **on)
         for i, p in enumerate(self.pad):
             mask[i, :p] = 0
-        positions = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rows])
+        positions = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rows], **on)
         with self.lock:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
-                               slots=torch.tensor([r.slot for r in rows]),
+                               slots=torch.tensor([r.slot for r in rows], **on),
                                past_key_values=self.cache, use_cache=True)
         for i, req in enumerate(rows):
             self._accept(req, out.logits[i, -1])
@@ -287,8 +290,9 @@ class Engine:
         s = req.sampling
         if s.temperature <= 0:
             return int(logits.argmax())
+        # On the CPU, where the request's seeded generator lives, whatever the model's device.
         # Shift before dividing: a temperature of 1e-45 then gives 0 and -inf, never inf - inf.
-        logits = logits.float()
+        logits = logits.float().cpu()
         probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)

@@ -4,7 +4,10 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from peftkit.data import chat_prompt
+from peftkit.device import resolve_device, resolve_dtype
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
@@ -28,6 +31,9 @@ class ServeConfig:
     max_batch: int = 32
     max_queue: int = 256  # waiting requests (in the engine's queue or for an adapter slot)
     targets: str = "all-linear"  # modules that adapters may target
+    device: str = "auto"  # where the base, the slot stack and the KV cache live
+    dtype: str = "auto"  # the base's precision (auto: bf16 on a GPU that has it, else fp32)
+    attn: str = "sdpa"
     # Abuse limits: every request ends within request_timeout_s; bodies over max_body_mb get 413;
     # a tenant with tenant_max_inflight requests queued or running gets 429 (0 = no limit);
     # a request for a cold adapter waits up to slot_wait_s for a slot before its 429.
@@ -44,10 +50,14 @@ class TenantBusy(PeftkitError):
 class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        quant = QuantConfig() if cfg.quantize == "nf4" else None
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
         if cfg.quantize not in (None, "nf4"):
             raise PeftkitError(f"--quantize: only nf4 is supported, got '{cfg.quantize}'")
-        self.base = load_base(cfg.base, task="causal-lm", quantize=quant)
+        quant = QuantConfig(compute_dtype="bfloat16" if dtype == torch.bfloat16 else "float32") \
+            if cfg.quantize == "nf4" else None
+        self.base = load_base(cfg.base, task="causal-lm", quantize=quant, device=device,
+                              dtype=dtype, attn=cfg.attn)
         self.name = cfg.base
         # All slots empty (identity) until an adapter is written into one.
         self.adapted = add_adapter(self.base.model, LoraConfig(r=cfg.max_rank, targets=cfg.targets),

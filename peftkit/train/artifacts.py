@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from peftkit.data import load_dataset, tokenize
+from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, load_adapter
 from peftkit.models import Base, load_base
@@ -25,9 +26,13 @@ class Loaded:
     label_names: list[str] = field(default_factory=list)
 
 
-def load_run(model: str, path: str | Path | None) -> Loaded:
+def load_run(model: str, path: str | Path | None, device="cpu",
+             dtype: torch.dtype = torch.float32, attn: str | None = None) -> Loaded:
+    """The run at `path` (or the bare base) on `device`, its frozen base in `dtype`; adapters
+    and heads keep the float32 they were trained in."""
+    where = dict(device=device, dtype=dtype, attn=attn)
     if path is None:
-        base = load_base(model, task="causal-lm")
+        base = load_base(model, task="causal-lm", **where)
         return Loaded(base, base.model, "causal-lm")
     path = Path(path)
     if not path.is_dir():
@@ -39,17 +44,17 @@ def load_run(model: str, path: str | Path | None) -> Loaded:
     full_dir = path / "model"
     if head_meta and head_meta["task"] == "classify":
         spec = str(full_dir) if full_dir.is_dir() else model
-        base = load_base(spec, task="encoder", quantize=quant)
+        base = load_base(spec, task="encoder", quantize=quant, **where)
         backbone = load_adapter(base.model, adapter) if (adapter / CONFIG_NAME).exists() else base.model
-        head, _ = Head.load(path)
+        head, _ = Head.load(path, module_device(base.model))
         clf = SequenceClassifier(backbone, head, head_meta["pooling"]).eval()
         return Loaded(base, clf, "classify", label_names=head_meta["labels"])
     if full_dir.is_dir():
-        base = load_base(str(full_dir), task="causal-lm")
+        base = load_base(str(full_dir), task="causal-lm", **where)
         return Loaded(base, base.model, "causal-lm")
-    base = load_base(model, task="causal-lm", quantize=quant)
+    base = load_base(model, task="causal-lm", quantize=quant, **where)
     if head_meta:  # causal-LM probe: the trained output head replaces the base's
-        head, _ = Head.load(path)
+        head, _ = Head.load(path, module_device(base.model))
         return Loaded(base, base.model, "causal-lm", head=head.eval())
     if not (adapter / CONFIG_NAME).exists():
         raise PeftkitError(f"{path}: no adapter_config.json, adapter/, model/ or head.json inside")
@@ -60,6 +65,7 @@ def evaluate_file(loaded: Loaded, data: str, max_length: int = 256, batch_size: 
                   exact_match_max: int = 64, text_field="text", label_field="label") -> dict:
     ds = load_dataset(data, text_field, label_field)
     tok = loaded.base.tokenizer
+    device = module_device(loaded.base.model)
     if loaded.task == "classify":
         if ds.kind != "classification":
             raise PeftkitError(f"{data}: a classifier needs text+label records, got {ds.kind}")
@@ -70,18 +76,18 @@ def evaluate_file(loaded: Loaded, data: str, max_length: int = 256, batch_size: 
         ds.label_names = loaded.label_names
         ex = tokenize(ds, tok, max_length).examples
         return evaluate_classifier(lambda b: loaded.module(b["input_ids"], b["attention_mask"]),
-                                   ex, len(loaded.label_names), batch_size)
+                                   ex, len(loaded.label_names), batch_size, device)
     ex = tokenize(ds, tok, max_length).examples
     if loaded.head is not None:
         def loss_fn(b):
             hidden = loaded.base.model.base_model(input_ids=b["input_ids"],
                                                   attention_mask=b["attention_mask"]).last_hidden_state
-            logits = loaded.head(hidden[:, :-1])
+            logits = loaded.head(hidden[:, :-1].float())
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten())
     else:
         def loss_fn(b):
             return loaded.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  labels=b["labels"]).loss
-    metrics = evaluate_lm_loss(loss_fn, ex, tok.pad_token_id, batch_size)
+    metrics = evaluate_lm_loss(loss_fn, ex, tok.pad_token_id, batch_size, device)
     em = exact_match(loaded.module, tok, ds.records, exact_match_max, head=loaded.head)
     return metrics if em is None else {**metrics, "exact_match": em}

@@ -20,18 +20,21 @@ def batch_at(examples: list, micro: int, batch_size: int, seed: int) -> list:
     return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; labels are per-token lists or one class id each."""
+def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are per-token lists or one class id each.
+    Built on the CPU, handed over on `device` (the model's)."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    cpu = torch.device("cpu")
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long, device=cpu)
+    mask = torch.zeros((len(examples), width), dtype=torch.long, device=cpu)
     for row, e in enumerate(examples):
-        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids, device=cpu)
         mask[row, :len(e.input_ids)] = 1
     if isinstance(examples[0].labels, int):
-        labels = torch.tensor([e.labels for e in examples])
+        labels = torch.tensor([e.labels for e in examples], device=cpu)
     else:
-        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long, device=cpu)
         for row, e in enumerate(examples):
-            labels[row, :len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            labels[row, :len(e.labels)] = torch.tensor(e.labels, device=cpu)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}

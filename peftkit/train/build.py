@@ -26,6 +26,8 @@ class Trainee:
     adapted: object = None  # AdaptedModel for PEFT methods
     head: Head | None = None
     label_names: list[str] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
 
     def save(self, out: Path) -> dict[str, str]:
         """Write the run's outputs: PEFT adapter, HF model directory and/or head."""
@@ -72,11 +74,26 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
 
 
 def build(cfg: TrainConfig, task: str, label_names: list[str]) -> Trainee:
-    quant = QuantConfig(compute_dtype="bfloat16" if cfg.bf16 else "float32") \
-        if cfg.method == "qlora" else None
+    device, dtype, attn = cfg.placement()
+    name = str(dtype).removeprefix("torch.")
+    quant = QuantConfig(compute_dtype=name) if cfg.method == "qlora" else None
+    # Full fine-tuning trains every weight: float32 masters, autocast to `dtype`. Every other
+    # method freezes the base, which then lives in `dtype` itself.
+    where = dict(device=device, attn=attn,
+                 dtype=torch.float32 if cfg.method == "full" else dtype)
     if task == "classify":
-        return _build_classifier(cfg, label_names, quant)
-    base = load_base(cfg.model, task="causal-lm", quantize=quant)
+        trainee = _build_classifier(cfg, label_names, quant, where)
+    else:
+        trainee = _build_lm(cfg, quant, where)
+    if trainee.head is not None:
+        trainee.head.to(device)
+    trainee.device, trainee.dtype = device, dtype
+    return trainee
+
+
+def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
+    task = "causal-lm"
+    base = load_base(cfg.model, task=task, quantize=quant, **where)
     model = base.model
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -100,10 +117,10 @@ def build(cfg: TrainConfig, task: str, label_names: list[str]) -> Trainee:
     return Trainee(cfg, task, base, adapted, adapted.adapter_parameters(), adapted=adapted)
 
 
-def _build_classifier(cfg: TrainConfig, label_names: list[str], quant) -> Trainee:
+def _build_classifier(cfg: TrainConfig, label_names: list[str], quant, where: dict) -> Trainee:
     if cfg.method in ("prompt", "prefix"):
         raise PeftkitError(f"--method {cfg.method} trains a causal LM; use --task causal-lm")
-    base = load_base(cfg.model, task="encoder", quantize=quant)  # backbone without a head
+    base = load_base(cfg.model, task="encoder", quantize=quant, **where)  # backbone, no head
     backbone = base.model
     if cfg.grad_checkpointing:
         backbone.gradient_checkpointing_enable()

@@ -34,6 +34,9 @@ def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, stat
                 tensors[f"optim.{i}.{k}"] = (v.detach().contiguous() if torch.is_tensor(v)
                                              else torch.tensor(v))
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
+            for i in range(torch.cuda.device_count()):
+                tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
         save_file(tensors, tmp / TENSORS)
         meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params)}
         (tmp / META).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
@@ -101,6 +104,9 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
             state.setdefault(int(i), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
+    for key, state in tensors.items():
+        if key.startswith("rng.cuda.") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state, int(key.rsplit(".", 1)[1]))
     return meta
 
 

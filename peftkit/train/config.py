@@ -44,7 +44,13 @@ class TrainConfig:
     num_virtual_tokens: int = 20
     bottleneck_size: int = 64
     probe_head: str = "linear"  # "linear" | "mlp"
-    bf16: bool = False  # autocast matmuls to bfloat16 (weights stay fp32)
+    # where and how: the names transformers / accelerate users know (peftkit.device)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto = CUDA when available
+    dtype: str = "auto"  # frozen base precision and autocast dtype; auto = bf16 on GPU, fp32 on CPU
+    attn: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # adamw (torch) | adamw8bit | paged_adamw8bit: bitsandbytes' 8-bit states (Dettmers et al.
+    # 2022, arXiv:2110.02861) and, paged, the optimizer states QLoRA pages to the CPU (§3)
+    optim: str = "adamw"
     grad_checkpointing: bool = False
     text_field: str = "text"
     label_field: str = "label"
@@ -65,7 +71,20 @@ class TrainConfig:
                 raise PeftkitError(f"--{name.replace('_', '-')} must be >= 1")
         if self.steps < 0 or self.epochs <= 0 and not self.steps:
             raise PeftkitError("give --steps N > 0 or --epochs E > 0")
+        self.placement()
         return self
+
+    def placement(self):
+        """(device, base dtype, attention) resolved, or a one-line error naming the flag."""
+        from peftkit.device import resolve_attn, resolve_device, resolve_dtype
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device, training=True)
+        if self.optim not in OPTIMIZERS:
+            raise PeftkitError(f"--optim {self.optim}: choose {', '.join(OPTIMIZERS)}")
+        if self.optim == "paged_adamw8bit" and device.type != "cuda":
+            raise PeftkitError(f"--optim paged_adamw8bit: pages optimizer states between a CUDA "
+                               f"device and the CPU; this run is on {device}")
+        return device, dtype, resolve_attn(self.attn)
 
     def target_list(self):
         if self.targets == "all-linear" or not all(c.isalnum() or c in "_,." for c in self.targets):
@@ -76,6 +95,7 @@ class TrainConfig:
         return json.dumps(asdict(self), indent=2)
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4,
               "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "bottleneck": 1e-3}
 

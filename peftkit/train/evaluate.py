@@ -22,12 +22,13 @@ def macro_f1(pred: list[int], gold: list[int], n_classes: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_classifier(logits_fn, examples, n_classes: int, batch_size: int) -> dict:
-    """logits_fn(batch) -> (B, C) logits."""
+def evaluate_classifier(logits_fn, examples, n_classes: int, batch_size: int,
+                        device=None) -> dict:
+    """logits_fn(batch) -> (B, C) logits; batches on `device`."""
     preds, gold, loss_sum = [], [], 0.0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id=0)
-        logits = logits_fn(batch)
+        batch = collate(examples[i:i + batch_size], pad_id=0, device=device)
+        logits = logits_fn(batch).float()
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds += logits.argmax(-1).tolist()
         gold += batch["labels"].tolist()
@@ -37,11 +38,11 @@ def evaluate_classifier(logits_fn, examples, n_classes: int, batch_size: int) ->
 
 
 @torch.no_grad()
-def evaluate_lm_loss(loss_fn, examples, pad_id: int, batch_size: int) -> dict:
+def evaluate_lm_loss(loss_fn, examples, pad_id: int, batch_size: int, device=None) -> dict:
     """loss_fn(batch) -> (mean loss over labelled tokens); weighted back to a token mean."""
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
+        batch = collate(examples[i:i + batch_size], pad_id, device)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
         if n:
             total += loss_fn(batch).item() * n

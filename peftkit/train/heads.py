@@ -24,7 +24,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     last = mask.sum(1).long() - 1
-    return hidden[torch.arange(hidden.shape[0]), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class Head(nn.Module):
@@ -47,14 +47,14 @@ class Head(nn.Module):
         return directory / "head.safetensors"
 
     @classmethod
-    def load(cls, directory: Path) -> tuple["Head", dict]:
+    def load(cls, directory: Path, device="cpu") -> tuple["Head", dict]:
         meta_path = directory / "head.json"
         if not meta_path.exists():
             raise PeftkitError(f"{meta_path}: missing")
         meta = json.loads(meta_path.read_text())
         head = cls(meta["in"], meta["out"], meta["kind"])
         head.load_state_dict(load_file(directory / "head.safetensors"))
-        return head, meta
+        return head.to(device), meta
 
 
 class SequenceClassifier(nn.Module):
@@ -69,5 +69,5 @@ class SequenceClassifier(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids, attention_mask):
-        return self.head(self.features(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask):  # the head keeps float32 beside any base
+        return self.head(self.features(input_ids, attention_mask).float())

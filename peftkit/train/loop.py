@@ -9,13 +9,13 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from peftkit.data import IGNORE, load_dataset, split, tokenize
+from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
 from peftkit.train.batches import batch_at, collate
@@ -96,18 +96,23 @@ class Trainer:
             return {}
         t.module.eval()
         try:
-            if self.probe is not None:
-                return self.probe.evaluate(self.val_records, cfg)
-            if self.task == "classify":
-                return evaluate_classifier(lambda b: t.module(b["input_ids"], b["attention_mask"]),
-                                           self.val_ex, len(self.dataset.label_names),
-                                           cfg.batch_size)
-            metrics = evaluate_lm_loss(self._loss, self.val_ex, t.base.tokenizer.pad_token_id,
-                                       cfg.batch_size)
-            em = exact_match(t.module, t.base.tokenizer, self.val_records, cfg.exact_match_max)
-            return metrics if em is None else {**metrics, "exact_match": em}
+            with autocast(t.device, t.dtype):
+                return self._metrics()
         finally:
             t.module.train()
+
+    def _metrics(self) -> dict:
+        t, cfg = self.trainee, self.cfg
+        if self.probe is not None:
+            return self.probe.evaluate(self.val_records, cfg)
+        if self.task == "classify":
+            return evaluate_classifier(lambda b: t.module(b["input_ids"], b["attention_mask"]),
+                                       self.val_ex, len(self.dataset.label_names),
+                                       cfg.batch_size, t.device)
+        metrics = evaluate_lm_loss(self._loss, self.val_ex, t.base.tokenizer.pad_token_id,
+                                   cfg.batch_size, t.device)
+        em = exact_match(t.module, t.base.tokenizer, self.val_records, cfg.exact_match_max)
+        return metrics if em is None else {**metrics, "exact_match": em}
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -125,7 +130,8 @@ class Trainer:
         total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
         eval_every = cfg.eval_every or max(1, per_epoch // cfg.grad_accum)
         peak = cfg.lr or DEFAULT_LR[cfg.method]
-        opt = torch.optim.AdamW(t.params, lr=peak, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(cfg.optim, t.params, peak, cfg.weight_decay)
+        reset_peak(t.device)
         step, history, losses = 0, [], []
         if cfg.resume:
             recovered = recover(self.out)
@@ -141,7 +147,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(cfg.to_json())
         pad = t.base.tokenizer.pad_token_id
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        precision = autocast(t.device, t.dtype)
         old_handlers = self._trap_signals()
         bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         t.module.train()
@@ -153,12 +159,13 @@ class Trainer:
                 step_loss, tokens = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     items = batch_at(examples, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-                    batch = self.probe.collate(items) if self.probe else collate(items, pad)
+                    batch = self.probe.collate(items) if self.probe else \
+                        collate(items, pad, t.device)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                     if "input_ids" in batch:
                         self.meter.see_batch(*batch["input_ids"].shape)
-                    with autocast:
-                        loss = self._loss(batch) / cfg.grad_accum
+                    with precision:
+                        loss = self._loss(batch).float() / cfg.grad_accum
                     loss.backward()
                     step_loss += loss.item()
                 if cfg.clip:
@@ -204,6 +211,15 @@ class Trainer:
     def _restore_signals(old) -> None:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    """torch's AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW (imported only then)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from peftkit.quant import bnb
+    cls = bnb().optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb().optim.AdamW8bit
+    return cls(params, lr=lr, weight_decay=weight_decay)
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -5,6 +5,8 @@ Classification caches one pooled vector per example. Causal LM caches the final 
 each position whose next token is a target, and trains the output head alone.
 """
 
+import math
+
 import torch
 
 from peftkit.data import IGNORE
@@ -34,11 +36,11 @@ class FeatureCache:
         pad = t.base.tokenizer.pad_token_id or 0
         items = []
         for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i:i + batch_size], pad)
+            batch = collate(examples[i:i + batch_size], pad, t.device)
             self.backbone_rows += batch["input_ids"].shape[0]
             self.on_batch(*batch["input_ids"].shape)
             if self.task == "classify":
-                feats = t.module.features(batch["input_ids"], batch["attention_mask"])
+                feats = t.module.features(batch["input_ids"], batch["attention_mask"]).float()
                 items += [(f, y) for f, y in zip(feats, batch["labels"])]
                 continue
             hidden = t.base.model.base_model(input_ids=batch["input_ids"],
@@ -46,7 +48,7 @@ class FeatureCache:
             targets = batch["labels"][:, 1:]  # hidden at t predicts token t+1
             for row in range(hidden.shape[0]):
                 keep = targets[row] != IGNORE
-                items.append((hidden[row, :-1][keep].clone(), targets[row][keep].clone()))
+                items.append((hidden[row, :-1][keep].float(), targets[row][keep].clone()))
         return items
 
     def collate(self, items) -> dict[str, torch.Tensor]:
@@ -70,7 +72,7 @@ class FeatureCache:
             n_classes = len(self.trainee.label_names)
             return {"loss": loss, "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
                     "macro_f1": macro_f1(pred, gold, n_classes)}
-        metrics = {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50))))}
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         em = exact_match(self.trainee.base.model, self.trainee.base.tokenizer, val_records,
                          cfg.exact_match_max, head=self.head)
         return metrics if em is None else {**metrics, "exact_match": em}

@@ -8,6 +8,7 @@ import time
 import psutil
 import torch
 
+from peftkit.device import peak_device_bytes
 from peftkit.quant import model_bytes
 
 
@@ -76,9 +77,14 @@ def planner_predictions(trainer) -> dict:
     shape = shape_from_config(cfg.model, t.base.model.config)
     run = CpuRun.from_train(cfg, trainer.task, len(t.label_names), trainer.meter.largest_batch)
     peak = predict_peak_rss(shape, run, trainer.meter.runtime_rss)
-    return {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method,
-                                                               run.settings(shape)),
-            "predicted_peak_rss": {k: int(v) for k, v in peak.items()}}
+    out = {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method,
+                                                              run.settings(shape)),
+           "predicted_peak_rss": {k: int(v) for k, v in peak.items()}}
+    if t.device.type == "cuda":  # the GPU plan's figure for this very run
+        from peftkit.plan.memory import device_bytes
+        gpu = device_bytes(shape, cfg.method, run.settings(shape), base_bytes=t.dtype.itemsize)
+        out["predicted_peak_device_bytes"] = {k: int(v) for k, v in gpu.items()}
+    return out
 
 
 def write_report(trainer, history: list[dict], losses: list[float], paths: dict) -> dict:
@@ -91,6 +97,8 @@ def write_report(trainer, history: list[dict], losses: list[float], paths: dict)
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "peak_rss_bytes": peak_rss_bytes(),
+        "device": str(t.device), "dtype": str(t.dtype).removeprefix("torch."),
+        "peak_device_bytes": peak_device_bytes(t.device),  # None off CUDA
         "runtime_rss_bytes": trainer.meter.runtime_rss,
         "largest_batch": list(trainer.meter.largest_batch),
         **planner_predictions(trainer),
