@@ -73,7 +73,7 @@ def timed_steps(model, params, ids, device, dtype) -> dict:
         if step:
             times.append(time.perf_counter() - start)
     return {"tokens_per_s": ids.numel() * len(times) / sum(times),
-            "peak": peak_device_bytes(device), "loss": float(loss)}
+            "peak": peak_device_bytes(device), "loss": loss.item()}
 
 
 def train_row(name, dims, method, device, dtype, batch, seq) -> dict:
