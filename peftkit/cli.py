@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="full,probe,lora,qlora,ia3,prompt")
     s.add_argument("--output", required=True)
     s.add_argument("extra", nargs="*", help="options passed to every `peftkit train` (after --)")
+    add_placement(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("plan", help="memory, GPUs, time and cost per approach + a recommendation")
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--output", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="fewer steps and examples (~3 min)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -272,7 +274,10 @@ def cmd_eval(args) -> None:
 
 def cmd_compare(args) -> None:
     from peftkit.train.compare import compare
-    compare(args.model, args.data, args.methods.split(","), args.output, extra=args.extra or [])
+    placement(args)  # a bad flag fails before any run starts
+    where = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn]
+    compare(args.model, args.data, args.methods.split(","), args.output,
+            extra=where + (args.extra or []))
 
 
 def cmd_data_check(args) -> int:
@@ -299,7 +304,10 @@ def cmd_data_check(args) -> int:
 
 def cmd_demo(args) -> None:
     from peftkit.demo import DemoConfig, run_demo
-    run_demo(DemoConfig(model=args.model, output=args.output, quick=args.quick))
+    from peftkit.device import resolve_device
+    resolve_device(args.device)  # a bad --device fails before any work
+    run_demo(DemoConfig(model=args.model, output=args.output, quick=args.quick,
+                        device=args.device))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 3e-3
     rank: int = 16
+    device: str = "auto"  # where the base, the training runs and the server live
 
     def __post_init__(self):
         if self.quick:  # fewer steps, smaller batches and examples; still shows the gap
@@ -70,7 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                               budget_days=14)))
 
     say("\n== 3. One NF4 base (blocksize 64, double quantization), five QLoRA adapters")
-    base = load_base(cfg.model, task="causal-lm", quantize=QuantConfig())
+    base = load_base(cfg.model, task="causal-lm", quantize=QuantConfig(), device=cfg.device)
     if base.quant_report is not None:
         say(f"   {base.quant_report.summary()}")
     base_bytes = model_bytes(base.model)
@@ -82,14 +83,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         report = train(TrainConfig(model=cfg.model, data=str(d / "train.jsonl"), method="qlora",
                                    output=str(run), steps=cfg.steps, batch_size=cfg.batch_size,
                                    lr=cfg.lr, rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.0,
-                                   val_split=0.0, warmup=0.1, seed=0))
+                                   val_split=0.0, warmup=0.1, seed=0, device=cfg.device))
         train_reports[task.customer] = report
         _copy_adapter(run / "adapter", adapters / task.customer)
         say(f"   {task.customer:<9} loss {report['train_losses'][0]:.3f} -> "
             f"{report['train_losses'][-1]:.3f} in {report['wall_seconds']:.0f} s")
 
     server = Server(ServeConfig(base=cfg.model, adapters=str(adapters), quantize="nf4",
-                                max_loaded=len(TASKS), max_rank=cfg.rank, max_batch=64))
+                                max_loaded=len(TASKS), max_rank=cfg.rank, max_batch=64,
+                                device=cfg.device))
     say("\n== 4. Held-out accuracy, base vs adapter (all rows in one mixed batch)")
     accuracy = evaluate(server, tests)
     for c, (b, a) in accuracy.items():
