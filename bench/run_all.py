@@ -2,7 +2,7 @@
 
 import importlib
 
-for name in ("methods", "qlora", "train", "plan", "serve", "load"):
+for name in ("methods", "qlora", "train", "plan", "serve", "load", "dist"):
     try:
         mod = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError:

@@ -12,6 +12,7 @@ from peftkit.errors import DataError, PeftkitError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domain", choices=["near", "far"], default="near")
     s.add_argument("--new-language", action="store_true")
     s.add_argument("--icl-enough", action="store_true", help="prompting already works")
+    s.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                   help="how --gpus share the work: fsdp shards parameter state, ddp replicates")
     s.add_argument("--cpu", action="store_true",
                    help="instead: peak RSS of `peftkit train` on this CPU, per method, for "
                         "--batch rows of --seq-len padded tokens (trainer defaults otherwise)")
@@ -188,7 +191,8 @@ def cmd_plan(args) -> None:
                      not args.no_grad_checkpointing,
                      profile={"task_kind": args.task_kind, "quality": args.quality,
                               "budget": args.budget, "domain": args.domain,
-                              "new_language": args.new_language, "icl_enough": args.icl_enough})
+                              "new_language": args.new_language, "icl_enough": args.icl_enough},
+                     strategy=args.strategy)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
 
 
@@ -247,20 +251,55 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> int:
+    import os
+
     from peftkit.train import TrainingInterrupted, load_config, train
-    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "config")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "config", "argv")}
     cfg = load_config(args.config, overrides)
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        check_world(cfg)
+        return launch(cfg.nproc, args.argv)
     try:
         report = train(cfg)
     except TrainingInterrupted as e:
         print(f"peftkit: {e}", file=sys.stderr)
         return 130
+    if report is None:  # a distributed run's other ranks: rank 0 reports
+        return 0
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in report["metrics"].items()
                         if isinstance(v, float))
     print(f"{cfg.method}: {report['trainable_params']:,d} trainable params "
           f"({report['trainable_percent']:.3f}%), {report['wall_seconds']:.1f} s; {metrics}")
     print(f"outputs: {', '.join(report['paths'].values())}")
     return 0
+
+
+def check_world(cfg) -> None:
+    """What would fail on every rank at once is said once, before any process starts."""
+    from peftkit.data import load_dataset
+    n = len(load_dataset(cfg.data, cfg.text_field, cfg.label_field, cfg.skip_invalid).records)
+    held_out = 0 if cfg.val_data or not cfg.val_split else max(1, round(n * cfg.val_split))
+    if n - held_out < cfg.nproc:
+        raise PeftkitError(f"{cfg.data}: {n - held_out} training examples cannot be split over "
+                           f"--nproc {cfg.nproc} processes")
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`peftkit train --nproc N ...` is exactly this torchrun command (printed first)."""
+    import shlex
+    import subprocess
+
+    for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the ranks are the N
+        if a == "--nproc":
+            argv = argv[:i] + argv[i + 2:]
+            break
+        if a.startswith("--nproc="):
+            argv = argv[:i] + argv[i + 1:]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "peftkit", *argv]
+    print("peftkit: running " + shlex.join(["torchrun", *cmd[3:]]), file=sys.stderr)
+    return subprocess.run(cmd).returncode
 
 
 def cmd_eval(args) -> None:

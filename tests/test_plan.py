@@ -190,3 +190,29 @@ def test_cli_json_and_errors(capsys):
     assert "malformed model size '70x'" in capsys.readouterr().err
     with pytest.raises(PeftkitError, match="must be positive"):
         make_plan("7B", gpus=0)
+
+
+def test_fsdp_shards_parameter_state_but_not_activations():
+    from peftkit.plan import make_plan
+    one = make_plan("70B", "H100", gpus=1)["approaches"]
+    # 1,120 GB of parameter state is 14 H100s; with activations and slack FSDP needs more
+    assert one["full"]["strategy"] == "fsdp" and one["full"]["gpus_needed"] == 16
+    assert one["full"]["parameter_state_gb"] / 80 == pytest.approx(14, rel=0.01)
+    sixteen = make_plan("70B", "H100", gpus=16)
+    full = sixteen["approaches"]["full"]
+    assert full["fits"] and full["per_gpu_gb"] < 80 < one["full"]["per_gpu_gb"]
+    ddp = make_plan("70B", "H100", gpus=16, strategy="ddp")["approaches"]["full"]
+    assert not ddp["fits"] and ddp["gpus_needed"] == 0  # replicas never share memory
+    assert one["lora"]["strategy"] == "ddp" and not one["lora"]["fits"]
+
+
+def test_the_plan_prints_the_torchrun_command():
+    from peftkit.plan import format_plan, make_plan
+    plan = make_plan("smollm2-135m", "H100", gpus=4)
+    assert plan["command"].startswith("torchrun --standalone --nproc_per_node 4 -m peftkit train "
+                                      "--model smollm2-135m")
+    assert "Run it: torchrun" in format_plan(plan)
+    big = make_plan("70B", "H100", gpus=16)
+    assert big["command"].startswith("torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
+    assert "--model MODEL_DIR" in big["command"]
+    assert make_plan("smollm2-135m", "H100")["command"].startswith("python -m peftkit train")

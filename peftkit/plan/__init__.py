@@ -10,7 +10,7 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.plan.advisor import TaskProfile, advise
 from peftkit.plan.memory import GB, NF4_BITS, Settings, estimate
-from peftkit.plan.shapes import Shape, shape_for
+from peftkit.plan.shapes import Shape, parse_size, shape_for
 
 APPROACHES = ("full", "full_mixed", "probe", "lora", "qlora")
 CATALOG = Path(__file__).with_name("gpus.json")
@@ -38,7 +38,7 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
               dataset_tokens: float = 10_000 * 2048, epochs: float = 1.0, tenants: int = 1,
               budget_days: float | None = None, price: float | None = None, rank: int = 16,
               adam_8bit: bool = False, grad_checkpointing: bool = True,
-              profile: dict | None = None) -> dict:
+              profile: dict | None = None, strategy: str = "auto") -> dict:
     if gpus < 1 or tenants < 1 or seq_len < 1 or batch < 1 or epochs <= 0 or dataset_tokens <= 0:
         raise PeftkitError("--gpus, --tenants, --seq-len, --batch, --epochs and --dataset-tokens "
                            "must be positive")
@@ -48,7 +48,10 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
     s = Settings(seq_len=seq_len, batch=batch, rank=rank, grad_checkpointing=grad_checkpointing,
                  adam_8bit=adam_8bit)
     tokens = dataset_tokens * epochs
-    approaches = {a: estimate(shape, a, s, spec, gpus, tokens, price) for a in APPROACHES}
+    if strategy not in ("auto", "ddp", "fsdp"):
+        raise PeftkitError(f"--strategy {strategy}: choose auto, ddp, fsdp")
+    approaches = {a: estimate(shape, a, s, spec, gpus, tokens, price, strategy)
+                  for a in APPROACHES}
     prof = TaskProfile(params=shape.params, gpus=gpus, tenants=tenants, **(profile or {}))
     rec = advise(prof, {a: v["fits"] for a, v in approaches.items()})
     chosen = approaches.get(rec["approach"])
@@ -62,13 +65,37 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
             "seed_figures": seed_figures(shape, tenants, rank)}
     if tenants > 1 or budget_days is not None:
         plan["tenants"] = tenant_plan(approaches, rec, tenants, budget_days, shape, rank)
+    if rec["approach"] in approaches:
+        plan["command"] = train_command(model, rec["approach"], approaches[rec["approach"]],
+                                        gpus, seq_len, batch, rank)
     return plan
+
+
+def train_command(model: str, approach: str, a: dict, gpus: int, seq_len: int, batch: int,
+                  rank: int) -> str:
+    """The exact command for the recommended run on `gpus` GPUs (torchrun past one; one node
+    holds 8, so more span nodes with a c10d rendezvous)."""
+    method = "full" if approach.startswith("full") else approach
+    model = "MODEL_DIR" if parse_size(model) is not None else model  # a bare size names no files
+    args = (f"-m peftkit train --model {model} --method {method} --strategy {a['strategy']} "
+            f"--max-length {seq_len} --batch-size {batch} --data DATA --output runs/{method}"
+            + (f" --rank {rank}" if method in ("lora", "qlora") else ""))
+    if gpus == 1:
+        return f"python {args}"
+    if gpus <= 8:
+        return f"torchrun --standalone --nproc_per_node {gpus} {args}"
+    nodes = math.ceil(gpus / 8)
+    return (f"torchrun --nnodes {nodes} --nproc_per_node 8 --rdzv-backend c10d "
+            f"--rdzv-endpoint HEAD_NODE:29500 --rdzv-id peftkit {args}  # on each of {nodes} nodes")
 
 
 def _what_fits(approaches: dict, gpu: str, gpus: int) -> str:
     ok = [a for a, v in approaches.items() if v["fits"]]
-    worst = max(approaches, key=lambda a: approaches[a]["gpus_needed"])
-    needs = f"{worst} needs {approaches[worst]['gpus_needed']}x{gpu}"
+    need = {a: v["gpus_needed"] or math.inf for a, v in approaches.items()}
+    worst = max(need, key=need.get)
+    needs = (f"{worst} needs {need[worst]}x{gpu}" if need[worst] != math.inf else
+             f"{worst} does not fit one {gpu} and its {approaches[worst]['strategy']} copies "
+             "do not share memory")
     return f"does not fit {gpus}x{gpu}: {needs}; " + (
         f"{', '.join(ok)} fit{'s' if len(ok) == 1 else ''} on {gpus}" if ok else "nothing fits")
 
@@ -110,12 +137,13 @@ def format_plan(plan: dict) -> str:
     m, g = plan["model"], plan["gpu"]
     lines = [f"Plan: {m['spec']} ({m['params'] / 1e9:.3g}B params) on {g['count']}x {g['name']} "
              f"({g['memory_gb']} GB, ${g['price_per_hour']:.2f}/h assumed)", "",
-             f"{'approach':<11}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'total GB':>10}"
-             f"{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
+             f"{'approach':<11}{'strategy':>9}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
+             f"{'GB/GPU':>9}{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
     for name, a in plan["approaches"].items():
-        lines.append(f"{name:<11}{a['weights_gb']:>9.1f}{a['grads_gb']:>8.1f}{a['optimizer_gb']:>8.1f}"
-                     f"{a['activations_gb']:>8.1f}{a['total_gb']:>10.1f}{'yes' if a['fits'] else 'no':>6}"
-                     f"{a['gpus_needed']:>6}{a['hours']:>9.1f}{a['cost']:>10,.0f}")
+        lines.append(f"{name:<11}{a['strategy']:>9}{a['weights_gb']:>9.1f}{a['grads_gb']:>8.1f}"
+                     f"{a['optimizer_gb']:>8.1f}{a['activations_gb']:>8.1f}{a['per_gpu_gb']:>9.1f}"
+                     f"{'yes' if a['fits'] else 'no':>6}{a['gpus_needed'] or '-':>6}"
+                     f"{a['hours']:>9.1f}{a['cost']:>10,.0f}")
     s = plan["seed_figures"]
     lines += ["", f"fp16 weights {s['fp16_inference_gb']:.0f} GB; 4-bit {s['int4_inference_gb']:.0f} GB"
               f" + {s['nf4_constants_gb']:.1f} GB quantization constants; full-FT parameter state "
@@ -134,4 +162,6 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"Recommendation: {r['approach']}"
               + (f" (r={r['rank']})" if "rank" in r else "") + f"  [rule: {r['rule']}]"]
     lines += [f"  - {why}" for why in r["reasons"]]
+    if "command" in plan:
+        lines += ["", f"Run it: {plan['command']}"]
     return "\n".join(lines)

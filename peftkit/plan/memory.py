@@ -89,18 +89,34 @@ def device_bytes(shape: Shape, method: str, s: Settings, base_bytes: int = 2) ->
 
 
 def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, tokens: float,
-             price: float) -> dict:
+             price: float, strategy: str = "auto") -> dict:
+    """Memory per GPU, GPUs needed, hours and cost under a distributed `strategy`: FSDP shards
+    weights, gradients and optimizer states over the GPUs (activations stay per GPU: each runs
+    its own micro-batch); DDP replicates everything, so more GPUs add speed, not room.
+    auto = FSDP where the whole model trains, DDP where adapters do (as `peftkit train`)."""
+    if strategy == "auto":
+        strategy = "fsdp" if method in ("full", "full_mixed") else "ddp"
     parts = device_bytes(shape, method, s)
     state = {k: parts[k] for k in ("weights", "grads", "optimizer")}
-    act, total = parts["activations"], parts["total"]
-    overhead = parts["context"] + parts["fragmentation"]
-    mem = gpu["memory_gb"] * GB
-    needed = max(1, math.ceil(total / mem))
+    act, mem = parts["activations"], gpu["memory_gb"] * GB
+
+    def per_gpu(n: int) -> float:
+        shared = sum(state.values()) / (n if strategy == "fsdp" else 1)
+        return shared + act + parts["context"] + FRAGMENTATION * (shared + act)
+    total = per_gpu(gpus)
+    if strategy == "fsdp":  # the fewest GPUs whose shards fit, or none when activations alone don't
+        floor = act + parts["context"] + FRAGMENTATION * act
+        needed = max(1, math.ceil(sum(state.values()) * (1 + FRAGMENTATION) / (mem - floor))) \
+            if mem > floor else 0
+    else:
+        needed = 1 if per_gpu(1) <= mem else 0
     flops = FLOPS_PER_TOKEN[method] * shape.params * tokens
     hours = flops / (gpus * gpu["bf16_tflops"] * 1e12 * UTILISATION[method]) / 3600
-    return {"weights_gb": state["weights"] / GB, "grads_gb": state["grads"] / GB,
-            "optimizer_gb": state["optimizer"] / GB, "activations_gb": act / GB,
-            "overhead_gb": overhead / GB, "total_gb": total / GB,
-            "parameter_state_gb": sum(state.values()) / GB, "fits": needed <= gpus,
+    return {"strategy": strategy, "weights_gb": state["weights"] / GB,
+            "grads_gb": state["grads"] / GB, "optimizer_gb": state["optimizer"] / GB,
+            "activations_gb": act / GB, "overhead_gb": (total - sum(state.values()) / (
+                gpus if strategy == "fsdp" else 1) - act) / GB,
+            "total_gb": total / GB, "per_gpu_gb": total / GB,
+            "parameter_state_gb": sum(state.values()) / GB, "fits": total <= mem,
             "gpus_needed": needed, "hours": hours, "cost": hours * gpus * price,
             "utilisation": UTILISATION[method]}

@@ -29,18 +29,29 @@ class Trainee:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
 
-    def save(self, out: Path) -> dict[str, str]:
-        """Write the run's outputs: PEFT adapter, HF model directory and/or head."""
+    def save(self, out: Path, write: bool = True) -> dict[str, str]:
+        """Write the run's outputs: PEFT adapter, HF model directory and/or head. Every rank of
+        a distributed run calls it (FSDP shards are gathered); only `write` ones write."""
         paths = {}
         method = self.config.method
-        if self.adapted is not None:
+        if self.adapted is not None and write:
             paths["adapter"] = str(save_adapter(self.adapted, out / "adapter",
                                                 base_name=self.config.model))
         if method == "full":
+            from peftkit.train.distributed import full
             model = self.base.model if self.task == "causal-lm" else self.module.backbone
-            model.save_pretrained(out / "model")
-            self.base.tokenizer.save_pretrained(out / "model")
+            first = {}  # tied weights (one parameter, two names) are written once, as HF does
+            for name, p in model.named_parameters(remove_duplicate=False):
+                first.setdefault(id(p), name)
+            tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+                    if first[id(p)] != n}
+            whole = {k: full(v) for k, v in model.state_dict().items() if k not in tied}
+            if write:
+                model.save_pretrained(out / "model", state_dict=whole)
+                self.base.tokenizer.save_pretrained(out / "model")
             paths["model"] = str(out / "model")
+        if not write:
+            return paths
         if self.head is not None:
             extra = {"task": self.task, "labels": self.label_names, "base": self.config.model,
                      "method": method, "pooling": getattr(self.module, "pooling", None)}
@@ -73,8 +84,10 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
 
 
-def build(cfg: TrainConfig, task: str, label_names: list[str]) -> Trainee:
-    device, dtype, attn = cfg.placement()
+def build(cfg: TrainConfig, task: str, label_names: list[str], device=None) -> Trainee:
+    """`device` overrides the config's (a distributed rank's own GPU)."""
+    placed, dtype, attn = cfg.placement()
+    device = device or placed
     name = str(dtype).removeprefix("torch.")
     quant = QuantConfig(compute_dtype=name) if cfg.method == "qlora" else None
     # Full fine-tuning trains every weight: float32 masters, autocast to `dtype`. Every other

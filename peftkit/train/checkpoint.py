@@ -16,23 +16,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftkit.errors import PeftkitError
+from peftkit.train.distributed import full, shard_like
 
 NAME = "checkpoint"
 TENSORS, META = "state.safetensors", "trainer_state.json"
 
 
-def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, state: dict) -> Path:
+def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, state: dict,
+                    write: bool = True) -> Path:
+    """Every rank of a distributed run calls this (FSDP shards are gathered into whole tensors,
+    so the checkpoint loads at any world size); only the `write` rank writes."""
+    tensors = {f"param.{i}": full(p.detach()).contiguous() for i, p in enumerate(params)}
+    opt = optimizer.state_dict()
+    for i, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = (full(v.detach()).contiguous() if torch.is_tensor(v)
+                                         else torch.tensor(v))
+    final = out / NAME
+    if not write:
+        return final
     recover(out)
-    tmp, final, old = out / f".{NAME}-tmp", out / NAME, out / f".{NAME}-old"
+    tmp, old = out / f".{NAME}-tmp", out / f".{NAME}-old"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
-        opt = optimizer.state_dict()
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{i}.{k}"] = (v.detach().contiguous() if torch.is_tensor(v)
-                                             else torch.tensor(v))
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():  # dropout on a GPU draws from its own generator
             for i in range(torch.cuda.device_count()):
@@ -96,12 +103,13 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
             if saved.shape != p.shape:
                 raise PeftkitError(f"{ckpt}: tensor {i} has shape {tuple(saved.shape)}, "
                                    f"expected {tuple(p.shape)}")
-            p.copy_(saved)
+            p.copy_(shard_like(saved, p))
     state = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
+            p = params[int(i)]  # moments laid out as their parameter (an FSDP shard, a GPU)
+            state.setdefault(int(i), {})[k] = shard_like(v, p) if v.shape == p.shape else v
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
     for key, state in tensors.items():

@@ -51,6 +51,10 @@ class TrainConfig:
     # adamw (torch) | adamw8bit | paged_adamw8bit: bitsandbytes' 8-bit states (Dettmers et al.
     # 2022, arXiv:2110.02861) and, paged, the optimizer states QLoRA pages to the CPU (§3)
     optim: str = "adamw"
+    # beyond one device (torchrun): --nproc N relaunches this command under torchrun
+    nproc: int = 1
+    strategy: str = "auto"  # auto | ddp (adapters) | fsdp (full fine-tuning; FSDP2)
+    dist_timeout: float = 120.0  # seconds a rank waits for the others before it gives up
     grad_checkpointing: bool = False
     text_field: str = "text"
     label_field: str = "label"
@@ -72,6 +76,10 @@ class TrainConfig:
         if self.steps < 0 or self.epochs <= 0 and not self.steps:
             raise PeftkitError("give --steps N > 0 or --epochs E > 0")
         self.placement()
+        from peftkit.train.distributed import World, choose_strategy
+        if self.nproc < 1:
+            raise PeftkitError("--nproc must be >= 1")
+        choose_strategy(self.strategy, self.method, World(size=max(self.nproc, 2)))
         return self
 
     def placement(self):

@@ -22,6 +22,7 @@ from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import Trainee, build
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
 from peftkit.train.config import DEFAULT_LR, TrainConfig
+from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no_sync, wrap
 from peftkit.train.evaluate import (evaluate_classifier, evaluate_lm_loss, exact_match)
 from peftkit.train.probe import FeatureCache
 from peftkit.train.report import Meter, write_report
@@ -59,7 +60,7 @@ class Trainer:
             raise PeftkitError(f"{cfg.data}: --task classify needs text+label records, got {ds.kind}")
         self.dataset = ds
         torch.manual_seed(cfg.seed)
-        self.trainee: Trainee = build(cfg, task, ds.label_names)
+        self.trainee: Trainee = build(cfg, task, ds.label_names, self.device)
         tok = self.trainee.base.tokenizer
         pairs = list(zip(tokenize(ds, tok, cfg.max_length).examples, ds.records))
         if cfg.val_data:
@@ -80,15 +81,26 @@ class Trainer:
         self.task = task
 
     # -- loss -----------------------------------------------------------------------------------
-    def _loss(self, batch) -> torch.Tensor:
-        t = self.trainee
+    def _loss(self, batch, module=None) -> torch.Tensor:
+        """The mean loss of a batch (`module`: the wrapped one the training forward uses)."""
+        module = module or self.trainee.module
         if self.probe is not None:
             return self.probe.loss(batch)
         if self.task == "classify":
-            logits = t.module(batch["input_ids"], batch["attention_mask"])
+            logits = module(batch["input_ids"], batch["attention_mask"])
             return torch.nn.functional.cross_entropy(logits, batch["labels"])
-        return t.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"]).loss
+        return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"]).loss
+
+    @staticmethod
+    def _terms(items) -> int:
+        """How many loss terms examples (or cached features) contribute: labelled next tokens
+        for a causal LM, one per row for classification."""
+        if isinstance(items[0], tuple):  # probe features: (features, targets)
+            return sum(1 if y.dim() == 0 else len(y) for _, y in items)
+        if isinstance(items[0].labels, int):
+            return len(items)
+        return sum(sum(t != IGNORE for t in e.labels[1:]) for e in items)
 
     def _evaluate(self) -> dict:
         t, cfg = self.trainee, self.cfg
@@ -115,59 +127,95 @@ class Trainer:
         return metrics if em is None else {**metrics, "exact_match": em}
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg = self.cfg
+    def run(self) -> dict | None:
+        """Train; the report on rank 0 (None on the other ranks of a distributed run)."""
+        device, _, _ = self.cfg.placement()
+        self.world, self.device = join(device, self.cfg.dist_timeout)
+        try:
+            return self._run()
+        finally:
+            leave()
+
+    def _say(self, text: str) -> None:
+        if self.world.main:
+            print(f"peftkit: {text}", file=sys.stderr)
+
+    def _run(self) -> dict | None:
+        cfg, world = self.cfg, self.world
         self.meter.start()
         self._prepare()
         t = self.trainee
+        if len(self.train_ex) < world.size:
+            raise PeftkitError(f"{cfg.data}: {len(self.train_ex)} training examples cannot be "
+                               f"split over {world.size} processes")
+        strategy = choose_strategy(cfg.strategy, cfg.method, world)
+        if world.active:
+            why = "the whole model trains" if strategy == "fsdp" else "only adapters train"
+            self._say(f"{world.size} processes, strategy {strategy} ({why})")
         trim_hooks = trim_between_layers(t.base.model)
         start = time.perf_counter()
-        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch) \
-            if cfg.method == "probe" else None
+        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch,
+                                        world) if cfg.method == "probe" else None
         self.meter.feature_seconds = time.perf_counter() - start
+        forward = wrap(t.module if self.probe is None else t.head, strategy, world, t.device)
+        if self.probe is not None:
+            self.probe.head_forward = forward
+        if strategy == "fsdp" and world.active:  # sharded: the parameters are DTensors now
+            t.params = [p for p in t.module.parameters() if p.requires_grad]
         examples = self.probe.train_items if self.probe else self.train_ex
-        per_epoch = math.ceil(len(examples) / cfg.batch_size)
-        total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
-        eval_every = cfg.eval_every or max(1, per_epoch // cfg.grad_accum)
+        accum, step, history, losses = cfg.grad_accum, 0, [], []
         peak = cfg.lr or DEFAULT_LR[cfg.method]
         opt = make_optimizer(cfg.optim, t.params, peak, cfg.weight_decay)
         reset_peak(t.device)
-        step, history, losses = 0, [], []
         if cfg.resume:
-            recovered = recover(self.out)
+            recovered = recover(self.out) if world.main else None
             if recovered:
-                print(f"peftkit: {recovered}", file=sys.stderr)
+                self._say(recovered)
+            if world.active:
+                torch.distributed.barrier()
             if complete(self.out / "checkpoint"):
                 meta = load_checkpoint(self.out, t.params, opt)
                 step, history, losses = meta["step"], meta["history"], meta["losses"]
-                print(f"peftkit: resuming from step {step}", file=sys.stderr)
+                accum = self._accum_for(meta.get("global_batch"))
+                self._say(f"resuming from step {step}")
             else:  # killed before its first checkpoint: nothing to lose, start over
-                print(f"peftkit: --resume: no complete checkpoint in {self.out}; starting from "
-                      "step 0", file=sys.stderr)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(cfg.to_json())
+                self._say(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
+        global_batch = cfg.batch_size * world.size * accum
+        per_epoch = math.ceil(len(examples) / global_batch)
+        total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
+        eval_every = cfg.eval_every or per_epoch
+        if world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(cfg.to_json())
         pad = t.base.tokenizer.pad_token_id
         precision = autocast(t.device, t.dtype)
         old_handlers = self._trap_signals()
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step",
+                   dynamic_ncols=True, disable=not world.main)
         t.module.train()
         loop_start = time.perf_counter()
         try:
             while step < total:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, cfg, peak)
+                rows = batch_at(examples, step, global_batch, cfg.seed)
+                weight = world.size / self._terms(rows)  # token-weighted over the global batch
                 step_loss, tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    items = batch_at(examples, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+                for micro in range(accum):
+                    at = (micro * world.size + world.rank) * cfg.batch_size
+                    items = rows[at:at + cfg.batch_size]
+                    scale = weight if items else 0.0  # a short last batch: a zero-weight row
+                    items = items or rows[:1]  # keeps every rank in every collective
                     batch = self.probe.collate(items) if self.probe else \
                         collate(items, pad, t.device)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                     if "input_ids" in batch:
                         self.meter.see_batch(*batch["input_ids"].shape)
-                    with precision:
-                        loss = self._loss(batch).float() / cfg.grad_accum
+                    with no_sync(forward, micro == accum - 1), precision:
+                        loss = self._loss(batch, forward).float() * (self._terms(items) * scale)
                     loss.backward()
-                    step_loss += loss.item()
+                    step_loss += loss.item() / world.size  # this rank's share of the mean
+                step_loss = sum_over(step_loss, world, t.device)
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(t.params, cfg.clip)
                 opt.step()
@@ -182,25 +230,44 @@ class Trainer:
                                 tok_s=f"{self.meter.tokens_per_second():.0f}")
                 if step % eval_every == 0 or step == total:
                     history.append({"step": step, "train_loss": step_loss, **self._evaluate()})
-                    bar.write(f"step {step}: " + ", ".join(
-                        f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step"))
-                state = {"step": step, "history": history, "losses": losses}
-                if self.stop_signal is not None:
-                    save_checkpoint(self.out, t.params, opt, state)
+                    if world.main:
+                        bar.write(f"step {step}: " + ", ".join(
+                            f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step"))
+                state = {"step": step, "history": history, "losses": losses,
+                         "global_batch": global_batch}
+                if any_rank(self.stop_signal is not None, world, t.device):
+                    save_checkpoint(self.out, t.params, opt, state, world.main)
                     raise TrainingInterrupted(
-                        f"stopped by {self.stop_signal} at step {step}/{total}; checkpoint in "
-                        f"{self.out / 'checkpoint'} (continue with --resume)")
+                        f"stopped by {self.stop_signal or 'a signal to another rank'} at step "
+                        f"{step}/{total}; checkpoint in {self.out / 'checkpoint'} "
+                        "(continue with --resume)")
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    save_checkpoint(self.out, t.params, opt, state)
+                    save_checkpoint(self.out, t.params, opt, state, world.main)
         finally:
             for hook in trim_hooks:
                 hook.remove()
             self.meter.loop_seconds = time.perf_counter() - loop_start
             bar.close()
             self._restore_signals(old_handlers)
-        save_checkpoint(self.out, t.params, opt, {"step": step, "history": history, "losses": losses})
-        paths = t.save(self.out)
-        return write_report(self, history, losses, paths)
+        save_checkpoint(self.out, t.params, opt, {"step": step, "history": history,
+                                                  "losses": losses, "global_batch": global_batch},
+                        world.main)
+        paths = t.save(self.out, world.main)
+        return write_report(self, history, losses, paths) if world.main else None
+
+    def _accum_for(self, global_batch: int | None) -> int:
+        """Micro-steps per step that keep a checkpoint's global batch at this world size."""
+        cfg, world = self.cfg, self.world
+        if global_batch is None or global_batch == cfg.batch_size * world.size * cfg.grad_accum:
+            return cfg.grad_accum
+        per_pass = cfg.batch_size * world.size
+        if global_batch % per_pass:
+            raise PeftkitError(f"--resume: the checkpoint's global batch is {global_batch}, not a "
+                               f"multiple of --batch-size {cfg.batch_size} x {world.size} "
+                               "processes; pick a batch size that divides it")
+        self._say(f"keeping the checkpoint's global batch of {global_batch}: "
+                  f"{global_batch // per_pass} micro-steps of {cfg.batch_size} per process")
+        return global_batch // per_pass
 
     def _trap_signals(self):
         def handler(signum, _frame):
@@ -220,6 +287,15 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     from peftkit.quant import bnb
     cls = bnb().optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb().optim.AdamW8bit
     return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def sum_over(value: float, world, device) -> float:
+    """A per-rank number summed over the ranks (shares of the global batch's loss)."""
+    if not world.active:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t)
+    return t.item()
 
 
 def train(cfg: TrainConfig) -> dict:

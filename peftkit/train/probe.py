@@ -11,6 +11,7 @@ import torch
 
 from peftkit.data import IGNORE
 from peftkit.train.batches import collate
+from peftkit.train.distributed import World, gather_objects
 from peftkit.train.evaluate import exact_match, macro_f1
 
 
@@ -18,16 +19,26 @@ class FeatureCache:
     def __init__(self, trainee, task: str):
         self.trainee, self.task = trainee, task
         self.head = trainee.head
+        self.head_forward = trainee.head  # the trainer sets the DDP-wrapped head here
         self.backbone_rows = 0  # examples the backbone has run on (each exactly once)
         self.train_items, self.val_items = [], []
         self.on_batch = lambda rows, length: None  # the trainer's meter sees each backbone pass
 
     @classmethod
-    def build(cls, trainee, train_ex, val_ex, cfg, on_batch=None) -> "FeatureCache":
+    def build(cls, trainee, train_ex, val_ex, cfg, on_batch=None, world=None) -> "FeatureCache":
+        """Each rank of a distributed run extracts every world-th example; all ranks then hold
+        all features, in the examples' order."""
         cache = cls(trainee, trainee.task)
         cache.on_batch = on_batch or cache.on_batch
-        cache.train_items = cache._extract(train_ex, cfg.batch_size)
-        cache.val_items = cache._extract(val_ex, cfg.batch_size)
+        world = world or World()
+        for name, examples in (("train_items", train_ex), ("val_items", val_ex)):
+            mine = cache._extract(examples[world.rank::world.size], cfg.batch_size)
+            parts = gather_objects([(f.cpu(), y.cpu()) for f, y in mine], world)
+            merged = [None] * len(examples)
+            for r, part in enumerate(parts):
+                merged[r::world.size] = part
+            setattr(cache, name, [(f.to(trainee.device), y.to(trainee.device))
+                                  for f, y in merged])
         return cache
 
     @torch.no_grad()
@@ -58,7 +69,8 @@ class FeatureCache:
         return {"features": torch.cat([f for f, _ in items]), "targets": torch.cat([y for _, y in items])}
 
     def loss(self, batch) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.head(batch["features"]), batch["targets"])
+        return torch.nn.functional.cross_entropy(self.head_forward(batch["features"]),
+                                                 batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, val_records, cfg) -> dict:

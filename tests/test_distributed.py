@@ -1,0 +1,101 @@
+"""More than one process (issue 13), on torch's engine: torchrun + gloo on this CPU.
+
+N processes must compute what one process computes with the same global batch (losses are
+token-weighted over the global batch), for DDP (adapters) and FSDP2 (full fine-tuning), and a
+checkpoint written by 2 processes resumes in 1. Each process gets OMP_NUM_THREADS=1.
+"""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from peftkit.cli import main
+
+ROWS = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3} and more words {i}"}
+        for i in range(12)]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def data(write):
+    return write("lm.jsonl", ROWS)
+
+
+def _train(data, out, *flags, env=ENV):
+    cmd = [sys.executable, "-m", "peftkit", "train", "--model", "tiny-llama", "--data", str(data),
+           "--val-split", "0", "--dropout", "0", "--device", "cpu", "--schedule", "constant",
+           "--warmup", "0", "--output", str(out), *flags]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _weights(out, part):
+    return load_file(glob.glob(str(out / part / "*.safetensors"))[0])
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _losses(out):
+    return json.loads((out / "report.json").read_text())["train_losses"]
+
+
+@pytest.mark.parametrize("method,part,lr", [("lora", "adapter", "1e-2"), ("full", "model", "1e-3")])
+def test_two_processes_equal_one_with_the_same_global_batch(data, tmp_path, method, part, lr):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(data, one, "--method", method, "--steps", "8", "--batch-size", "6", "--lr", lr)
+    run = _train(data, two, "--method", method, "--steps", "8", "--batch-size", "3", "--lr", lr,
+                 "--nproc", "2")
+    assert "running torchrun --standalone --nproc_per_node=2 -m peftkit train" in run.stderr
+    strategy = "fsdp" if method == "full" else "ddp"
+    assert f"2 processes, strategy {strategy}" in run.stderr
+    assert _max_diff(_weights(one, part), _weights(two, part)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(_losses(one), _losses(two))) <= 1e-5
+    assert not (two / "report.json").read_text().count("rank")  # one report, rank 0's
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(data, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    common = ["--method", "lora", "--lr", "1e-2", "--batch-size", "3"]
+    _train(data, whole, *common, "--steps", "8", "--grad-accum", "2")
+    _train(data, cut, *common, "--steps", "4", "--nproc", "2")
+    resumed = _train(data, cut, *common, "--steps", "8", "--resume")
+    assert "keeping the checkpoint's global batch of 6: 2 micro-steps of 3" in resumed.stderr
+    assert _max_diff(_weights(whole, "adapter"), _weights(cut, "adapter")) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(_losses(whole), _losses(cut))) <= 1e-5
+
+
+def test_bad_distributed_input_is_one_line_and_never_hangs(data, tmp_path, write, capsys):
+    out = tmp_path / "x"
+    base = ["train", "--model", "tiny-llama", "--data", str(data), "--output", str(out),
+            "--device", "cpu", "--steps", "1"]
+    assert main([*base, "--nproc", "2", "--strategy", "fsdp", "--method", "lora"]) == 2
+    assert "--strategy fsdp: shards full fine-tuning; --method lora" in capsys.readouterr().err
+    tiny = write("one.jsonl", ROWS[:2])
+    assert main([*base[:4], str(tiny), *base[5:], "--nproc", "3", "--val-split", "0"]) == 2
+    assert "2 training examples cannot be split over --nproc 3" in capsys.readouterr().err
+    assert not out.exists()
+    cmd = [sys.executable, "-m", "peftkit", *base, "--dist-timeout", "3"]
+    no_rendezvous = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    no_rendezvous.pop("MASTER_ADDR", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    alone = {**no_rendezvous, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for env in (no_rendezvous, alone):  # no address; an address where the peer never comes
+        start = time.time()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        err = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and err.startswith("peftkit: error: cannot join the "
+                                                       "process group of 2"), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and time.time() - start < 60
