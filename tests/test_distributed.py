@@ -8,6 +8,7 @@ checkpoint written by 2 processes resumes in 1. Each process gets OMP_NUM_THREAD
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,14 +51,15 @@ def _losses(out):
     return json.loads((out / "report.json").read_text())["train_losses"]
 
 
-@pytest.mark.parametrize("method,part,lr", [("lora", "adapter", "1e-2"), ("full", "model", "1e-3")])
+@pytest.mark.parametrize("method,part,lr", [("lora", "adapter", "1e-2"), ("full", "model", "1e-3"),
+                                            ("probe", ".", "1e-2")])
 def test_two_processes_equal_one_with_the_same_global_batch(data, tmp_path, method, part, lr):
     one, two = tmp_path / "one", tmp_path / "two"
     _train(data, one, "--method", method, "--steps", "8", "--batch-size", "6", "--lr", lr)
     run = _train(data, two, "--method", method, "--steps", "8", "--batch-size", "3", "--lr", lr,
                  "--nproc", "2")
     assert "running torchrun --standalone --nproc_per_node=2 -m peftkit train" in run.stderr
-    strategy = "fsdp" if method == "full" else "ddp"
+    strategy = "fsdp" if method == "full" else "ddp"  # probe: features sharded, head on DDP
     assert f"2 processes, strategy {strategy}" in run.stderr
     assert _max_diff(_weights(one, part), _weights(two, part)) <= 1e-5
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(two))) <= 1e-5
@@ -99,3 +101,32 @@ def test_bad_distributed_input_is_one_line_and_never_hangs(data, tmp_path, write
         assert done.returncode == 2 and err.startswith("peftkit: error: cannot join the "
                                                        "process group of 2"), done.stderr[-2000:]
         assert "Traceback" not in done.stderr and time.time() - start < 60
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(data, tmp_path):
+    import psutil
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "peftkit", "train", "--model", "tiny-llama", "--data", str(data),
+           "--method", "lora", "--steps", "100000", "--batch-size", "3", "--val-split", "0",
+           "--device", "cpu", "--output", str(out), "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        ranks = []
+        while len(ranks) < 2 and time.time() < deadline:
+            kids = psutil.Process(launcher.pid).children(recursive=True)
+            ranks = [k for k in kids if "peftkit" in " ".join(k.cmdline()) and
+                     "LOCAL_RANK" in k.environ()]
+            time.sleep(0.2)
+        while not (out / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        one = max(ranks, key=lambda k: k.environ()["LOCAL_RANK"])  # rank 1: not the writer
+        one.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert "stopped by SIGTERM" in err or "stopped by a signal to another rank" in err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] >= 1 and state["global_batch"] == 6
+    assert all(not k.is_running() or k.status() == psutil.STATUS_ZOMBIE for k in ranks)
