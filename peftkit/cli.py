@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="runs/demo")
     s.add_argument("--quick", action="store_true", help="fewer steps and examples (~3 min)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    s.add_argument("--sequential", action="store_true",
+                   help="train the five adapters one after another (default: jointly)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -168,6 +170,9 @@ def add_train_parser(sub) -> None:
     from peftkit.train.config import METHODS, TrainConfig
     s = sub.add_parser("train", help="train with any method: " + ", ".join(METHODS))
     s.add_argument("--config", help="YAML or TOML file of options; flags given here override it")
+    s.add_argument("--tenants", help="YAML: shared options + a list of tenants, each with its "
+                                     "own data and output; their LoRA adapters train jointly "
+                                     "in one batched pass over one base (peftkit.train.joint)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -254,7 +259,21 @@ def cmd_train(args) -> int:
     import os
 
     from peftkit.train import TrainingInterrupted, load_config, train
-    overrides = {k: v for k, v in vars(args).items() if k not in ("func", "config", "argv")}
+    if args.tenants:
+        from peftkit.train.joint import train_joint
+        try:
+            result = train_joint(args.tenants)
+        except TrainingInterrupted as e:
+            print(f"peftkit: {e}", file=sys.stderr)
+            return 130
+        for name, r in result["reports"].items():
+            print(f"{name}: {r['steps']} steps, loss {r['train_losses'][0]:.4g} -> "
+                  f"{r['train_losses'][-1]:.4g}; {r['paths']['adapter']}")
+        print(f"joint: {result['summary']['wall_seconds']:.1f} s for "
+              f"{len(result['reports'])} tenants")
+        return 0
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("func", "config", "argv", "tenants")}
     cfg = load_config(args.config, overrides)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         check_world(cfg)
@@ -346,7 +365,7 @@ def cmd_demo(args) -> None:
     from peftkit.device import resolve_device
     resolve_device(args.device)  # a bad --device fails before any work
     run_demo(DemoConfig(model=args.model, output=args.output, quick=args.quick,
-                        device=args.device))
+                        device=args.device, sequential=args.sequential))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ VIRTUAL_KEY = "prompt_embeddings"
 
 
 def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str = 0,
-                 base_name: str | None = None) -> Path:
-    """Write one slot as a PEFT adapter directory (deterministic bytes for the same weights)."""
+                 base_name: str | None = None, modules: list[str] | None = None) -> Path:
+    """Write one slot as a PEFT adapter directory (deterministic bytes for the same weights);
+    `modules`: only these adapted modules (a slot of a stack whose targets are a union)."""
     k = adapted.slot_index(slot) if isinstance(slot, str) else slot
     config = adapted.slot_configs[k]
     directory = Path(directory)
@@ -37,6 +38,8 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str =
     if adapted.virtual is not None:
         tensors[VIRTUAL_KEY] = adapted.virtual.prompt_embeddings[k]
     for name, layer in adapted.adapted_layers().items():
+        if modules is not None and name not in modules:
+            continue
         local = layer.read_slot(k, config.r) if isinstance(layer, LoraLinear) else layer.read_slot(k)
         tensors.update({f"{PREFIX}{name}.{key}": v for key, v in local.items()})
     tensors = {key: v.detach().to(torch.float32).contiguous().clone() for key, v in tensors.items()}

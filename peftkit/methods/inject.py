@@ -97,6 +97,15 @@ class AdaptedModel(nn.Module):
             self.router.slots = None
 
     @contextmanager
+    def pinned(self, k: int):
+        """Every row of every forward (generation included) on slot k inside this block."""
+        self.router.pinned = k
+        try:
+            yield self
+        finally:
+            self.router.pinned = 0
+
+    @contextmanager
     def disable_adapter(self):
         """Run the base model alone inside this block."""
         self.router.enabled = False

@@ -24,6 +24,7 @@ class SlotRouter:
     def __init__(self):
         self.slots: torch.Tensor | None = None
         self.enabled = True
+        self.pinned = 0  # the slot every row uses when `slots` is None (AdaptedModel.pinned)
 
 
 def is_linear(module: nn.Module) -> bool:

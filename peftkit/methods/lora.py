@@ -32,11 +32,15 @@ class LoraLinear(FrozenLinear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     # -- slots ------------------------------------------------------------------------------
-    def init_slot(self, k: int, scale: float, init: str = "kaiming") -> None:
+    def init_slot(self, k: int, scale: float, init: str = "kaiming", rank: int | None = None) -> None:
+        """Fresh weights for slot k; `rank` below the stack's: only its rows, the rest zero (as
+        a separate adapter of that rank would be initialised, from the same random draws)."""
         with torch.no_grad():
-            a = self.lora_A[k]
+            rank = rank or self.r
+            self.lora_A[k].zero_()
+            a = self.lora_A[k, :rank]
             if init == "gaussian":
-                nn.init.normal_(a, std=1 / self.r)
+                nn.init.normal_(a, std=1 / rank)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B[k].zero_()
@@ -83,11 +87,13 @@ class LoraLinear(FrozenLinear):
         idx, keep = self.route()
         x = x.to(self.lora_A.dtype)
         xd = self.dropout(x)
-        if idx is None:  # one adapter for all rows: plain matmuls
-            lora = (xd @ self.lora_A[0].t()) @ self.lora_B[0].t() * self.scale[0]
+        if idx is None:  # one adapter for all rows (slot 0, or the pinned one): plain matmuls
+            k = self.router.pinned
+            lora = (xd @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale[k]
             if self.magnitude is None:
                 return lora
-            return self._dora(x, y, lora, self.magnitude[0:1], self._norms(slice(0, 1)), None)
+            return self._dora(x, y, lora, self.magnitude[k:k + 1], self._norms(slice(k, k + 1)),
+                              None)
         if not bool(keep.any()):  # a batch of base-only rows: nothing to add
             return None
         if self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:

@@ -69,7 +69,7 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
     m, targets = cfg.method, cfg.target_list()
     if m in ("lora", "qlora", "dora"):
         return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
-                          use_dora=m == "dora")
+                          use_dora=m == "dora", use_rslora=cfg.rslora)
     if m == "ia3":
         default, ff = IA3_TARGETS.get(model_type, IA3_TARGETS["llama"])
         if targets == "all-linear":
@@ -123,6 +123,7 @@ def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
             head.net.weight.copy_(out.weight)
             head.net.bias.zero_()
         return Trainee(cfg, task, base, model, list(head.parameters()), head=head)
+    torch.manual_seed(cfg.seed)  # the adapter's init depends on the seed alone (joint.py too)
     adapted = add_adapter(model, adapter_config(cfg, model.config.model_type),
                           tokenizer=base.tokenizer)
     if cfg.grad_checkpointing:

@@ -40,6 +40,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    rslora: bool = False  # LoRA scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
     targets: str = "all-linear"  # "all-linear", a regex, or a comma-separated list of names
     num_virtual_tokens: int = 20
     bottleneck_size: int = 64

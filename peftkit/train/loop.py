@@ -43,6 +43,31 @@ def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
                    else 1 - progress)
 
 
+def total_steps(cfg: TrainConfig, examples: int, global_batch: int) -> int:
+    """--steps, or --epochs over the examples in global batches."""
+    return cfg.steps or max(1, math.ceil(cfg.epochs * math.ceil(examples / global_batch)))
+
+
+def examples_for(cfg: TrainConfig, ds, tok, task: str):
+    """(train examples, validation examples, validation records, truncated count) of a run:
+    its --val-data or a seeded split, less causal-LM examples truncated down to their prompt."""
+    pairs = list(zip(tokenize(ds, tok, cfg.max_length).examples, ds.records))
+    if cfg.val_data:
+        vds = load_dataset(cfg.val_data, cfg.text_field, cfg.label_field, cfg.skip_invalid)
+        if task == "classify":
+            vds.label_names = ds.label_names
+        val = list(zip(tokenize(vds, tok, cfg.max_length).examples, vds.records))
+        train = pairs
+    else:
+        train, val = split(pairs, cfg.val_split, cfg.seed)
+    if task == "causal-lm":  # an example truncated down to its prompt teaches nothing
+        train = [p for p in train if any(t != IGNORE for t in p[0].labels[1:])]
+    if not train:
+        raise PeftkitError(f"{cfg.data}: no training examples left after the split")
+    truncated = sum(len(e.input_ids) >= cfg.max_length for e, _ in pairs)
+    return [e for e, _ in train], [e for e, _ in val], [r for _, r in val], truncated
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
@@ -61,23 +86,8 @@ class Trainer:
         self.dataset = ds
         torch.manual_seed(cfg.seed)
         self.trainee: Trainee = build(cfg, task, ds.label_names, self.device)
-        tok = self.trainee.base.tokenizer
-        pairs = list(zip(tokenize(ds, tok, cfg.max_length).examples, ds.records))
-        if cfg.val_data:
-            vds = load_dataset(cfg.val_data, cfg.text_field, cfg.label_field, cfg.skip_invalid)
-            if task == "classify":
-                vds.label_names = ds.label_names
-            val = list(zip(tokenize(vds, tok, cfg.max_length).examples, vds.records))
-            train = pairs
-        else:
-            train, val = split(pairs, cfg.val_split, cfg.seed)
-        if task == "causal-lm":  # an example truncated down to its prompt teaches nothing
-            train = [p for p in train if any(t != IGNORE for t in p[0].labels[1:])]
-        if not train:
-            raise PeftkitError(f"{cfg.data}: no training examples left after the split")
-        self.train_ex = [e for e, _ in train]
-        self.val_ex, self.val_records = [e for e, _ in val], [r for _, r in val]
-        self.truncated = sum(len(e.input_ids) >= cfg.max_length for e, _ in pairs)
+        self.train_ex, self.val_ex, self.val_records, self.truncated = examples_for(
+            cfg, ds, self.trainee.base.tokenizer, task)
         self.task = task
 
     # -- loss -----------------------------------------------------------------------------------
@@ -181,9 +191,8 @@ class Trainer:
             else:  # killed before its first checkpoint: nothing to lose, start over
                 self._say(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
         global_batch = cfg.batch_size * world.size * accum
-        per_epoch = math.ceil(len(examples) / global_batch)
-        total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
-        eval_every = cfg.eval_every or per_epoch
+        total = total_steps(cfg, len(examples), global_batch)
+        eval_every = cfg.eval_every or math.ceil(len(examples) / global_batch)
         if world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(cfg.to_json())

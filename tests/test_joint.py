@@ -1,0 +1,109 @@
+"""Joint multi-tenant training (issue 14): N tenants' adapters in one batched pass over one base
+equal N separate runs, tenant by tenant (dropout 0, same seeds and data order)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from peftkit.errors import DataError
+from peftkit.formats import load_adapter
+from peftkit.train import TrainConfig, train
+from peftkit.train.joint import train_joint
+from tests.helpers import tiny_llama
+
+SHARED = {"model": "tiny-llama", "device": "cpu", "val_split": 0.0, "dropout": 0.0,
+          "schedule": "cosine", "warmup": 0.2, "batch_size": 3, "exact_match_max": 2}
+TENANTS = [  # ranks 2/4/8, rsLoRA, other targets, learning rates, step counts and seeds
+    {"name": "acme", "rank": 2, "alpha": 4, "lr": 1e-2, "steps": 6, "seed": 1},
+    {"name": "bolt", "rank": 4, "alpha": 8, "lr": 5e-3, "steps": 9, "rslora": True,
+     "targets": "q_proj,v_proj", "seed": 2},
+    {"name": "core", "rank": 8, "alpha": 16, "lr": 2e-2, "steps": 4, "grad_accum": 2, "seed": 3},
+]
+
+
+def _rows(word: str):
+    return [{"prompt": f"say {word} {i}:", "completion": f"{word}{i % 3} ok"} for i in range(9)]
+
+
+def _setup(tmp_path, write, method="lora"):
+    tenants = []
+    for t in TENANTS:
+        data = write(f"{t['name']}.jsonl", _rows(t["name"]))
+        tenants.append({**t, "data": str(data), "output": str(tmp_path / "joint" / t["name"])})
+    spec = tmp_path / "tenants.yaml"
+    spec.write_text(yaml.safe_dump({**SHARED, "method": method, "tenants": tenants}))
+    return spec, tenants
+
+
+def _alone(tenant, out, method):
+    return train(TrainConfig(**{**SHARED, "method": method, **tenant, "output": str(out)}))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_joint_run_equals_separate_runs(tmp_path, write, method):
+    spec, tenants = _setup(tmp_path, write, method)
+    result = train_joint(str(spec))
+    assert result["summary"]["steps"] == {"acme": 6, "bolt": 9, "core": 4}
+    for t in tenants:
+        alone = _alone({k: v for k, v in t.items() if k != "name"},
+                       tmp_path / "alone" / t["name"], method)
+        mine = json.loads((tmp_path / "joint" / t["name"] / "report.json").read_text())
+        assert max(abs(a - b) for a, b in zip(alone["train_losses"], mine["train_losses"])) <= 1e-5
+        a = load_file(tmp_path / "alone" / t["name"] / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "joint" / t["name"] / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    bolt = tmp_path / "joint" / "bolt" / "adapter"
+    cfg = json.loads((bolt / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["r"] == 4
+    assert {k.split(".")[-3] for k in load_file(bolt / "adapter_model.safetensors")} == \
+        {"q_proj", "v_proj"}
+    load_adapter(tiny_llama().model, bolt)  # each adapter loads alone
+
+
+def test_a_bad_tenant_file_fails_everything_before_training(tmp_path, write):
+    spec, tenants = _setup(tmp_path, write)
+    bad = write("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "oops"}\n')
+    raw = yaml.safe_load(spec.read_text())
+    raw["tenants"][1]["data"] = str(bad)
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError) as err:
+        train_joint(str(spec))
+    assert f"tenant 'bolt': {bad}:2: missing field 'completion'" in str(err.value)
+    assert not (tmp_path / "joint").exists()
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_joint_run(tmp_path, write):
+    spec, tenants = _setup(tmp_path, write)
+    raw = yaml.safe_load(spec.read_text())
+    for t in raw["tenants"]:
+        t["steps"] = 150
+    whole = tmp_path / "whole.yaml"
+    whole.write_text(yaml.safe_dump({**raw, "tenants": [
+        {**t, "output": t["output"].replace("joint", "whole")} for t in raw["tenants"]]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "peftkit", "train", "--tenants"]
+    subprocess.run(cmd + [str(whole)], env=env, check=True, capture_output=True, timeout=300)
+    spec.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(cmd + [str(spec)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "joint" / "acme" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by SIGTERM" in err, err[-2000:]
+    raw["resume"] = True
+    spec.write_text(yaml.safe_dump(raw))
+    subprocess.run(cmd + [str(spec)], env=env, check=True, capture_output=True, timeout=300)
+    for t in TENANTS:
+        a = load_file(tmp_path / "whole" / t["name"] / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "joint" / t["name"] / "adapter" / "adapter_model.safetensors")
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
