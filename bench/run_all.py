@@ -2,7 +2,7 @@
 
 import importlib
 
-for name in ("methods", "qlora", "train", "plan", "serve", "load", "dist"):
+for name in ("methods", "qlora", "train", "plan", "serve", "load", "dist", "joint"):
     try:
         mod = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError:

@@ -51,15 +51,17 @@ def _losses(out):
     return json.loads((out / "report.json").read_text())["train_losses"]
 
 
-@pytest.mark.parametrize("method,part,lr", [("lora", "adapter", "1e-2"), ("full", "model", "1e-3"),
-                                            ("probe", ".", "1e-2")])
-def test_two_processes_equal_one_with_the_same_global_batch(data, tmp_path, method, part, lr):
+@pytest.mark.parametrize("method,part,lr,strategy", [
+    ("lora", "adapter", "1e-2", "ddp"), ("full", "model", "1e-3", "fsdp"),
+    ("probe", ".", "1e-2", "ddp"),  # features sharded and gathered, the head on DDP
+    ("lora", "adapter", "1e-2", "fsdp")])  # frozen base and adapters sharded together
+def test_two_processes_equal_one_with_the_same_global_batch(data, tmp_path, method, part, lr,
+                                                            strategy):
     one, two = tmp_path / "one", tmp_path / "two"
     _train(data, one, "--method", method, "--steps", "8", "--batch-size", "6", "--lr", lr)
     run = _train(data, two, "--method", method, "--steps", "8", "--batch-size", "3", "--lr", lr,
-                 "--nproc", "2")
+                 "--nproc", "2", "--strategy", strategy)
     assert "running torchrun --standalone --nproc_per_node=2 -m peftkit train" in run.stderr
-    strategy = "fsdp" if method == "full" else "ddp"  # probe: features sharded, head on DDP
     assert f"2 processes, strategy {strategy}" in run.stderr
     assert _max_diff(_weights(one, part), _weights(two, part)) <= 1e-5
     assert max(abs(a - b) for a, b in zip(_losses(one), _losses(two))) <= 1e-5
@@ -81,8 +83,9 @@ def test_bad_distributed_input_is_one_line_and_never_hangs(data, tmp_path, write
     out = tmp_path / "x"
     base = ["train", "--model", "tiny-llama", "--data", str(data), "--output", str(out),
             "--device", "cpu", "--steps", "1"]
-    assert main([*base, "--nproc", "2", "--strategy", "fsdp", "--method", "lora"]) == 2
-    assert "--strategy fsdp: shards full fine-tuning; --method lora" in capsys.readouterr().err
+    assert main([*base, "--nproc", "2", "--strategy", "fsdp", "--method", "ia3"]) == 2
+    assert "--strategy fsdp: shards full and lora runs; for --method ia3 use --strategy ddp" in \
+        capsys.readouterr().err
     tiny = write("one.jsonl", ROWS[:2])
     assert main([*base[:4], str(tiny), *base[5:], "--nproc", "3", "--val-split", "0"]) == 2
     assert "2 training examples cannot be split over --nproc 3" in capsys.readouterr().err

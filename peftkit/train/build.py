@@ -32,11 +32,14 @@ class Trainee:
     def save(self, out: Path, write: bool = True) -> dict[str, str]:
         """Write the run's outputs: PEFT adapter, HF model directory and/or head. Every rank of
         a distributed run calls it (FSDP shards are gathered); only `write` ones write."""
+        from peftkit.train.distributed import unsharded
         paths = {}
         method = self.config.method
-        if self.adapted is not None and write:
-            paths["adapter"] = str(save_adapter(self.adapted, out / "adapter",
-                                                base_name=self.config.model))
+        if self.adapted is not None:
+            with unsharded(self.adapted):
+                if write:
+                    paths["adapter"] = str(save_adapter(self.adapted, out / "adapter",
+                                                        base_name=self.config.model))
         if method == "full":
             from peftkit.train.distributed import full
             model = self.base.model if self.task == "causal-lm" else self.module.backbone

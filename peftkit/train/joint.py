@@ -40,6 +40,7 @@ from peftkit.train.config import DEFAULT_LR, TrainConfig
 from peftkit.train.evaluate import evaluate_lm_loss, exact_match
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
+from peftkit.train.report import peak_rss_bytes
 
 JOINT_METHODS = ("lora", "qlora")
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
@@ -183,7 +184,7 @@ class JointTrainer:
         reports = {name: self._finish(k, opts[k], steps[k], losses[k])
                    for k, name in enumerate(self.names)}
         summary = {"tenants": self.names, "wall_seconds": time.perf_counter() - start,
-                   "train_loop_seconds": loop_seconds,
+                   "train_loop_seconds": loop_seconds, "peak_rss_bytes": peak_rss_bytes(),
                    "steps": dict(zip(self.names, steps)),
                    "final_losses": {k: v[-1] for k, v in zip(self.names, losses) if v}}
         for out in outs:

@@ -142,7 +142,10 @@ class Trainer:
         device, _, _ = self.cfg.placement()
         self.world, self.device = join(device, self.cfg.dist_timeout)
         try:
-            return self._run()
+            report = self._run()
+            if self.world.active:  # rank 0 is still writing: nobody leaves the group before it
+                torch.distributed.barrier()
+            return report
         finally:
             leave()
 
