@@ -24,7 +24,8 @@ TENANTS = [  # ranks 2/4/8, rsLoRA, other targets, learning rates, step counts a
     {"name": "acme", "rank": 2, "alpha": 4, "lr": 1e-2, "steps": 6, "seed": 1},
     {"name": "bolt", "rank": 4, "alpha": 8, "lr": 5e-3, "steps": 9, "rslora": True,
      "targets": "q_proj,v_proj", "seed": 2},
-    {"name": "core", "rank": 8, "alpha": 16, "lr": 2e-2, "steps": 4, "grad_accum": 2, "seed": 3},
+    {"name": "core", "rank": 8, "alpha": 16, "lr": 2e-2, "steps": 4, "grad_accum": 2, "seed": 3,
+     "method": "dora"},  # a DoRA slot in the same stack (QLoRA runs: every tenant qlora)
 ]
 
 
@@ -36,6 +37,7 @@ def _setup(tmp_path, write, method="lora"):
     tenants = []
     for t in TENANTS:
         data = write(f"{t['name']}.jsonl", _rows(t["name"]))
+        t = {k: v for k, v in t.items() if k != "method" or method == "lora"}
         tenants.append({**t, "data": str(data), "output": str(tmp_path / "joint" / t["name"])})
     spec = tmp_path / "tenants.yaml"
     spec.write_text(yaml.safe_dump({**SHARED, "method": method, "tenants": tenants}))
@@ -44,6 +46,30 @@ def _setup(tmp_path, write, method="lora"):
 
 def _alone(tenant, out, method):
     return train(TrainConfig(**{**SHARED, "method": method, **tenant, "output": str(out)}))
+
+
+def test_a_dora_slot_and_a_lora_slot_share_one_stack():
+    """A plain LoRA slot in a DoRA stack computes exactly LoRA, beside a DoRA slot."""
+    import torch
+    from peftkit.methods import LoraConfig, add_adapter
+    from tests.helpers import batch, randomize
+    lora = add_adapter(tiny_llama().model, LoraConfig(r=4, targets=["q_proj"]))
+    randomize(lora, seed=0)
+    mixed = add_adapter(tiny_llama().model, LoraConfig(r=4, targets=["q_proj"], use_dora=True),
+                        slots=2)
+    randomize(mixed, seed=1)
+    for name, layer in mixed.adapted_layers().items():
+        layer.set_plain(0)
+        src = lora.adapted_layers()[name]
+        with torch.no_grad():
+            layer.lora_A[0], layer.lora_B[0] = src.lora_A[0], src.lora_B[0]
+            layer.scale[0] = src.scale[0]
+    ids = batch()
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        got = mixed(input_ids=ids, slots=torch.tensor([0, 0, 0])).logits
+        dora = mixed(input_ids=ids, slots=torch.tensor([1, 1, 1])).logits
+    assert (want - got).abs().max() < 1e-5 and (want - dora).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -59,7 +85,10 @@ def test_joint_run_equals_separate_runs(tmp_path, write, method):
         a = load_file(tmp_path / "alone" / t["name"] / "adapter" / "adapter_model.safetensors")
         b = load_file(tmp_path / "joint" / t["name"] / "adapter" / "adapter_model.safetensors")
         assert a.keys() == b.keys()
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+        # DoRA's multi-slot path rounds differently from its one-slot path and AdamW's
+        # 1/sqrt(v) scales that up on near-zero gradients: measured 1.5e-5 at lr 2e-2
+        bound = 5e-5 if t.get("method") == "dora" else 1e-5
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= bound
     bolt = tmp_path / "joint" / "bolt" / "adapter"
     cfg = json.loads((bolt / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["r"] == 4

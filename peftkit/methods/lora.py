@@ -29,6 +29,8 @@ class LoraLinear(FrozenLinear):
         if dora:  # an empty DoRA slot is the identity only when m = ‖W‖ row-wise
             norms = self._row_norm(self.dense_weight().detach().float())
             self.magnitude = nn.Parameter(norms.expand(slots, -1).clone())
+            # which slots are DoRA: a stack can hold plain LoRA slots too (joint training)
+            self.register_buffer("dora_slots", torch.ones(slots, dtype=torch.bool, device=at))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     # -- slots ------------------------------------------------------------------------------
@@ -47,6 +49,13 @@ class LoraLinear(FrozenLinear):
             self.scale[k] = scale
             if self.magnitude is not None:
                 self.magnitude[k] = self._row_norm(self.dense_weight())
+
+    def is_dora(self, k: int) -> bool:
+        return self.magnitude is not None and bool(self.dora_slots[k])
+
+    def set_plain(self, k: int) -> None:
+        """Slot k of a DoRA stack computes plain LoRA (its magnitude is left unused)."""
+        self.dora_slots[k] = False
 
     def write_slot(self, k: int, A: torch.Tensor, B: torch.Tensor, scale: float,
                    magnitude: torch.Tensor | None = None) -> None:
@@ -69,7 +78,7 @@ class LoraLinear(FrozenLinear):
 
     def read_slot(self, k: int, r: int) -> dict[str, torch.Tensor]:
         out = {"lora_A.weight": self.lora_A[k, :r], "lora_B.weight": self.lora_B[k, :, :r]}
-        if self.magnitude is not None:
+        if self.is_dora(k):
             out["lora_magnitude_vector"] = self.magnitude[k]
         return {key: v.detach().clone().contiguous() for key, v in out.items()}
 
@@ -90,7 +99,7 @@ class LoraLinear(FrozenLinear):
         if idx is None:  # one adapter for all rows (slot 0, or the pinned one): plain matmuls
             k = self.router.pinned
             lora = (xd @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale[k]
-            if self.magnitude is None:
+            if not self.is_dora(k):
                 return lora
             return self._dora(x, y, lora, self.magnitude[k:k + 1], self._norms(slice(k, k + 1)),
                               None)
@@ -107,7 +116,7 @@ class LoraLinear(FrozenLinear):
             return lora
         uniq, inverse = torch.unique(idx, return_inverse=True)
         norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
-        return self._dora(x, y, lora, self.magnitude[idx], norms, keep)
+        return self._dora(x, y, lora, self.magnitude[idx], norms, keep & self.dora_slots[idx])
 
     def _decode_delta(self, x, idx, keep) -> torch.Tensor:
         """One token per row (a decode step): multiply by the A of every slot in the batch at
@@ -160,7 +169,7 @@ class LoraLinear(FrozenLinear):
     # -- merge ------------------------------------------------------------------------------
     def merged_weight(self, k: int = 0) -> torch.Tensor:
         Wd = self.dense_weight().detach() + self._delta(k)
-        if self.magnitude is None:
+        if not self.is_dora(k):
             return Wd
         return (self.magnitude[k].detach() / self._row_norm(Wd)).unsqueeze(1) * Wd
 
@@ -174,7 +183,7 @@ class LoraLinear(FrozenLinear):
         merged = self.merged_weight(k)
         # DoRA's unmerge needs the row scale used at merge time; LoRA's is a subtraction.
         self._merged_slot = k
-        self._ratio = None if self.magnitude is None else (
+        self._ratio = None if not self.is_dora(k) else (
             self.magnitude[k].detach() / self._row_norm(self.dense_weight().detach()
                                                         + self._delta(k)))
         self.set_dense_weight(merged)

@@ -42,7 +42,7 @@ from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_o
                                 total_steps)
 from peftkit.train.report import peak_rss_bytes
 
-JOINT_METHODS = ("lora", "qlora")
+JOINT_METHODS = ("lora", "qlora", "dora")
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
     """(name, config) per tenant: the file's shared options under each tenant's own."""
     p = Path(path)
@@ -82,8 +82,11 @@ class JointTrainer:
             where = f"tenant '{name}'"
             if cfg.method not in JOINT_METHODS:
                 raise PeftkitError(f"{where}: joint training shares one LoRA stack (lora, "
-                                   f"qlora); --method {cfg.method} trains alone")
-            for key in ("model", "method", "device", "dtype", "max_length", "attn"):
+                                   f"qlora, dora); --method {cfg.method} trains alone")
+            if (cfg.method == "qlora") != (first.method == "qlora"):
+                raise PeftkitError(f"{where}: qlora quantizes the shared base; every tenant "
+                                   "must then be qlora")
+            for key in ("model", "device", "dtype", "max_length", "attn"):
                 if getattr(cfg, key) != getattr(first, key):
                     raise PeftkitError(f"{where}: '{key}' differs from '{self.names[0]}'; "
                                        "tenants share one base")
@@ -124,7 +127,8 @@ class JointTrainer:
         targets = [find_targets(model, c.targets) for c in configs]
         union = [n for n in find_targets(model, "all-linear") if any(n in t for t in targets)]
         stack = LoraConfig(r=max(c.r for c in configs), targets=union,
-                           dropout=max(c.dropout for c in configs))
+                           dropout=max(c.dropout for c in configs),
+                           use_dora=any(c.use_dora for c in configs))
         self.adapted = add_adapter(model, stack, slots=len(configs), names=self.names,
                                    init=False)
         self.adapted.slot_configs = configs
@@ -135,10 +139,18 @@ class JointTrainer:
             torch.manual_seed(cfg.seed)  # as build() seeds before add_adapter
             views = []
             for name in targets[k]:
-                layers[name].init_slot(k, config.scale, config.init, rank=config.r)
                 layer = layers[name]
+                layer.init_slot(k, config.scale, config.init, rank=config.r)
                 views += [(layer.lora_A, (k, slice(0, config.r))),
                           (layer.lora_B, (k, slice(None), slice(0, config.r)))]
+                if config.use_dora:
+                    views.append((layer.magnitude, (k,)))
+                elif layer.magnitude is not None:
+                    layer.set_plain(k)
+            for name in set(union) - set(targets[k]):  # the stack's other modules: identity
+                layers[name].clear_slot(k)
+                if layers[name].magnitude is not None:
+                    layers[name].set_plain(k)
             own = [torch.nn.Parameter(p[idx].detach().clone()) for p, idx in views]
             self.params.append((views, own))
 
