@@ -158,9 +158,8 @@ def add_placement(s) -> None:
 
 def placement(args):
     """(device, dtype, attn) of a command, or a one-line error naming the flag."""
-    from peftkit.device import resolve_attn, resolve_device, resolve_dtype
-    device = resolve_device(args.device)
-    return device, resolve_dtype(args.dtype, device), resolve_attn(args.attn)
+    from peftkit.device import placement as resolve
+    return resolve(args.device, args.dtype, args.attn)
 
 
 def add_train_parser(sub) -> None:

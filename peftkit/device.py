@@ -76,6 +76,12 @@ def resolve_attn(spec: str | None) -> str:
     return spec
 
 
+def placement(device="auto", dtype="auto", attn=None, training: bool = False):
+    """(device, base dtype, attention) from the three flags, or a one-line error naming one."""
+    where = resolve_device(device)
+    return where, resolve_dtype(dtype, where, training), resolve_attn(attn)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """Forwards in the base's precision; a no-op for float32."""
     if dtype == torch.float32:

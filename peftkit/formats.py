@@ -120,9 +120,10 @@ def _check_values(where: Path, key: str, t: torch.Tensor) -> None:
                            "adapter weights are floating point")
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise PeftkitError(f"{where}: {key} holds NaN or Inf values; refusing to load it")
-    if t.numel() and float(t.abs().max()) > MAX_ABS_WEIGHT:
+    largest = float(t.abs().max()) if t.numel() else 0.0
+    if largest > MAX_ABS_WEIGHT:
         raise PeftkitError(f"{where}: {key} holds values beyond ±{MAX_ABS_WEIGHT:g} "
-                           f"(max |w| = {float(t.abs().max()):.3g}); refusing to load it")
+                           f"(max |w| = {largest:.3g}); refusing to load it")
 
 
 def _check_rank(where: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:

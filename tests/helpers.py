@@ -47,3 +47,11 @@ def saved_activation_bytes(loss: torch.Tensor, module: torch.nn.Module) -> int:
                     seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         stack += [f for f, _ in fn.next_functions]
     return sum(seen.values())
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (loopback only)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

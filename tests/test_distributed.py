@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from peftkit.cli import main
+from tests.helpers import free_port
 
 ROWS = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3} and more words {i}"}
         for i in range(12)]
@@ -93,10 +93,7 @@ def test_bad_distributed_input_is_one_line_and_never_hangs(data, tmp_path, write
     cmd = [sys.executable, "-m", "peftkit", *base, "--dist-timeout", "3"]
     no_rendezvous = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     no_rendezvous.pop("MASTER_ADDR", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    alone = {**no_rendezvous, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    alone = {**no_rendezvous, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     for env in (no_rendezvous, alone):  # no address; an address where the peer never comes
         start = time.time()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -19,7 +18,7 @@ from peftkit.serve.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server, generate_direct
 from peftkit.serve.store import AdapterInvalid, AdapterNotFound
 from peftkit.train import TrainConfig, train
-from tests.helpers import randomize, tiny_llama
+from tests.helpers import free_port, randomize, tiny_llama
 
 ANSWERS = {"alpha": "aaaa", "beta": "bbbb"}
 PROMPT = "say one:"
@@ -198,17 +197,11 @@ def test_lru_store_pins_reloads_and_counts(adapters, tmp_path):
     assert "peftkit_adapter_load_seconds_count" in text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_client_completions_chat_and_stream(adapters):
     import openai
     import uvicorn
     server = make_server(adapters).start()
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning")
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, daemon=True)

@@ -30,6 +30,11 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
+def busy(e: Exception) -> ApiError:
+    """429: a full queue, every slot busy, or a tenant at its in-flight limit."""
+    return ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"})
+
+
 MAX_STOP = 16  # OpenAI allows 4; enough for any template, few enough to check per token
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -145,7 +150,7 @@ def create_app(server: Server):
                 raise
             except StoreFull as e:
                 if loop.time() + delay > deadline or waiting_for_slot >= cfg.max_queue:
-                    raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+                    raise busy(e) from None
             waiting_for_slot += 1
             try:
                 await asyncio.sleep(delay)
@@ -163,7 +168,7 @@ def create_app(server: Server):
         try:
             server.admit(who.tenant)
         except TenantBusy as e:
-            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+            raise busy(e) from None
         submitted = False
         try:
             ids = await run_in_threadpool(server.prompt_ids, prompt, messages)
@@ -179,7 +184,7 @@ def create_app(server: Server):
         except AdapterNotFound:
             raise ApiError(404, missing(model), "not_found_error") from None
         except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+            raise busy(e) from None
         except PeftkitError as e:  # AdapterInvalid, prompt over the context, bad seed, ...
             raise ApiError(400, str(e)) from None
         finally:
@@ -271,7 +276,7 @@ def create_app(server: Server):
             except AdapterNotFound as e:
                 raise ApiError(404, str(e), "not_found_error") from None
             except StoreFull as e:
-                raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": "1"}) from None
+                raise busy(e) from None
             except PeftkitError as e:
                 raise ApiError(400, str(e)) from None
             return {"status": "ok", "lora_name": body.lora_name,

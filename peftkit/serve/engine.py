@@ -61,10 +61,6 @@ class Request:
         self.cancelled = True
 
 
-class RowError(Exception):
-    """Fails one request, not the batch."""
-
-
 class Engine:
     def __init__(self, adapted, tokenizer, max_batch: int = 32, max_queue: int = 256,
                  max_len: int | None = None, on_finish=lambda req: None,
@@ -209,7 +205,8 @@ class Engine:
             out = self.adapted(input_ids=ids, slots=torch.tensor([req.slot], device=self.device),
                                past_key_values=cache, use_cache=True)
         req.kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        self._accept(req, out.logits[0, -1])
+        last = out.logits[0, -1]
+        self._accept(req, last, bool(torch.isfinite(last).all()))
 
     def _decode(self) -> None:
         rows = self.active
@@ -226,8 +223,10 @@ class Engine:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
                                slots=torch.tensor([r.slot for r in rows], **on),
                                past_key_values=self.cache, use_cache=True)
+        logits = out.logits[:, -1]
+        finite = torch.isfinite(logits).all(-1).tolist()  # one check (one sync) per step
         for i, req in enumerate(rows):
-            self._accept(req, out.logits[i, -1])
+            self._accept(req, logits[i], finite[i])
         if any(r.finish_reason for r in rows):
             self._unpack(rows)
             self.active = [r for r in rows if r.finish_reason is None]
@@ -256,8 +255,8 @@ class Engine:
                 req.kv = None
 
     # -- sampling and stopping ----------------------------------------------------------------
-    def _accept(self, req: Request, logits: torch.Tensor) -> None:
-        if not bool(torch.isfinite(logits).all()):
+    def _accept(self, req: Request, logits: torch.Tensor, finite: bool) -> None:
+        if not finite:
             return self._fail(req, "the model produced non-finite logits for this request")
         try:
             token = self._sample(req, logits)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit.data import chat_prompt
-from peftkit.device import resolve_device, resolve_dtype
+from peftkit.device import placement
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
@@ -50,14 +50,13 @@ class TenantBusy(PeftkitError):
 class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        device, dtype, attn = placement(cfg.device, cfg.dtype, cfg.attn)
         if cfg.quantize not in (None, "nf4"):
             raise PeftkitError(f"--quantize: only nf4 is supported, got '{cfg.quantize}'")
         quant = QuantConfig(compute_dtype="bfloat16" if dtype == torch.bfloat16 else "float32") \
             if cfg.quantize == "nf4" else None
         self.base = load_base(cfg.base, task="causal-lm", quantize=quant, device=device,
-                              dtype=dtype, attn=cfg.attn)
+                              dtype=dtype, attn=attn)
         self.name = cfg.base
         # All slots empty (identity) until an adapter is written into one.
         self.adapted = add_adapter(self.base.model, LoraConfig(r=cfg.max_rank, targets=cfg.targets),

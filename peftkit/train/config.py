@@ -85,15 +85,14 @@ class TrainConfig:
 
     def placement(self):
         """(device, base dtype, attention) resolved, or a one-line error naming the flag."""
-        from peftkit.device import resolve_attn, resolve_device, resolve_dtype
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device, training=True)
+        from peftkit.device import placement
+        device, dtype, attn = placement(self.device, self.dtype, self.attn, training=True)
         if self.optim not in OPTIMIZERS:
             raise PeftkitError(f"--optim {self.optim}: choose {', '.join(OPTIMIZERS)}")
         if self.optim == "paged_adamw8bit" and device.type != "cuda":
             raise PeftkitError(f"--optim paged_adamw8bit: pages optimizer states between a CUDA "
                                f"device and the CPU; this run is on {device}")
-        return device, dtype, resolve_attn(self.attn)
+        return device, dtype, attn
 
     def target_list(self):
         if self.targets == "all-linear" or not all(c.isalnum() or c in "_,." for c in self.targets):

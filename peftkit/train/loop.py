@@ -113,7 +113,7 @@ class Trainer:
         return sum(sum(t != IGNORE for t in e.labels[1:]) for e in items)
 
     def _evaluate(self) -> dict:
-        t, cfg = self.trainee, self.cfg
+        t = self.trainee
         if not self.val_ex:
             return {}
         t.module.eval()
