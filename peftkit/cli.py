@@ -268,8 +268,11 @@ def cmd_train(args) -> int:
         for name, r in result["reports"].items():
             print(f"{name}: {r['steps']} steps, loss {r['train_losses'][0]:.4g} -> "
                   f"{r['train_losses'][-1]:.4g}; {r['paths']['adapter']}")
-        print(f"joint: {result['summary']['wall_seconds']:.1f} s for "
-              f"{len(result['reports'])} tenants")
+        summary = result["summary"]
+        print(f"joint: {summary['wall_seconds']:.1f} s for {len(result['reports'])} tenants; "
+              f"the planner puts them one after another at "
+              f"{summary['planner']['sequential_seconds']:.1f} s "
+              f"(x{summary['planner']['speedup']:.2f})")
         return 0
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("func", "config", "argv", "tenants")}

@@ -76,7 +76,14 @@ def test_a_dora_slot_and_a_lora_slot_share_one_stack():
 def test_joint_run_equals_separate_runs(tmp_path, write, method):
     spec, tenants = _setup(tmp_path, write, method)
     result = train_joint(str(spec))
-    assert result["summary"]["steps"] == {"acme": 6, "bolt": 9, "core": 4}
+    summary = result["summary"]
+    assert summary["steps"] == {"acme": 6, "bolt": 9, "core": 4}
+    # the planner's sequential estimate: three model loads where the joint run had one
+    planner = summary["planner"]
+    assert planner["trained_tokens"][1] > planner["trained_tokens"][2] > 0  # 9 steps vs 4
+    assert planner["sequential_seconds"] == pytest.approx(
+        summary["wall_seconds"] + 2 * planner["model_load_seconds"], rel=1e-6)
+    assert planner["speedup"] > 1
     for t in tenants:
         alone = _alone({k: v for k, v in t.items() if k != "name"},
                        tmp_path / "alone" / t["name"], method)

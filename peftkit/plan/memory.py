@@ -88,6 +88,18 @@ def device_bytes(shape: Shape, method: str, s: Settings, base_bytes: int = 2) ->
     return {**out, "total": sum(out.values())}
 
 
+def train_flops(shape: Shape, method: str, tokens: float) -> float:
+    """FLOPs to train on `tokens` tokens (DoRA counted as LoRA: its extra norms are O(d·k))."""
+    return FLOPS_PER_TOKEN["lora" if method == "dora" else method] * shape.params * tokens
+
+
+def sequential_seconds(load_seconds: float, tenant_flops: list[float],
+                       flops_per_second: float) -> float:
+    """Tenants trained one after another: a model load (and quantization) each, then each
+    tenant's FLOPs at the given rate."""
+    return len(tenant_flops) * load_seconds + sum(tenant_flops) / flops_per_second
+
+
 def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, tokens: float,
              price: float, strategy: str = "auto") -> dict:
     """Memory per GPU, GPUs needed, hours and cost under a distributed `strategy`: FSDP shards
@@ -110,7 +122,7 @@ def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, token
             if mem > floor else 0
     else:
         needed = 1 if per_gpu(1) <= mem else 0
-    flops = FLOPS_PER_TOKEN[method] * shape.params * tokens
+    flops = train_flops(shape, method, tokens)
     hours = flops / (gpus * gpu["bf16_tflops"] * 1e12 * UTILISATION[method]) / 3600
     return {"strategy": strategy, "weights_gb": state["weights"] / GB,
             "grads_gb": state["grads"] / GB, "optimizer_gb": state["optimizer"] / GB,

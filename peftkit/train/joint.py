@@ -32,6 +32,8 @@ from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.methods.inject import find_targets
 from peftkit.models import load_base
+from peftkit.plan.memory import sequential_seconds, train_flops
+from peftkit.plan.shapes import shape_from_config
 from peftkit.quant import QuantConfig
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import adapter_config
@@ -111,10 +113,12 @@ class JointTrainer:
         device, dtype, attn = first.placement()
         quant = QuantConfig(compute_dtype=str(dtype).removeprefix("torch.")) \
             if first.method == "qlora" else None
+        loading = time.perf_counter()
         base = load_base(first.model, task="causal-lm", quantize=quant, device=device,
                          dtype=dtype, attn=attn)
         self.base, self.device, self.dtype = base, device, dtype
         self._stack(base.model)
+        self.load_seconds = time.perf_counter() - loading  # what each sequential run repeats
         tok = base.tokenizer
         self.data = [examples_for(cfg, ds, tok, "causal-lm") for cfg, ds in zip(self.cfgs, datasets)]
         return self._train(start)
@@ -170,7 +174,7 @@ class JointTrainer:
                 for c, (_, own), lr in zip(cfgs, self.params, peaks)]
         totals = [total_steps(c, len(ex), c.batch_size * c.grad_accum)
                   for c, (ex, *_) in zip(cfgs, self.data)]
-        steps, losses = [0] * n, [[] for _ in range(n)]
+        steps, losses, self.tokens = [0] * n, [[] for _ in range(n)], [0] * n
         for k, (cfg, out) in enumerate(zip(cfgs, outs)):
             if cfg.resume and complete(out / "checkpoint"):
                 meta = load_checkpoint(out, self.params[k][1], opts[k])
@@ -195,13 +199,29 @@ class JointTrainer:
         loop_seconds = time.perf_counter() - loop_start
         reports = {name: self._finish(k, opts[k], steps[k], losses[k])
                    for k, name in enumerate(self.names)}
-        summary = {"tenants": self.names, "wall_seconds": time.perf_counter() - start,
+        wall = time.perf_counter() - start
+        summary = {"tenants": self.names, "wall_seconds": wall,
                    "train_loop_seconds": loop_seconds, "peak_rss_bytes": peak_rss_bytes(),
                    "steps": dict(zip(self.names, steps)),
-                   "final_losses": {k: v[-1] for k, v in zip(self.names, losses) if v}}
+                   "final_losses": {k: v[-1] for k, v in zip(self.names, losses) if v},
+                   "planner": self._sequential_estimate(wall, loop_seconds)}
         for out in outs:
             (out / "joint_summary.json").write_text(json.dumps(summary, indent=2))
         return {"summary": summary, "reports": reports}
+
+    def _sequential_estimate(self, wall: float, loop_seconds: float) -> dict:
+        """The planner's time model (FLOPs per trained token x parameters) for the same tenants
+        trained one after another, at the FLOP rate this joint loop reached: each run repeats
+        the model load; the estimate leaves out what batching tenants together buys on top,
+        which bench/joint.py measures."""
+        shape = shape_from_config(self.cfgs[0].model, self.base.model.config)
+        flops = [train_flops(shape, c.method, t) for c, t in zip(self.cfgs, self.tokens)]
+        rate = sum(flops) / max(loop_seconds, 1e-9)
+        sequential = sequential_seconds(self.load_seconds, flops, rate) + wall - loop_seconds \
+            - self.load_seconds
+        return {"model_load_seconds": self.load_seconds, "trained_tokens": self.tokens,
+                "flops_per_second": rate, "sequential_seconds": sequential,
+                "speedup": sequential / wall}
 
     def _loop(self, steps, totals, losses, opts, peaks, pad, bar, stop) -> None:
         cfgs, n = self.cfgs, len(self.cfgs)
@@ -217,6 +237,8 @@ class JointTrainer:
                 slots += [k] * len(items)
             batch = collate(rows, pad, self.device)
             slot_ids = torch.tensor(slots, device=self.device)
+            for k, n_tokens in zip(slots, batch["attention_mask"].sum(1).tolist()):
+                self.tokens[k] += n_tokens
             logits = self.adapted(input_ids=batch["input_ids"],
                                   attention_mask=batch["attention_mask"], slots=slot_ids).logits
             per_row, counts = _row_losses(logits, batch["labels"])
