@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-invalid", action="store_true")
     c.set_defaults(func=cmd_data_check)
 
+    s = sub.add_parser("export", help="adapters for another engine, checked first (vLLM)")
+    s.add_argument("--for", dest="engine", choices=["vllm"], required=True,
+                   help="the engine: vllm (LoRA/rsLoRA; prints the `vllm serve` command)")
+    s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
+                   help="adapter or `peftkit train` run directories, then OUT")
+    s.add_argument("--base", help="the model vLLM serves them on (default: the adapters' base)")
+    s.set_defaults(func=cmd_export)
+
     s = sub.add_parser("demo", help="the main job: five customers, one base, one server")
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--output", default="runs/demo")
@@ -360,6 +368,15 @@ def cmd_data_check(args) -> int:
         counts = Counter(r.label for r in ds.records)
         print("labels:     " + ", ".join(f"{n}={counts.get(n, 0)}" for n in ds.label_names))
     return 0
+
+
+def cmd_export(args) -> None:
+    from peftkit.export import export_vllm
+    if len(args.sources) < 2:
+        raise PeftkitError("give at least one adapter or run directory, then OUT")
+    *sources, out = args.sources
+    command = export_vllm(sources, out, args.base)
+    print(f"wrote {len(sources)} adapter(s) under {out}; serve them with:\n{command}")
 
 
 def cmd_demo(args) -> None:

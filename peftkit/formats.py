@@ -26,6 +26,13 @@ PREFIX = "base_model.model."
 VIRTUAL_KEY = "prompt_embeddings"
 
 
+def adapter_dir(path: Path) -> Path:
+    """Where a directory's adapter is: the directory itself (PEFT's layout) or, for a
+    `peftkit train --output` run directory, its `adapter/` (PEFT's layout inside)."""
+    return path if (path / CONFIG_NAME).exists() or not (path / "adapter").is_dir() \
+        else path / "adapter"
+
+
 def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str = 0,
                  base_name: str | None = None, modules: list[str] | None = None) -> Path:
     """Write one slot as a PEFT adapter directory (deterministic bytes for the same weights);

@@ -25,9 +25,8 @@ PROMPT = "say one:"
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    """Two trained adapters with behaviours that can be told apart, and two random ones."""
-    root = tmp_path_factory.mktemp("adapters")
+def runs(tmp_path_factory):
+    """Two `peftkit train` run directories whose adapters answer differently."""
     work = tmp_path_factory.mktemp("runs")
     for name, answer in ANSWERS.items():
         data = work / f"{name}.jsonl"
@@ -38,7 +37,15 @@ def adapters(tmp_path_factory):
                                    schedule="constant", warmup=0, val_split=0.0, val_data=str(data),
                                    rank=8, dropout=0.0, exact_match_max=4))
         assert report["metrics"]["exact_match"] == 1.0
-        shutil.copytree(work / name / "adapter", root / name)
+    return work
+
+
+@pytest.fixture(scope="module")
+def adapters(runs, tmp_path_factory):
+    """The two trained adapters (bare PEFT directories), and two random ones."""
+    root = tmp_path_factory.mktemp("adapters")
+    for name in ANSWERS:
+        shutil.copytree(runs / name / "adapter", root / name)
     for i, r in enumerate((2, 16)):  # random adapters of other ranks and targets
         a = add_adapter(tiny_llama().model, LoraConfig(r=r, targets=["q_proj", "down_proj"]))
         randomize(a, seed=i)
@@ -248,3 +255,24 @@ def test_smollm2_mixed_batch_matches_alone(tmp_path):
     server.engine.run_until_idle()
     alone = [generate_direct(server, m, tok(p).input_ids, greedy).out_ids for m, p in jobs]
     assert [r.out_ids for r in reqs] == alone
+
+
+def test_serves_what_train_writes(runs, tmp_path):
+    """`peftkit serve --adapters runs/` over `peftkit train --output runs/<name>` directories;
+    a run without an adapter (full fine-tuning) is refused by name."""
+    root = tmp_path / "runs"
+    for name in ANSWERS:
+        shutil.copytree(runs / name, root / name)
+    data = root.parent / "d.jsonl"
+    data.write_text(json.dumps({"text": "one two three"}) + "\n")
+    train(TrainConfig(model="tiny-llama", data=str(data), method="full", output=str(root / "whole"),
+                      steps=1, batch_size=1, val_split=0.0))
+    server = make_server(root, max_loaded=2)
+    assert server.store.available() == sorted(ANSWERS)
+    greedy = Sampling(max_tokens=8, temperature=0.0)
+    tok = server.base.tokenizer
+    for name, answer in ANSWERS.items():
+        out = generate_direct(server, name, tok(PROMPT).input_ids, greedy)
+        assert tok.decode(out.out_ids, skip_special_tokens=True).strip() == answer
+    with pytest.raises(AdapterInvalid, match="'whole' is a peftkit run without an adapter"):
+        server.store.acquire("whole")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import WEIGHTS_NAME, write_adapter_slot
+from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, write_adapter_slot
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -61,11 +61,16 @@ class AdapterStore:
         path = (self.root / adapter_id).resolve()
         if path.parent != self.root or not path.is_dir():
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
-        return path
+        found = adapter_dir(path)  # a bare PEFT adapter or a `peftkit train` run directory
+        if not (found / CONFIG_NAME).exists() and (path / "config.json").is_file():
+            raise AdapterInvalid(f"adapter '{adapter_id}' is a peftkit run without an adapter "
+                                 "(full fine-tuning or a probe): serve its model as --base")
+        return found
 
     def available(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()
-                      if ID_RE.fullmatch(p.name) and p.is_dir() and (p / "adapter_config.json").exists())
+                      if ID_RE.fullmatch(p.name) and p.is_dir()
+                      and (adapter_dir(p) / CONFIG_NAME).exists())
 
     # -- acquire / release (one per request) --------------------------------------------------
     def acquire(self, adapter_id: str) -> int:

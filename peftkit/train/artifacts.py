@@ -10,7 +10,7 @@ import torch
 from peftkit.data import load_dataset, tokenize
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
-from peftkit.formats import CONFIG_NAME, load_adapter
+from peftkit.formats import CONFIG_NAME, adapter_dir, load_adapter
 from peftkit.models import Base, load_base
 from peftkit.quant import QuantConfig
 from peftkit.train.evaluate import evaluate_classifier, evaluate_lm_loss, exact_match
@@ -37,7 +37,7 @@ def load_run(model: str, path: str | Path | None, device="cpu",
     path = Path(path)
     if not path.is_dir():
         raise PeftkitError(f"adapter or run directory not found: {path}")
-    adapter = path if (path / CONFIG_NAME).exists() else path / "adapter"
+    adapter = adapter_dir(path)
     head_meta = json.loads((path / "head.json").read_text()) if (path / "head.json").exists() else None
     run_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     quant = QuantConfig() if run_cfg.get("method") == "qlora" else None

