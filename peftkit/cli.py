@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-loaded", type=int, default=8)
     s.add_argument("--max-rank", type=int, default=16)
     s.add_argument("--max-adapter-mb", type=float, default=512.0)
+    s.add_argument("--host-cache-mb", type=float, default=1024.0,
+                   help="host-memory tier of read, checked adapters (LRU by bytes; 0 = off)")
     s.add_argument("--preload", default="", help="comma-separated adapter ids to load and pin")
     s.add_argument("--api-keys", help="YAML/JSON: admin_keys and tenants -> keys, adapters")
     s.add_argument("--max-batch", type=int, default=32)
@@ -227,7 +229,7 @@ def cmd_serve(args) -> None:
     from peftkit.serve.server import ServeConfig, Server
     cfg = ServeConfig(base=args.base, adapters=args.adapters, quantize=args.quantize,
                       max_loaded=args.max_loaded, max_rank=args.max_rank,
-                      max_adapter_mb=args.max_adapter_mb,
+                      max_adapter_mb=args.max_adapter_mb, host_cache_mb=args.host_cache_mb,
                       preload=tuple(a for a in args.preload.split(",") if a),
                       api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue,
                       request_timeout_s=args.request_timeout, max_body_mb=args.max_body_mb,

@@ -6,6 +6,7 @@ Safetensors only: a pickle (`adapter_model.bin`) is refused, never opened.
 import difflib
 import json
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -226,10 +227,20 @@ def _load_layers(adapted: AdaptedModel, items) -> None:
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
-def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str | Path,
-                       root: Path | None = None) -> int:
-    """Load one LoRA adapter into slot `k` of an existing stack (for serving). Modules the
-    adapter does not target are zeroed in that slot. Returns the adapter's tensor bytes."""
+@dataclass
+class SlotWrite:
+    """One LoRA adapter read, checked and laid out for a serving stack's slots: per module its
+    A and B already in the slot's dtype and device, so writing a slot is copies only (done
+    under the engine's lock) and everything slow (disk, parsing, checks) happens before it."""
+    name: str
+    scale: float
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int  # the adapter's tensor bytes as stored
+
+
+def prepare_slot(adapted: AdaptedModel, name: str, directory: str | Path,
+                 root: Path | None = None) -> SlotWrite:
+    """Read and check one adapter for `adapted`'s slots; needs no lock."""
     directory = Path(directory)
     config, tensors = read_adapter(directory, root)
     where = directory / WEIGHTS_NAME
@@ -238,19 +249,32 @@ def write_adapter_slot(adapted: AdaptedModel, k: int, name: str, directory: str 
         raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA batch; "
                            "only LoRA/rsLoRA adapters are served")
     layers = adapted.adapted_layers()
-    grouped = _by_module(tensors, where)
-    for path in grouped:
-        if path not in layers:
-            raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
     rank = next(iter(layers.values())).r
     if config.r > rank:
         raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
-    for path, layer in layers.items():
-        if path not in grouped:  # modules this adapter leaves alone become the identity
+    modules = {}
+    for path, local in _by_module(tensors, where).items():
+        layer = layers.get(path)
+        if not isinstance(layer, LoraLinear):
+            raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
+        _require(local, ["lora_A.weight", "lora_B.weight"], where, path)
+        A, B = local["lora_A.weight"], local["lora_B.weight"]
+        _check_shape(where, f"{path}.lora_A.weight", (config.r, layer.in_features), A)
+        _check_shape(where, f"{path}.lora_B.weight", (layer.out_features, config.r), B)
+        like = layer.lora_A
+        modules[path] = (A.to(like.device, like.dtype).contiguous(),
+                         B.to(like.device, like.dtype).contiguous())
+    return SlotWrite(name, config.scale, modules,
+                     sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def write_slot(adapted: AdaptedModel, k: int, prepared: SlotWrite) -> None:
+    """Slot k becomes `prepared`'s adapter; modules it leaves alone become the identity."""
+    for path, layer in adapted.adapted_layers().items():
+        if path in prepared.modules:
+            layer.write_slot(k, *prepared.modules[path], prepared.scale)
+        else:
             layer.clear_slot(k)
-    for path, local in grouped.items():
-        _write(layers[path], k, local, (name, directory, config, tensors), path)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _write(layer, k: int, local: dict, item, path: str) -> None:

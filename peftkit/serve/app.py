@@ -66,6 +66,7 @@ class ChatBody(SamplingParams):
 class AdapterBody(BaseModel):
     lora_name: str
     pin: bool = False
+    tier: Literal["device", "host"] = "device"  # load: into a slot, or prefetch to host memory
 
 
 def create_app(server: Server):
@@ -114,8 +115,9 @@ def create_app(server: Server):
             return {"status": "ok"}
         stats = server.store.stats()
         out = {"status": "ok", "model": server.name, "loaded": len(stats["loaded"]),
-               "capacity": stats["capacity"], "queue": server.engine.queue_depth(),
-               "batch_rows": len(server.engine.active)}
+               "capacity": stats["capacity"], "host_cached": len(stats["host"]["adapters"]),
+               "queue": server.engine.queue_depth(), "batch_rows": len(server.engine.active),
+               "cache_events": server.metrics.cache_counts()}
         return {**out, **stats} if who.admin else out
 
     @app.get("/metrics")
@@ -283,7 +285,8 @@ def create_app(server: Server):
                     "slot": getattr(entry, "slot", None)}
         return endpoint
 
-    app.post("/v1/load_lora_adapter")(admin(lambda b: server.store.load(b.lora_name, pin=b.pin)))
+    app.post("/v1/load_lora_adapter")(admin(
+        lambda b: server.store.load(b.lora_name, pin=b.pin, tier=b.tier)))
     app.post("/v1/unload_lora_adapter")(admin(lambda b: server.store.unload(b.lora_name)))
     app.post("/v1/reload_lora_adapter")(admin(lambda b: server.store.reload(b.lora_name)))
     return BodyLimit(app, int(cfg.max_body_mb * 2**20))

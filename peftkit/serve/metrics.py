@@ -26,5 +26,10 @@ class Metrics:
         else:
             self.cache.labels(kind).inc()
 
+    def cache_counts(self) -> dict[str, int]:
+        """Per tier: device hit/miss/evict and host_hit/host_miss/host_evict so far."""
+        return {s.labels["event"]: int(s.value) for metric in self.cache.collect()
+                for s in metric.samples if s.name.endswith("_total")}
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,6 +26,7 @@ class ServeConfig:
     max_loaded: int = 8  # adapter slots resident at once
     max_rank: int = 16  # the slot stack's rank; lower-rank adapters are zero-padded
     max_adapter_mb: float = 512.0  # bytes bound of the LRU cache, all loaded adapters together
+    host_cache_mb: float = 1024.0  # host-memory tier: adapters read and prepared, LRU by bytes
     preload: tuple[str, ...] = ()  # loaded and pinned at start
     api_keys: str | None = None
     max_batch: int = 32
@@ -65,7 +66,8 @@ class Server:
         self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch, cfg.max_queue,
                              on_finish=self._finished, timeout_s=cfg.request_timeout_s)
         self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.lock,
-                                  cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event)
+                                  cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event,
+                                  host_bytes=cfg.host_cache_mb * 2**20)
         self.tenancy = Tenancy(cfg.api_keys)
         self.inflight: Counter = Counter()  # tenant -> requests admitted and not yet finished
         self._inflight_lock = threading.Lock()

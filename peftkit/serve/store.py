@@ -1,8 +1,16 @@
-"""The adapter store: a directory of PEFT adapters (subdirectory name = adapter id) served from
-a fixed pool of slots in one multi-slot LoRA stack. Adapters load on first request into an LRU
-cache bounded by count (the pool) and bytes; pinned adapters are never evicted. A reload writes
-the new weights into a fresh slot; requests already running finish on the old one. A slot that
-no adapter owns any more is zeroed as soon as no request uses it."""
+"""The adapter store: a directory of PEFT adapters (subdirectory name = adapter id, or a
+`peftkit train` run directory) served from a fixed pool of slots in one multi-slot LoRA stack.
+
+Two cache tiers below the disk, as LoRAX and S-LoRA keep them:
+  host    adapters read, checked and laid out for a slot (formats.SlotWrite), an LRU bounded
+          by bytes (`host_bytes`); a prefetch target of /v1/load_lora_adapter
+  device  the stack's slots, an LRU bounded by count (the pool) and bytes; pinned adapters are
+          never evicted
+A cold load never stalls other tenants: the disk read and the checks run in the requesting
+thread with no lock held; concurrent requests for the same adapter wait for that one load;
+only the slot copy takes the engine's lock (between two forward steps). A reload writes the
+new weights into a fresh slot; requests already running finish on the old one. A slot that no
+adapter owns any more is zeroed as soon as no request uses it."""
 
 import re
 import threading
@@ -12,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, adapter_dir, write_adapter_slot
+from peftkit.formats import (CONFIG_NAME, WEIGHTS_NAME, SlotWrite, adapter_dir, prepare_slot,
+                             write_slot)
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -34,12 +43,44 @@ class Entry:
     slot: int
     nbytes: int
     pinned: bool = False
-    loaded_at: float = 0.0
+
+
+class HostTier:
+    """Prepared adapters in host memory: an LRU bounded by bytes (0 = off)."""
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, SlotWrite] = OrderedDict()
+
+    def get(self, adapter_id: str) -> SlotWrite | None:
+        item = self.items.get(adapter_id)
+        if item is not None:
+            self.items.move_to_end(adapter_id)
+        return item
+
+    def put(self, adapter_id: str, item: SlotWrite) -> int:
+        """Keep `item`, evicting the least recently used; returns how many were evicted."""
+        self.items.pop(adapter_id, None)
+        if item.nbytes > self.max_bytes:
+            return 0
+        evicted = 0
+        while self.items and self.bytes + item.nbytes > self.max_bytes:
+            self.items.popitem(last=False)
+            evicted += 1
+        self.items[adapter_id] = item
+        return evicted
+
+    def drop(self, adapter_id: str) -> None:
+        self.items.pop(adapter_id, None)
+
+    @property
+    def bytes(self) -> int:
+        return sum(i.nbytes for i in self.items.values())
 
 
 class AdapterStore:
     def __init__(self, root: str | Path, adapted, lock: threading.Lock, max_bytes: float,
-                 on_event=lambda kind, **kw: None):
+                 on_event=lambda kind, **kw: None, host_bytes: float = 0):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise PeftkitError(f"adapters directory not found: {root}")
@@ -50,8 +91,14 @@ class AdapterStore:
         self.entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order, most recent last
         self.busy = [0] * self.capacity  # in-flight requests per slot
         self.retired: set[int] = set()  # slots of reloaded adapters, freed when idle
-        self.mutex = threading.RLock()
-        self.on_event = on_event  # metrics hook: ("hit"|"miss"|"evict"|"load", seconds=...)
+        self.reserved: set[int] = set()  # slots being written by a load in progress
+        self.loading: dict[str, threading.Event] = {}  # adapter id -> its load's end
+        self.failed: dict[str, PeftkitError] = {}  # what a finished load raised, for waiters
+        self.host = HostTier(host_bytes)
+        self.mutex = threading.RLock()  # held for bookkeeping only, never across a load
+        # metrics hook: device tier "hit" | "miss" | "evict"; host tier "host_hit" |
+        # "host_miss" | "host_evict"; "load" with seconds=disk or host -> slot
+        self.on_event = on_event
         self.load_seconds: list[float] = []
 
     # -- ids and listing ----------------------------------------------------------------------
@@ -75,16 +122,43 @@ class AdapterStore:
     # -- acquire / release (one per request) --------------------------------------------------
     def acquire(self, adapter_id: str) -> int:
         """The slot serving `adapter_id`, loading it first when needed; holds it until release."""
-        with self.mutex:
-            entry = self.entries.get(adapter_id)
-            if entry is not None:
-                self.entries.move_to_end(adapter_id)
-                self.on_event("hit")
-            else:
-                self.on_event("miss")
-                entry = self._load(adapter_id, self.path_of(adapter_id))
-            self.busy[entry.slot] += 1
-            return entry.slot
+        return self._ensure(adapter_id, hold=True).slot
+
+    def _ensure(self, adapter_id: str, hold: bool = False, pin: bool = False) -> Entry:
+        """The adapter's device entry: a hit, or the one load of it in flight (joined), or a
+        new load run by this thread with no lock held."""
+        missed = False
+        while True:
+            with self.mutex:
+                entry = self.entries.get(adapter_id)
+                if entry is not None:
+                    self.entries.move_to_end(adapter_id)
+                    entry.pinned = entry.pinned or pin
+                    self.busy[entry.slot] += hold
+                    if not missed:
+                        self.on_event("hit")
+                    return entry
+                if not missed:
+                    self.on_event("miss")
+                    missed = True
+                pending = self.loading.get(adapter_id)
+                leader = pending is None
+                if leader:
+                    pending = self.loading[adapter_id] = _Pending()
+            if not leader:  # another request is loading it: wait for that load, not a second
+                pending.done.wait()
+                if pending.error is not None:
+                    raise pending.error
+                continue
+            try:
+                return self._load(adapter_id, hold, pin)
+            except PeftkitError as e:
+                pending.error = e
+                raise
+            finally:
+                with self.mutex:
+                    del self.loading[adapter_id]
+                pending.done.set()
 
     def release(self, slot: int) -> None:
         with self.mutex:
@@ -94,14 +168,16 @@ class AdapterStore:
                 self._clear(slot)
 
     # -- admin --------------------------------------------------------------------------------
-    def load(self, adapter_id: str, pin: bool = False) -> Entry:
-        with self.mutex:
-            entry = self.entries.get(adapter_id) or self._load(adapter_id, self.path_of(adapter_id))
-            entry.pinned = entry.pinned or pin
-            return entry
+    def load(self, adapter_id: str, pin: bool = False, tier: str = "device") -> Entry | None:
+        """Prefetch: into a slot (`device`), or only read and prepared in host memory (`host`)."""
+        if tier == "host":
+            self._prepared(adapter_id, self.path_of(adapter_id))
+            return None
+        return self._ensure(adapter_id, pin=pin)
 
     def unload(self, adapter_id: str) -> None:
         with self.mutex:
+            self.host.drop(adapter_id)
             if adapter_id not in self.entries:
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
             entry = self.entries.pop(adapter_id)
@@ -111,30 +187,24 @@ class AdapterStore:
                 self._clear(entry.slot)
 
     def reload(self, adapter_id: str) -> Entry:
-        """New weights under the same id; running requests keep the old slot until they end."""
+        """New weights under the same id, read from disk while the old ones keep serving (and
+        keep serving when the new ones are bad); running requests finish on the old slot."""
         with self.mutex:
-            old = self.entries.pop(adapter_id, None)
-            if old is not None and self.busy[old.slot]:
-                self.retired.add(old.slot)
-            try:
-                entry = self._load(adapter_id, self.path_of(adapter_id))
-            except PeftkitError:
-                if old is not None:  # keep serving the old weights when the new ones are bad
-                    self.retired.discard(old.slot)
-                    self.entries[adapter_id] = old
-                raise
-            entry.pinned = bool(old and old.pinned)
-            return entry
+            self.host.drop(adapter_id)
+        prepared = self._prepared(adapter_id, self.path_of(adapter_id))
+        return self._install(adapter_id, prepared)
 
     def stats(self) -> dict:
         with self.mutex:
             return {"loaded": list(self.entries), "capacity": self.capacity,
                     "bytes": sum(e.nbytes for e in self.entries.values()),
-                    "max_bytes": self.max_bytes}
+                    "max_bytes": self.max_bytes, "loading": sorted(self.loading),
+                    "host": {"adapters": list(self.host.items), "bytes": self.host.bytes,
+                             "max_bytes": self.host.max_bytes}}
 
     # -- internals ----------------------------------------------------------------------------
     def _free_slot(self, need_bytes: int) -> int:
-        used = {e.slot for e in self.entries.values()} | self.retired
+        used = {e.slot for e in self.entries.values()} | self.retired | self.reserved
         used |= {s for s, n in enumerate(self.busy) if n}
         total = sum(e.nbytes for e in self.entries.values())
         free = [s for s in range(self.capacity) if s not in used]
@@ -154,7 +224,13 @@ class AdapterStore:
             for layer in self.adapted.adapted_layers().values():
                 layer.clear_slot(slot)
 
-    def _load(self, adapter_id: str, path: Path) -> Entry:
+    def _prepared(self, adapter_id: str, path: Path) -> SlotWrite:
+        """From the host tier, or read from disk, checked and kept there (no lock held)."""
+        with self.mutex:
+            prepared = self.host.get(adapter_id)
+            self.on_event("host_hit" if prepared is not None else "host_miss")
+        if prepared is not None:
+            return prepared
         try:  # the real checks (regular file, inside the root) come with the read
             size = (path / WEIGHTS_NAME).stat().st_size
         except OSError:
@@ -162,17 +238,56 @@ class AdapterStore:
         if size > self.max_bytes:
             raise AdapterInvalid(f"adapter '{adapter_id}' is {size / 2**20:.1f} MB, over the "
                                  f"{self.max_bytes / 2**20:.1f} MB limit")
-        slot = self._free_slot(size)
-        start = time.perf_counter()
         try:
-            with self.lock:
-                nbytes = write_adapter_slot(self.adapted, slot, adapter_id, path, self.root)
+            prepared = prepare_slot(self.adapted, adapter_id, path, self.root)
         except PeftkitError as e:
-            self._clear(slot)
             raise AdapterInvalid(str(e)) from None
+        with self.mutex:
+            for _ in range(self.host.put(adapter_id, prepared)):
+                self.on_event("host_evict")
+        return prepared
+
+    def _load(self, adapter_id: str, hold: bool, pin: bool) -> Entry:
+        start = time.perf_counter()
+        entry = self._install(adapter_id, self._prepared(adapter_id, self.path_of(adapter_id)),
+                              hold, pin)
         seconds = time.perf_counter() - start
         self.load_seconds.append(seconds)
         self.on_event("load", seconds=seconds)
-        entry = Entry(slot, nbytes, loaded_at=time.time())
-        self.entries[adapter_id] = entry
         return entry
+
+    def _install(self, adapter_id: str, prepared: SlotWrite, hold: bool = False,
+                 pin: bool = False) -> Entry:
+        """Write `prepared` into a free slot (the engine's lock for the copies only), then make
+        it the adapter's entry; an entry it replaces keeps its slot until its requests end."""
+        with self.mutex:
+            slot = self._free_slot(prepared.nbytes)
+            self.reserved.add(slot)
+        try:
+            with self.lock:
+                write_slot(self.adapted, slot, prepared)
+        except BaseException:
+            with self.mutex:
+                self.reserved.discard(slot)
+                self._clear(slot)
+            raise
+        with self.mutex:
+            self.reserved.discard(slot)
+            old = self.entries.pop(adapter_id, None)
+            if old is not None:
+                if self.busy[old.slot]:
+                    self.retired.add(old.slot)
+                else:
+                    self._clear(old.slot)
+            entry = Entry(slot, prepared.nbytes, pinned=pin or bool(old and old.pinned))
+            self.entries[adapter_id] = entry
+            self.busy[slot] += hold
+            return entry
+
+
+class _Pending:
+    """One adapter's load in flight: requests for the same adapter wait on it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: PeftkitError | None = None
