@@ -94,8 +94,7 @@ def read_adapter(directory: str | Path, root: Path | None = None
         raise PeftkitError(f"{w_path}: corrupt safetensors file ({str(e)[:160]})") from None
     if not tensors:
         raise PeftkitError(f"{w_path}: holds no tensors")
-    for key, t in tensors.items():
-        _check_values(w_path, key, t)
+    _check_values(w_path, tensors)
     _check_rank(w_path, config, tensors)
     return config, tensors
 
@@ -122,16 +121,25 @@ def _regular_file(path: Path, root: Path | None, max_bytes: int | None = None) -
         raise PeftkitError(f"{path}: {st.st_size} bytes, over the {max_bytes} byte limit")
 
 
-def _check_values(where: Path, key: str, t: torch.Tensor) -> None:
-    if not t.is_floating_point():
-        raise PeftkitError(f"{where}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                           "adapter weights are floating point")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise PeftkitError(f"{where}: {key} holds NaN or Inf values; refusing to load it")
-    largest = float(t.abs().max()) if t.numel() else 0.0
-    if largest > MAX_ABS_WEIGHT:
-        raise PeftkitError(f"{where}: {key} holds values beyond ±{MAX_ABS_WEIGHT:g} "
-                           f"(max |w| = {largest:.3g}); refusing to load it")
+def _check_values(where: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Floating point, finite and within ±MAX_ABS_WEIGHT. A served adapter holds hundreds of
+    tensors, so first one batched L2 norm each (an upper bound of max |w|; NaN and Inf carry
+    through), and the exact check only on a tensor that bound does not clear."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise PeftkitError(f"{where}: {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                               "adapter weights are floating point")
+    keys = [k for k, t in tensors.items() if t.numel()]
+    bounds = torch.stack([n.float() for n in torch._foreach_norm([tensors[k] for k in keys])]) \
+        if keys else torch.zeros(0)
+    for i in (~(bounds <= MAX_ABS_WEIGHT)).nonzero().flatten().tolist():
+        key, t = keys[i], tensors[keys[i]]
+        if not bool(torch.isfinite(t).all()):
+            raise PeftkitError(f"{where}: {key} holds NaN or Inf values; refusing to load it")
+        largest = float(t.abs().max())
+        if largest > MAX_ABS_WEIGHT:
+            raise PeftkitError(f"{where}: {key} holds values beyond ±{MAX_ABS_WEIGHT:g} "
+                               f"(max |w| = {largest:.3g}); refusing to load it")
 
 
 def _check_rank(where: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -238,9 +246,11 @@ class SlotWrite:
     nbytes: int  # the adapter's tensor bytes as stored
 
 
-def prepare_slot(adapted: AdaptedModel, name: str, directory: str | Path,
+def prepare_slot(layers: dict[str, nn.Module], name: str, directory: str | Path,
                  root: Path | None = None) -> SlotWrite:
-    """Read and check one adapter for `adapted`'s slots; needs no lock."""
+    """Read and check one adapter for the slots of a stack's `layers` (`adapted_layers()`,
+    which the caller keeps: walking the model costs more than a small adapter's read); needs
+    no lock."""
     directory = Path(directory)
     config, tensors = read_adapter(directory, root)
     where = directory / WEIGHTS_NAME
@@ -248,7 +258,6 @@ def prepare_slot(adapted: AdaptedModel, name: str, directory: str | Path,
         kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
         raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA batch; "
                            "only LoRA/rsLoRA adapters are served")
-    layers = adapted.adapted_layers()
     rank = next(iter(layers.values())).r
     if config.r > rank:
         raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
@@ -268,13 +277,11 @@ def prepare_slot(adapted: AdaptedModel, name: str, directory: str | Path,
                      sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
-def write_slot(adapted: AdaptedModel, k: int, prepared: SlotWrite) -> None:
-    """Slot k becomes `prepared`'s adapter; modules it leaves alone become the identity."""
-    for path, layer in adapted.adapted_layers().items():
-        if path in prepared.modules:
-            layer.write_slot(k, *prepared.modules[path], prepared.scale)
-        else:
-            layer.clear_slot(k)
+def write_slot(layers: dict[str, nn.Module], k: int, prepared: SlotWrite) -> None:
+    """Slot k of `layers` becomes `prepared`'s adapter; modules it leaves alone, the identity."""
+    LoraLinear.write_slots(k, [(layers[p], *ab) for p, ab in prepared.modules.items()],
+                           [layer for p, layer in layers.items() if p not in prepared.modules],
+                           prepared.scale)
 
 
 def _write(layer, k: int, local: dict, item, path: str) -> None:

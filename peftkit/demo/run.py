@@ -7,6 +7,7 @@ concurrently -> summary table, demo_report.md and plots.
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ from peftkit.serve.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.train import TrainConfig, train
 from peftkit.train.joint import JointTrainer
+
+
+SHARED = "shared"  # the adapter trained on every customer's data mixed
+ICL_SHOTS = 4  # in-context learning baseline: this many training examples in the prompt
+BASELINES = ("base", "icl", "shared", "adapter")
 
 
 @dataclass
@@ -56,14 +62,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     data_dir, adapters = out / "data", out / "adapters"
     say(f"== 1. Five customers, {cfg.train_examples} training / {cfg.test_examples} held-out "
         "examples each (generated, seeded)")
-    tests = {}
+    tests, shots, mixed = {}, {}, []
     for task in TASKS:
         d = data_dir / task.customer
         d.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(d / "train.jsonl", task.examples(cfg.train_examples, seed=0))
+        rows = task.examples(cfg.train_examples, seed=0)
+        _write_jsonl(d / "train.jsonl", rows)
+        shots[task.customer], mixed = rows[:ICL_SHOTS], mixed + rows
         tests[task.customer] = task.examples(cfg.test_examples, seed=1)
         _write_jsonl(d / "test.jsonl", tests[task.customer])
         say(f"   {task.customer:<9} {task.description}")
+    random.Random(0).shuffle(mixed)  # the baseline of one adapter for everyone: all data mixed
+    (data_dir / SHARED).mkdir(parents=True, exist_ok=True)
+    _write_jsonl(data_dir / SHARED / "train.jsonl", mixed)
 
     say("\n== 2. The plan: this scenario, then the seed's (70B, one H100, 5 customers)")
     say(format_plan(make_plan(cfg.model, "L4", tenants=5, seq_len=64, batch=cfg.batch_size,
@@ -78,32 +89,36 @@ def run_demo(cfg: DemoConfig) -> dict:
         say(f"   {base.quant_report.summary()}")
     base_bytes = model_bytes(base.model)
     del base
-    configs = {task.customer: TrainConfig(
-        model=cfg.model, data=str(data_dir / task.customer / "train.jsonl"), method="qlora",
-        output=str(out / "runs" / task.customer), steps=cfg.steps, batch_size=cfg.batch_size,
+    # each customer's adapter, and one shared by all: same steps, each of its batches as large
+    # as the five customers' together (the same examples seen)
+    configs = {name: TrainConfig(
+        model=cfg.model, data=str(data_dir / name / "train.jsonl"), method="qlora",
+        output=str(out / "runs" / name), steps=cfg.steps,
+        batch_size=cfg.batch_size * (len(TASKS) if name == SHARED else 1),
         lr=cfg.lr, rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.0, val_split=0.0, warmup=0.1,
-        seed=0, device=cfg.device) for task in TASKS}
+        seed=0, device=cfg.device) for name in [t.customer for t in TASKS] + [SHARED]}
     start = time.perf_counter()
     if cfg.sequential:  # one run after another: five loads, five passes over the base per step
         train_reports = {c: train(tc) for c, tc in configs.items()}
     else:  # one base, one batched pass per step for all five (peftkit.train.joint)
         train_reports = JointTrainer(list(configs.items())).run()["reports"]
     train_seconds = time.perf_counter() - start
-    for task in TASKS:
-        report = train_reports[task.customer]
-        _copy_adapter(out / "runs" / task.customer / "adapter", adapters / task.customer)
-        say(f"   {task.customer:<9} loss {report['train_losses'][0]:.3f} -> "
+    for name, report in train_reports.items():
+        _copy_adapter(out / "runs" / name / "adapter", adapters / name)
+        say(f"   {name:<9} loss {report['train_losses'][0]:.3f} -> "
             f"{report['train_losses'][-1]:.3f}")
     say(f"   {'jointly' if not cfg.sequential else 'one after another'}: {train_seconds:.0f} s "
-        f"for {len(TASKS)} adapters")
+        f"for {len(configs)} adapters ({len(TASKS)} customers' and one shared by all)")
 
     server = Server(ServeConfig(base=cfg.model, adapters=str(adapters), quantize="nf4",
-                                max_loaded=len(TASKS), max_rank=cfg.rank, max_batch=64,
+                                max_loaded=len(configs), max_rank=cfg.rank, max_batch=64,
                                 device=cfg.device))
-    say("\n== 4. Held-out accuracy, base vs adapter (all rows in one mixed batch)")
-    accuracy = evaluate(server, tests)
-    for c, (b, a) in accuracy.items():
-        say(f"   {c:<9} base {b:6.1%}   adapter {a:6.1%}")
+    say(f"\n== 4. Held-out exact match: the base, the base shown {ICL_SHOTS} examples in its "
+        "prompt, one adapter\n   shared by all customers, each customer's own adapter (all rows "
+        "in one mixed batch)")
+    accuracy = evaluate(server, tests, shots)
+    for c, acc in accuracy.items():
+        say(f"   {c:<9} " + "   ".join(f"{who} {v:6.1%}" for who, v in acc.items()))
 
     say("\n== 5. The server: five customers' requests at once over HTTP")
     served = asyncio.run(serve_check(server, tests))
@@ -127,23 +142,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     return result
 
 
-def evaluate(server: Server, tests: dict) -> dict:
+def evaluate(server: Server, tests: dict, shots: dict) -> dict:
+    """{customer: {who: exact match}}, who: base, icl (the base with `shots` in its prompt, as
+    earlier chat turns), shared (one adapter for everyone), adapter (the customer's own)."""
     tok = server.base.tokenizer
     greedy = Sampling(max_tokens=24, temperature=0.0)  # the longest answer is ~20 tokens
     jobs = []
     for task in TASKS:
+        examples = [m for ex in shots[task.customer] for m in ex["messages"][1:]]
         for ex in tests[task.customer]:
-            ids = tok(chat_prompt(ex["messages"][:-1], tok), add_special_tokens=False).input_ids
-            want = ex["messages"][-1]["content"]
-            for who in ("base", "adapter"):
-                slot = -1 if who == "base" else server.store.acquire(task.customer)
+            system, question, want = ex["messages"][0], ex["messages"][1:-1], \
+                ex["messages"][-1]["content"]
+            for who in BASELINES:
+                messages = [system, *examples, *question] if who == "icl" else ex["messages"][:-1]
+                slot = {"base": -1, "icl": -1, "shared": None, "adapter": None}[who]
+                if slot is None:
+                    slot = server.store.acquire(SHARED if who == "shared" else task.customer)
+                ids = tok(chat_prompt(messages, tok), add_special_tokens=False).input_ids
                 jobs.append((task, who, want, server.engine.submit(Request(ids, slot, greedy))))
     server.engine.run_until_idle()
-    hits = {(t.customer, who): 0 for t in TASKS for who in ("base", "adapter")}
+    hits = {(t.customer, who): 0 for t in TASKS for who in BASELINES}
     for task, who, want, req in jobs:
         hits[(task.customer, who)] += task.correct(req.text, want)
-    return {t.customer: (hits[(t.customer, "base")] / len(tests[t.customer]),
-                         hits[(t.customer, "adapter")] / len(tests[t.customer])) for t in TASKS}
+    return {t.customer: {who: hits[(t.customer, who)] / len(tests[t.customer])
+                         for who in BASELINES} for t in TASKS}
 
 
 async def serve_check(server: Server, tests: dict, per_customer: int = 3) -> dict:

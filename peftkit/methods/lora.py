@@ -69,6 +69,33 @@ class LoraLinear(FrozenLinear):
             if self.magnitude is not None:
                 self.magnitude[k] = magnitude
 
+    @staticmethod
+    def write_slots(k: int, writes: list[tuple["LoraLinear", torch.Tensor, torch.Tensor]],
+                    clears: list["LoraLinear"], scale: float) -> None:
+        """Slot k of many layers at once (a served adapter's load): A and B into the written
+        layers, zeros into the rest, in batched copies rather than ops per layer (an all-linear
+        adapter touches hundreds of layers; per-layer ops cost more than the bytes)."""
+        dst, src, zero = [], [], []
+        for layer, A, B in writes:
+            r = A.shape[0]
+            if r == layer.r:
+                dst += [layer.lora_A[k], layer.lora_B[k]]
+            else:
+                dst += [layer.lora_A[k, :r], layer.lora_B[k, :, :r]]
+                zero += [layer.lora_A[k, r:], layer.lora_B[k, :, r:]]
+            src += [A, B]
+        for layer in clears:
+            zero += [layer.lora_A[k], layer.lora_B[k]]
+        with torch.no_grad():
+            if dst:
+                torch._foreach_copy_(dst, src)
+            if zero:
+                torch._foreach_zero_(zero)
+            for layer, *_ in writes:
+                layer.scale[k] = scale
+            for layer in clears:
+                layer.scale[k] = 0.0
+
     def clear_slot(self, k: int) -> None:
         """Make slot k the identity again (zero weights, zero scale)."""
         with torch.no_grad():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.plan.advisor import TaskProfile, advise
+from peftkit.plan.evidence import for_rule
 from peftkit.plan.memory import GB, NF4_BITS, Settings, estimate
 from peftkit.plan.shapes import Shape, parse_size, shape_for
 
@@ -54,6 +55,7 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
                   for a in APPROACHES}
     prof = TaskProfile(params=shape.params, gpus=gpus, tenants=tenants, **(profile or {}))
     rec = advise(prof, {a: v["fits"] for a, v in approaches.items()})
+    rec["measured"] = for_rule(rec["rule"])  # docs/results.md's lines for this rule
     chosen = approaches.get(rec["approach"])
     if chosen is not None and not chosen["fits"]:
         rec["reasons"].append(_what_fits(approaches, key, gpus))
@@ -162,6 +164,7 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"Recommendation: {r['approach']}"
               + (f" (r={r['rank']})" if "rank" in r else "") + f"  [rule: {r['rule']}]"]
     lines += [f"  - {why}" for why in r["reasons"]]
+    lines += [f"    measured: {line}" for line in r["measured"]]
     if "command" in plan:
         lines += ["", f"Run it: {plan['command']}"]
     return "\n".join(lines)

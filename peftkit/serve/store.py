@@ -85,6 +85,7 @@ class AdapterStore:
         if not self.root.is_dir():
             raise PeftkitError(f"adapters directory not found: {root}")
         self.adapted = adapted
+        self.layers = adapted.adapted_layers()  # the stack's layers, walked once
         self.lock = lock  # the engine's model lock: slots are written between forward steps
         self.capacity = adapted.n_slots
         self.max_bytes = max_bytes
@@ -221,7 +222,7 @@ class AdapterStore:
 
     def _clear(self, slot: int) -> None:
         with self.lock:
-            for layer in self.adapted.adapted_layers().values():
+            for layer in self.layers.values():
                 layer.clear_slot(slot)
 
     def _prepared(self, adapter_id: str, path: Path) -> SlotWrite:
@@ -239,7 +240,7 @@ class AdapterStore:
             raise AdapterInvalid(f"adapter '{adapter_id}' is {size / 2**20:.1f} MB, over the "
                                  f"{self.max_bytes / 2**20:.1f} MB limit")
         try:
-            prepared = prepare_slot(self.adapted, adapter_id, path, self.root)
+            prepared = prepare_slot(self.layers, adapter_id, path, self.root)
         except PeftkitError as e:
             raise AdapterInvalid(str(e)) from None
         with self.mutex:
@@ -265,7 +266,7 @@ class AdapterStore:
             self.reserved.add(slot)
         try:
             with self.lock:
-                write_slot(self.adapted, slot, prepared)
+                write_slot(self.layers, slot, prepared)
         except BaseException:
             with self.mutex:
                 self.reserved.discard(slot)
