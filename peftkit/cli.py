@@ -127,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement(s)
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("gateway", help="one endpoint over several servers, routed by adapter")
+    s.add_argument("--backends", required=True,
+                   help="comma-separated base URLs of `peftkit serve` or vLLM servers")
+    s.add_argument("--api-keys", help="the keys file `serve` takes: tenants, keys, adapters")
+    s.add_argument("--backend-key", help="the key the gateway sends to its backends")
+    s.add_argument("--spill", type=int, default=8,
+                   help="leave an adapter's backend when it has this many more requests in "
+                        "flight than the least-loaded one")
+    s.add_argument("--health-every", type=float, default=1.0, help="seconds between checks")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(func=cmd_gateway)
+
     s = sub.add_parser("data", help="dataset tools")
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset file and summarise it")
@@ -243,6 +256,20 @@ def cmd_serve(args) -> None:
                     timeout_graceful_shutdown=10)
     finally:
         server.stop()
+
+
+def cmd_gateway(args) -> None:
+    import uvicorn
+
+    from peftkit.serve.gateway import Gateway, GatewayConfig, create_gateway_app
+    cfg = GatewayConfig(backends=[u for u in args.backends.split(",") if u],
+                        api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
+                        health_every_s=args.health_every)
+    app = create_gateway_app(Gateway(cfg))
+    print(f"peftkit: gateway over {len(cfg.backends)} backends on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=10)
 
 
 def cmd_models(args) -> None:

@@ -39,13 +39,12 @@ def adapter_root(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(server: Server):
-    """The server's app on a loopback port; stopped (engine too) on exit."""
+def serving(app):
+    """An ASGI app on a loopback port, in a thread; its URL."""
     port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
-                                       log_level="warning", timeout_graceful_shutdown=5))
+    web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                       timeout_graceful_shutdown=5))
     thread = threading.Thread(target=web.run, daemon=True)
-    server.start()
     thread.start()
     deadline = time.time() + 30
     while not web.started and time.time() < deadline:
@@ -55,6 +54,16 @@ def running(server: Server):
     finally:
         web.should_exit = True
         thread.join(timeout=15)
+
+
+@contextlib.contextmanager
+def running(server: Server):
+    """The server's app on a loopback port; stopped (engine too) on exit."""
+    server.start()
+    try:
+        with serving(create_app(server)) as url:
+            yield url
+    finally:
         server.stop()
 
 

@@ -69,12 +69,8 @@ class AdapterBody(BaseModel):
     tier: Literal["device", "host"] = "device"  # load: into a slot, or prefetch to host memory
 
 
-def create_app(server: Server):
-    """The FastAPI app wrapped in the body-size limit (an ASGI app either way)."""
-    app = FastAPI(title="peftkit", version="0.1.0")
-    cfg = server.cfg
-    waiting_for_slot = 0  # requests polling for an adapter slot (event-loop state only)
-
+def install_errors(app: FastAPI) -> None:
+    """OpenAI's error body for ApiError and for request validation (422)."""
     @app.exception_handler(ApiError)
     async def api_error(_req, e: ApiError):
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}},
@@ -87,13 +83,26 @@ def create_app(server: Server):
         return JSONResponse({"error": {"message": msg[:1000], "type": "invalid_request_error",
                                        "code": 422}}, status_code=422)
 
+
+def authenticate(tenancy, http: HTTPRequest, admin: bool = False):
+    """The caller behind the request's key (401 without one, 403 where admin is needed)."""
+    who = tenancy.caller(http.headers.get("authorization"))
+    if who is None:
+        raise ApiError(401, "invalid or missing API key", "authentication_error")
+    if admin and not who.admin:
+        raise ApiError(403, "admin key required", "permission_error")
+    return who
+
+
+def create_app(server: Server):
+    """The FastAPI app wrapped in the body-size limit (an ASGI app either way)."""
+    app = FastAPI(title="peftkit", version="0.1.0")
+    install_errors(app)
+    cfg = server.cfg
+    waiting_for_slot = 0  # requests polling for an adapter slot (event-loop state only)
+
     def caller(http: HTTPRequest, admin: bool = False):
-        who = server.tenancy.caller(http.headers.get("authorization"))
-        if who is None:
-            raise ApiError(401, "invalid or missing API key", "authentication_error")
-        if admin and not who.admin:
-            raise ApiError(403, "admin key required", "permission_error")
-        return who
+        return authenticate(server.tenancy, http, admin)
 
     def missing(model: str) -> str:
         return f"The model `{model[:128]}` does not exist."

@@ -1,0 +1,292 @@
+"""`peftkit gateway`: one OpenAI-compatible endpoint in front of several backends (`peftkit
+serve` processes or vLLM servers, which share the API), routing by adapter.
+
+Routing: a request goes to a backend that already holds its adapter (affinity: learned from
+what was routed there and from each backend's /health), the least loaded of those, unless it has
+`spill` more requests in flight than the least-loaded backend; otherwise to the least-loaded
+backend, which is first told to load the adapter through vLLM's admin endpoint
+(/v1/load_lora_adapter). Keys, tenants and adapter visibility are the gateway's own (the same
+keys file as `serve`); backends see the gateway's `backend_key`.
+
+Failures: every backend's /health is polled; one that fails (or drops a connection) leaves the
+rotation until it answers again. A request whose backend fails before answering is retried on
+another backend (the client has received nothing, so it gets one answer); a stream that had
+started gets a clean error event and [DONE], never a second answer from elsewhere.
+"""
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import Counter as Total
+
+from peftkit.errors import PeftkitError
+from peftkit.serve.app import AdapterBody, ChatBody, CompletionBody, ApiError, authenticate, \
+    install_errors
+from peftkit.serve.limits import BodyLimit
+from peftkit.serve.tenancy import Tenancy
+
+
+@dataclass
+class GatewayConfig:
+    backends: list[str]
+    api_keys: str | None = None  # the tenancy file `serve` takes (None: open, as serve)
+    backend_key: str | None = None  # sent to every backend (an admin key of theirs)
+    health_every_s: float = 1.0
+    spill: int = 8  # leave an adapter's holder when it has this many more in flight than the least loaded
+    timeout_s: float = 300.0  # per request to a backend
+    max_body_mb: float = 2.0
+
+
+@dataclass
+class Backend:
+    url: str
+    up: bool = True
+    inflight: int = 0
+    adapters: set[str] = field(default_factory=set)  # what it holds, as far as we know
+    routed: Counter = field(default_factory=Counter)  # adapter -> requests in flight here
+
+
+class Router:
+    """Which backend serves a model: affinity first, then load."""
+
+    def __init__(self, urls: list[str], spill: int):
+        if not urls:
+            raise PeftkitError("--backends: give at least one backend URL")
+        self.backends = [Backend(u.rstrip("/")) for u in urls]
+        self.spill = spill
+
+    def pick(self, model: str, exclude: set[str]) -> tuple[Backend, bool]:
+        """(backend, whether it already holds `model`); 503 when none is up."""
+        live = [b for b in self.backends if b.up and b.url not in exclude]
+        if not live:
+            raise ApiError(503, "no backend is available", "server_error")
+        least = min(live, key=lambda b: b.inflight)
+        if not model:
+            return least, True
+        holders = [b for b in live if model in b.adapters]
+        if holders:
+            best = min(holders, key=lambda b: b.inflight)
+            if best.inflight - least.inflight < self.spill:
+                return best, True
+        return least, False
+
+    def down(self, backend: Backend) -> None:
+        backend.up = False
+        backend.adapters.clear()
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.router = Router(cfg.backends, cfg.spill)
+        self.tenancy = Tenancy(cfg.api_keys)
+        self.headers = {"Authorization": f"Bearer {cfg.backend_key}"} if cfg.backend_key else {}
+        self.client: httpx.AsyncClient | None = None
+        self.bases: set[str] = set()  # the backends' base model ids (no adapter to route by)
+        r = self.registry = CollectorRegistry()
+        self.requests = Total("peftkit_gateway_requests", "Requests by backend and status",
+                                ["backend", "status"], registry=r)
+        self.affinity = Total("peftkit_gateway_affinity", "Routed to a backend holding the "
+                                "adapter (hit) or not (miss)", ["result"], registry=r)
+        self.retries = Total("peftkit_gateway_retries", "Requests retried on another backend",
+                               registry=r)
+        self.up = Gauge("peftkit_gateway_backend_up", "Backend in rotation", ["backend"],
+                        registry=r)
+
+    # -- backends -----------------------------------------------------------------------------
+    async def check(self, backend: Backend) -> None:
+        """One health poll: up or down, and (peftkit serve, admin key) what it holds."""
+        try:
+            r = await self.client.get(f"{backend.url}/health", headers=self.headers, timeout=5)
+            backend.up = r.status_code == 200
+            loaded = r.json().get("loaded") if backend.up and r.content else None
+            if isinstance(loaded, list):  # what it holds now, and what is on its way there
+                backend.adapters = set(loaded) | {m for m, n in backend.routed.items() if n}
+            if backend.up and not self.bases:
+                r = await self.client.get(f"{backend.url}/v1/models", headers=self.headers,
+                                          timeout=5)
+                self.bases = {m["id"] for m in r.json()["data"] if m.get("parent") is None}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            self.router.down(backend)
+        self.up.labels(backend.url).set(int(backend.up))
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.gather(*(self.check(b) for b in self.router.backends))
+            await asyncio.sleep(self.cfg.health_every_s)
+
+    async def place(self, backend: Backend, model: str) -> None:
+        """Ask `backend` to load `model` (vLLM's admin endpoint); 404 passes through."""
+        r = await self.client.post(f"{backend.url}/v1/load_lora_adapter", headers=self.headers,
+                                   json={"lora_name": model})
+        if r.status_code == 404:
+            raise ApiError(404, f"The model `{model[:128]}` does not exist.", "not_found_error")
+        if r.status_code >= 500:
+            raise httpx.RemoteProtocolError(f"load failed with {r.status_code}")
+
+    # -- requests -----------------------------------------------------------------------------
+    async def forward(self, path: str, model: str, body: dict, stream: bool):
+        """`body` to a backend for `model` (an adapter id; "" for the base)."""
+        tried: set[str] = set()
+        while True:
+            backend, hit = self.router.pick(model, tried)
+            if model:
+                self.affinity.labels("hit" if hit else "miss").inc()
+            backend.inflight += 1
+            backend.routed[model] += 1
+            if model:  # routed here: later requests for it follow while this one runs
+                backend.adapters.add(model)
+            try:
+                if not hit:
+                    await self.place(backend, model)
+                if stream:
+                    request = self.client.build_request("POST", backend.url + path, json=body,
+                                                        headers=self.headers)
+                    response = await self.client.send(request, stream=True)
+                else:
+                    response = await self.client.post(backend.url + path, json=body,
+                                                      headers=self.headers)
+            except httpx.TransportError:  # nothing reached the client: try another backend
+                self.done(backend, model)
+                self.router.down(backend)
+                self.up.labels(backend.url).set(0)
+                tried.add(backend.url)
+                self.retries.inc()
+                continue
+            except BaseException:
+                self.done(backend, model)
+                backend.adapters.discard(model)
+                raise
+            self.requests.labels(backend.url, str(response.status_code)).inc()
+            if stream and response.status_code == 200:
+                return StreamingResponse(self.relay(backend, model, response),
+                                         media_type="text/event-stream")
+            try:
+                content = await response.aread()
+            finally:
+                self.done(backend, model)
+                await response.aclose()
+            return Response(content, status_code=response.status_code,
+                            media_type=response.headers.get("content-type", "application/json"))
+
+    def done(self, backend: Backend, model: str) -> None:
+        backend.inflight -= 1
+        backend.routed[model] -= 1
+
+    async def relay(self, backend: Backend, model: str, response: httpx.Response):
+        """A started stream, chunk by chunk; if its backend fails now, one error event ends it."""
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError:
+            self.router.down(backend)
+            self.up.labels(backend.url).set(0)
+            error = {"message": "the backend serving this stream failed; the answer is "
+                                "incomplete (not retried, to never answer twice)",
+                     "type": "server_error", "code": 502}
+            yield f"\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            self.done(backend, model)
+            await response.aclose()
+
+
+def create_gateway_app(gw: Gateway):
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        gw.client = httpx.AsyncClient(timeout=gw.cfg.timeout_s,
+                                      limits=httpx.Limits(max_connections=1000))
+        watcher = asyncio.create_task(gw.watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await gw.client.aclose()
+
+    app = FastAPI(title="peftkit gateway", version="0.1.0", lifespan=lifespan)
+    install_errors(app)
+
+    def visible(http: HTTPRequest, model: str) -> str:
+        """The adapter to route by ("" for the base), if the caller may use it."""
+        who = authenticate(gw.tenancy, http)
+        if model in gw.bases:
+            return ""
+        if model and not who.may_use(model):
+            # another tenant's adapter and a missing one look the same, as in `serve`
+            raise ApiError(404, f"The model `{model[:128]}` does not exist.", "not_found_error")
+        return model
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest):
+        raw = await http.json()
+        return await gw.forward("/v1/completions", visible(http, body.model), raw, body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, http: HTTPRequest):
+        raw = await http.json()
+        return await gw.forward("/v1/chat/completions", visible(http, body.model), raw,
+                                body.stream)
+
+    @app.get("/v1/models")
+    async def models(http: HTTPRequest):
+        who = authenticate(gw.tenancy, http)
+        for backend in gw.router.backends:
+            if backend.up:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    r = await gw.client.get(f"{backend.url}/v1/models", headers=gw.headers)
+                    data = [m for m in r.json()["data"]
+                            if m.get("parent") is None or who.may_use(m["id"])]
+                    return {"object": "list", "data": data}
+        raise ApiError(503, "no backend is available", "server_error")
+
+    @app.get("/health")
+    async def health(http: HTTPRequest):
+        who = gw.tenancy.caller(http.headers.get("authorization"))
+        up = sum(b.up for b in gw.router.backends)
+        out = {"status": "ok" if up else "unavailable"}
+        if who is not None and who.admin:
+            out["backends"] = [{"url": b.url, "up": b.up, "inflight": b.inflight,
+                                "adapters": sorted(b.adapters)} for b in gw.router.backends]
+        return JSONResponse(out, status_code=200 if up else 503)
+
+    @app.get("/metrics")
+    async def metrics(http: HTTPRequest):
+        authenticate(gw.tenancy, http, admin=True)
+        return Response(generate_latest(gw.registry), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(body: AdapterBody, http: HTTPRequest):
+        authenticate(gw.tenancy, http, admin=True)
+        backend, hit = gw.router.pick(body.lora_name, set())
+        if not hit:
+            await gw.place(backend, body.lora_name)
+            backend.adapters.add(body.lora_name)
+        return {"status": "ok", "lora_name": body.lora_name, "backend": backend.url}
+
+    async def everywhere(path: str, body: AdapterBody, http: HTTPRequest):
+        authenticate(gw.tenancy, http, admin=True)
+        done = []
+        for backend in gw.router.backends:
+            if backend.up:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await gw.client.post(backend.url + path, headers=gw.headers,
+                                             json=body.model_dump())
+                    done.append({"backend": backend.url, "status": r.status_code})
+                backend.adapters.discard(body.lora_name)
+        return {"status": "ok", "lora_name": body.lora_name, "backends": done}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(body: AdapterBody, http: HTTPRequest):
+        return await everywhere("/v1/unload_lora_adapter", body, http)
+
+    @app.post("/v1/reload_lora_adapter")
+    async def reload(body: AdapterBody, http: HTTPRequest):
+        return await everywhere("/v1/reload_lora_adapter", body, http)
+
+    return BodyLimit(app, int(gw.cfg.max_body_mb * 2**20))
