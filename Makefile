@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow bench bench-gpu clean
+.PHONY: demo test test-slow bench bench-gpu bench-quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.run_all
 
 # On a CUDA machine: random-weight models at SmolLM2 / Llama-3.2-1B / Llama-3.1-8B shapes.
+bench-quality: $(VENV)/.installed
+	$(BIN)/python -m bench.quality
+
 bench-gpu: $(VENV)/.installed
 	$(BIN)/python -m bench.gpu --device cuda
 

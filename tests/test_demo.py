@@ -7,7 +7,7 @@ from peftkit.demo.tasks import TASKS
 
 def test_demo_quick_end_to_end(tmp_path):
     result = run_demo(DemoConfig(output=str(tmp_path), quick=True))
-    gaps = {c: adapter - base for c, (base, adapter) in result["accuracy"].items()}
+    gaps = {c: acc["adapter"] - acc["base"] for c, acc in result["accuracy"].items()}
     assert all(gap >= 0.3 for gap in gaps.values()), gaps  # quick mode: 10 steps of batch 4
     assert sum(gaps.values()) / len(gaps) >= 0.6, gaps
     served = result["served"]

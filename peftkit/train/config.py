@@ -24,7 +24,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 0.0  # 0 = the method's usual default (see DEFAULT_LR)
+    lr: float = 0.0  # 0 = the method's usual default for the task (see default_lr)
     weight_decay: float = 0.0
     warmup: float = 0.06  # fraction of steps with linear warmup (RoBERTa/LoRA GLUE recipe)
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" decay after warmup
@@ -104,8 +104,17 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+# Peak learning rates for --lr 0. A causal LM: the usual LLM-tuning values (LoRA/QLoRA 2e-4,
+# Dettmers et al. 2023; IA³ 3e-3, Liu et al. 2022). A classifier (a new head on a pretrained
+# body): the GLUE recipes, full FT 5e-5 (Devlin et al. 2019's grid {2,3,5}e-5) and LoRA 5e-4
+# (Hu et al. 2021, Table 9, SST-2), as validated on SST-2 by bench/quality.py (docs/results.md).
 DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4,
               "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "bottleneck": 1e-3}
+CLASSIFY_LR = {**DEFAULT_LR, "full": 5e-5, "lora": 5e-4, "qlora": 5e-4, "dora": 5e-4}
+
+
+def default_lr(method: str, task: str) -> float:
+    return (CLASSIFY_LR if task == "classify" else DEFAULT_LR)[method]
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:

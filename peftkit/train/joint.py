@@ -38,7 +38,7 @@ from peftkit.quant import QuantConfig
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import adapter_config
 from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
-from peftkit.train.config import DEFAULT_LR, TrainConfig
+from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.evaluate import evaluate_lm_loss, exact_match
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
@@ -169,7 +169,7 @@ class JointTrainer:
     def _train(self, start: float) -> dict:
         cfgs, n = self.cfgs, len(self.cfgs)
         outs = [Path(c.output) for c in cfgs]
-        peaks = [c.lr or DEFAULT_LR[c.method] for c in cfgs]
+        peaks = [c.lr or default_lr(c.method, "causal-lm") for c in cfgs]
         opts = [make_optimizer(c.optim, own, lr, c.weight_decay)
                 for c, (_, own), lr in zip(cfgs, self.params, peaks)]
         totals = [total_steps(c, len(ex), c.batch_size * c.grad_accum)

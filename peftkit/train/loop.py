@@ -21,7 +21,7 @@ from peftkit.train.allocator import trim_between_layers
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import Trainee, build
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
-from peftkit.train.config import DEFAULT_LR, TrainConfig
+from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no_sync, wrap
 from peftkit.train.evaluate import (evaluate_classifier, evaluate_lm_loss, exact_match)
 from peftkit.train.probe import FeatureCache
@@ -177,7 +177,7 @@ class Trainer:
             t.params = [p for p in t.module.parameters() if p.requires_grad]
         examples = self.probe.train_items if self.probe else self.train_ex
         accum, step, history, losses = cfg.grad_accum, 0, [], []
-        peak = cfg.lr or DEFAULT_LR[cfg.method]
+        peak = cfg.lr or default_lr(cfg.method, self.task)
         opt = make_optimizer(cfg.optim, t.params, peak, cfg.weight_decay)
         reset_peak(t.device)
         if cfg.resume:
