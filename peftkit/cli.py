@@ -44,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("generate", help="generate text from a model (greedy)")
-    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--model", default="smollm2-135m",
+                   help="base model: alias (peftkit models), HF directory or .gguf file")
     s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--prompt", required=True,
+                   help="the user message (chat template applied unless --raw)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_placement(s)
     s.set_defaults(func=cmd_generate)
@@ -55,75 +57,77 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
 
     s = sub.add_parser("eval", help="evaluate a base, adapter or run output on a dataset")
-    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--model", default="smollm2-135m",
+                   help="base model: alias, HF directory or .gguf file")
     s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
-    s.add_argument("--data", required=True)
-    s.add_argument("--max-length", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--exact-match-max", type=int, default=64)
+    s.add_argument("--data", required=True,
+                   help="evaluation file (the formats `peftkit train` reads)")
+    s.add_argument("--max-length", type=int, default=256,
+                   help="tokens per example; longer ones are truncated")
+    s.add_argument("--batch-size", type=int, default=8, help="rows per evaluation batch")
+    s.add_argument("--exact-match-max", type=int, default=64,
+                   help="validation examples scored by greedy generation (causal LM)")
     add_placement(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="every method on the same data, side by side")
-    s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--data", required=True)
-    s.add_argument("--methods", default="full,probe,lora,qlora,ia3,prompt")
-    s.add_argument("--output", required=True)
+    s.add_argument("--model", default="smollm2-135m",
+                   help="base model: alias, HF directory or .gguf file")
+    s.add_argument("--data", required=True, help="training file, the same for every method")
+    s.add_argument("--methods", default="full,probe,lora,qlora,ia3,prompt",
+                   help="comma-separated methods to run, each in its own process")
+    s.add_argument("--output", required=True,
+                   help="directory for each method's run, the table and the plot")
     s.add_argument("extra", nargs="*", help="options passed to every `peftkit train` (after --)")
     add_placement(s)
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("plan", help="memory, GPUs, time and cost per approach + a recommendation")
-    s.add_argument("--model", default="smollm2-135m", help="alias, HF dir, config.json or a size (70B)")
-    s.add_argument("--gpu", default="H100")
-    s.add_argument("--gpus", type=int, default=1)
-    s.add_argument("--seq-len", type=int, default=2048)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--dataset-tokens", type=float, default=10_000 * 2048)
-    s.add_argument("--epochs", type=float, default=1.0)
-    s.add_argument("--tenants", type=int, default=1)
-    s.add_argument("--budget-days", type=float)
-    s.add_argument("--price-per-gpu-hour", type=float)
-    s.add_argument("--rank", type=int, default=16)
-    s.add_argument("--adam-8bit", action="store_true")
-    s.add_argument("--no-grad-checkpointing", action="store_true")
+    s.add_argument("--model", default="smollm2-135m",
+                   help="alias, HF dir, config.json or a size (70B)")
+    s.add_argument("--gpu", default="H100",
+                   help="GPU model from the catalog (H100, A100-80GB, L4, ...)")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs available")
+    s.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
+    s.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
+    s.add_argument("--dataset-tokens", type=float, default=10_000 * 2048,
+                   help="training tokens in the dataset")
+    s.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset")
+    s.add_argument("--tenants", type=int, default=1,
+                   help="customers/tasks, each with its own adapter")
+    s.add_argument("--budget-days", type=float,
+                   help="wall-clock budget in days (says whether the plan fits)")
+    s.add_argument("--price-per-gpu-hour", type=float,
+                   help="price of one GPU hour (default: the catalog's)")
+    s.add_argument("--rank", type=int, default=16, help="LoRA rank for the PEFT estimates")
+    s.add_argument("--adam-8bit", action="store_true",
+                   help="8-bit Adam states (1 byte per moment instead of 4)")
+    s.add_argument("--no-grad-checkpointing", action="store_true",
+                   help="estimate without activation checkpointing")
     s.add_argument("--task-kind", choices=["generation", "classification", "embedding"],
-                   default="generation")
-    s.add_argument("--quality", choices=["normal", "max"], default="normal")
-    s.add_argument("--budget", choices=["low", "normal", "high"], default="normal")
-    s.add_argument("--domain", choices=["near", "far"], default="near")
-    s.add_argument("--new-language", action="store_true")
+                   default="generation", help="what the model must do for the task")
+    s.add_argument("--quality", choices=["normal", "max"], default="normal",
+                   help="max: full fine-tuning when budget and memory allow")
+    s.add_argument("--budget", choices=["low", "normal", "high"], default="normal",
+                   help="budget for compute")
+    s.add_argument("--domain", choices=["near", "far"], default="near",
+                   help="far: the data is far from pretraining (a new domain or language)")
+    s.add_argument("--new-language", action="store_true",
+                   help="the task is a programming language the base never saw")
     s.add_argument("--icl-enough", action="store_true", help="prompting already works")
     s.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
                    help="how --gpus share the work: fsdp shards parameter state, ddp replicates")
     s.add_argument("--cpu", action="store_true",
                    help="instead: peak RSS of `peftkit train` on this CPU, per method, for "
                         "--batch rows of --seq-len padded tokens (trainer defaults otherwise)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 
+    from peftkit.serve.config import ServeConfig
     s = sub.add_parser("serve", help="serve one base and many adapters (OpenAI-compatible API)")
-    s.add_argument("--base", default="smollm2-135m")
-    s.add_argument("--adapters", required=True, help="directory of PEFT adapters (id = subdir)")
-    s.add_argument("--quantize", choices=["nf4"])
-    s.add_argument("--max-loaded", type=int, default=8)
-    s.add_argument("--max-rank", type=int, default=16)
-    s.add_argument("--max-adapter-mb", type=float, default=512.0)
-    s.add_argument("--host-cache-mb", type=float, default=1024.0,
-                   help="host-memory tier of read, checked adapters (LRU by bytes; 0 = off)")
-    s.add_argument("--preload", default="", help="comma-separated adapter ids to load and pin")
-    s.add_argument("--api-keys", help="YAML/JSON: admin_keys and tenants -> keys, adapters")
-    s.add_argument("--max-batch", type=int, default=32)
-    s.add_argument("--max-queue", type=int, default=256)
-    s.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds after which any request is ended (answer or error)")
-    s.add_argument("--max-body-mb", type=float, default=2.0, help="larger request bodies get 413")
-    s.add_argument("--tenant-max-inflight", type=int, default=0,
-                   help="requests one tenant may have queued or running (0 = no limit); 429 past it")
-    s.add_argument("--slot-wait", type=float, default=30.0,
-                   help="seconds a request for a cold adapter waits for a free slot before 429")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    add_config_flags(s, ServeConfig, {"quantize": ("nf4",)}, skip=("device", "dtype", "attn"))
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_placement(s)
     s.set_defaults(func=cmd_serve)
 
@@ -136,19 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave an adapter's backend when it has this many more requests in "
                         "flight than the least-loaded one")
     s.add_argument("--health-every", type=float, default=1.0, help="seconds between checks")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8080, help="port to listen on")
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("data", help="dataset tools")
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset file and summarise it")
-    c.add_argument("file")
+    c.add_argument("file", help="dataset file (.jsonl, .csv, .tsv)")
     c.add_argument("--model", default="smollm2-135m", help="tokenizer used to count tokens")
-    c.add_argument("--max-length", type=int, default=512)
-    c.add_argument("--text-field", default="text")
-    c.add_argument("--label-field", default="label")
-    c.add_argument("--skip-invalid", action="store_true")
+    c.add_argument("--max-length", type=int, default=512,
+                   help="tokens per example before truncation is reported")
+    c.add_argument("--text-field", default="text", help="the text column/key")
+    c.add_argument("--label-field", default="label", help="the label column/key")
+    c.add_argument("--skip-invalid", action="store_true",
+                   help="report bad records and keep the rest (exit 0)")
     c.set_defaults(func=cmd_data_check)
 
     s = sub.add_parser("export", help="adapters for another engine, checked first (vLLM)")
@@ -160,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="the main job: five customers, one base, one server")
-    s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--output", default="runs/demo")
+    s.add_argument("--model", default="smollm2-135m",
+                   help="base model: alias, HF directory or .gguf file")
+    s.add_argument("--output", default="runs/demo",
+                   help="directory for the data, runs, adapters, report and plots")
     s.add_argument("--quick", action="store_true", help="fewer steps and examples (~3 min)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     s.add_argument("--sequential", action="store_true",
@@ -187,23 +195,56 @@ def placement(args):
 
 def add_train_parser(sub) -> None:
     """`peftkit train`: every TrainConfig field as an option (default None = config/dataclass)."""
-    from dataclasses import fields
-
-    from peftkit.train.config import METHODS, TrainConfig
+    from peftkit.train.config import CHOICES, CLASSIFY_LR, DEFAULT_LR, METHODS, TrainConfig
     s = sub.add_parser("train", help="train with any method: " + ", ".join(METHODS))
     s.add_argument("--config", help="YAML or TOML file of options; flags given here override it")
     s.add_argument("--tenants", help="YAML: shared options + a list of tenants, each with its "
                                      "own data and output; their LoRA adapters train jointly "
                                      "in one batched pass over one base (peftkit.train.joint)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            s.add_argument(flag, action="store_const", const=True, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(getattr(f.type, "__name__", f.type), str)
-            s.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
-                           help=f"default: {f.default!r}")
+    add_config_flags(s, TrainConfig, CHOICES, config_defaults=False, help_for={
+        "lr": "peak learning rate; 0 = the method's default for the task: " + ", ".join(
+            f"{m} {DEFAULT_LR[m]:g}" for m in METHODS) + "; classification: " + ", ".join(
+            f"{m} {v:g}" for m, v in CLASSIFY_LR.items() if v != DEFAULT_LR[m])})
     s.set_defaults(func=cmd_train)
+
+
+def add_config_flags(s, cls, choices: dict, config_defaults: bool = True, skip=(),
+                     help_for: dict | None = None) -> None:
+    """One flag per dataclass field (`max_body_mb` -> --max-body-mb, a trailing `_s` dropped:
+    `slot_wait_s` -> --slot-wait), its comment as help text and `choices` as its values. With
+    `config_defaults` False every default is None, so a config file's values are overridden
+    only by flags given."""
+    from dataclasses import MISSING, fields
+    docs = {**field_docs(cls), **(help_for or {})}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.removesuffix("_s").replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        doc = docs.get(f.name, "")
+        shown = f"{doc} (default: {default!r})" if f.name not in (help_for or {}) else doc
+        kind = str(f.type)
+        if kind in ("bool", "<class 'bool'>"):
+            s.add_argument(flag, dest=f.name, action="store_const", const=True,
+                           default=default if config_defaults else None, help=doc)
+            continue
+        if "tuple" in kind:
+            convert = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+        else:
+            convert = int if "int" in kind else float if "float" in kind else str
+        s.add_argument(flag, dest=f.name, type=convert, choices=choices.get(f.name),
+                       default=default if config_defaults else None,
+                       metavar=None if f.name in choices else f.name.upper(), help=shown)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """A dataclass's field comments (`name: type = default  # doc`): the flags' help texts,
+    written once, beside the field."""
+    import inspect
+    import re
+    pattern = re.compile(r"^\s+(\w+): [^=]+= .*?#\s*(.+)$")
+    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
+            if (m := pattern.match(line))}
 
 
 def cmd_plan(args) -> None:
@@ -238,16 +279,11 @@ def cmd_plan_cpu(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from dataclasses import fields
+
     from peftkit.serve.app import create_app
     from peftkit.serve.server import ServeConfig, Server
-    cfg = ServeConfig(base=args.base, adapters=args.adapters, quantize=args.quantize,
-                      max_loaded=args.max_loaded, max_rank=args.max_rank,
-                      max_adapter_mb=args.max_adapter_mb, host_cache_mb=args.host_cache_mb,
-                      preload=tuple(a for a in args.preload.split(",") if a),
-                      api_keys=args.api_keys, max_batch=args.max_batch, max_queue=args.max_queue,
-                      request_timeout_s=args.request_timeout, max_body_mb=args.max_body_mb,
-                      tenant_max_inflight=args.tenant_max_inflight, slot_wait_s=args.slot_wait,
-                      device=args.device, dtype=args.dtype, attn=args.attn)
+    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
     server = Server(cfg).start()
     print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -266,8 +302,8 @@ def cmd_gateway(args) -> None:
                         api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
                         health_every_s=args.health_every)
     app = create_gateway_app(Gateway(cfg))
-    print(f"peftkit: gateway over {len(cfg.backends)} backends on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
+    print(f"peftkit: gateway over {len(cfg.backends)} backends on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=10)
 

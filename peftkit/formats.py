@@ -231,8 +231,7 @@ def _load_layers(adapted: AdaptedModel, items) -> None:
         layer = make_layer(base, path, cfg0, router, len(items), r=max_r)
         for k, local in slots.items():
             _write(layer, k, local, items[k], path)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+        model.set_submodule(path, layer)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
     n_params, n_bits = 0, 0
     for name, lin in targets:
         packed, state = quantize_tensor(lin.weight, config)
-        _replace(model, name, _linear4bit(lin.in_features, lin.out_features, lin.bias, packed,
+        model.set_submodule(name, _linear4bit(lin.in_features, lin.out_features, lin.bias, packed,
                                           state, config))
         n_params += lin.weight.numel()
         n_bits += quantized_bits(packed, state)
@@ -162,11 +162,6 @@ def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig):
     # with the old quant state. One layout, everywhere.
     layer.support_avx512bf16_for_cpu = False
     return layer
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -264,7 +259,7 @@ def load_quantized(directory: str | Path, model_cls):
                 del tensors[k]
         state = bnb().functional.QuantState.from_dict(stats, device=torch.device("cpu"))
         bias = tensors.pop(f"{name}.bias") if spec["bias"] else None
-        _replace(model, name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config))
+        model.set_submodule(name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise PeftkitError(f"{directory / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}")

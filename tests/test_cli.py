@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from peftkit.cli import main
 
 
@@ -46,3 +48,41 @@ def test_unknown_model_is_one_line_error(capsys):
     assert main(["generate", "--model", "nope", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("peftkit: error: unknown model 'nope'")
+
+
+def test_every_flag_explains_itself():
+    """Every option of every command has a help line; enumerations list their choices."""
+    import argparse
+
+    from peftkit.cli import build_parser
+
+    def walk(name, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    yield from walk(f"{name} {sub}", p)
+            elif action.dest != "help":
+                yield name, action
+    missing = [f"{n}: {a.option_strings or a.dest}" for n, a in walk("peftkit", build_parser())
+               if not a.help]
+    assert missing == []
+    train = build_parser().parse_args(["train", "--method", "lora"])
+    assert train.method == "lora"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--method", "lorax"])  # choices are enforced
+
+
+def test_help_and_plan_start_without_torch():
+    """`peftkit --help` and `peftkit plan` import neither torch, transformers nor bitsandbytes."""
+    code = ("import sys, contextlib, io\n"
+            "from peftkit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['plan', '--model', '70B'])\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -18,11 +18,11 @@ from peftkit.train.build import build
 from tests.helpers import saved_activation_bytes
 
 
-def test_seed_figures_for_70b():
+def test_memory_figures_for_70b():
     plan = make_plan("70B", "H100", tenants=5)
     full = plan["approaches"]["full"]
     assert (full["weights_gb"], full["grads_gb"], full["optimizer_gb"]) == (280, 280, 560)
-    seed = plan["seed_figures"]
+    seed = plan["memory_figures"]
     assert seed["full_ft_parameter_state_gb"] == 1120
     assert seed["full_ft_h100s_for_parameter_state"] == 14
     assert seed["fp16_inference_gb"] == 140 and seed["fp16_inference_gb"] > 80  # not one H100

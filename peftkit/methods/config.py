@@ -18,6 +18,13 @@ MAX_VIRTUAL_TOKENS = 65536
 
 Targets = list[str] | str  # module names, a regex (full match), or "all-linear"
 
+# Per-architecture module names where a method's paper places it (PEFT uses the same table):
+# IA³ (targets, of which feed-forward), Liu et al. 2022; bottleneck adapters after the attention
+# and MLP output projections, Houlsby et al. 2019.
+IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+               "bert": (["key", "value", "output.dense"], ["output.dense"])}
+BOTTLENECK_TARGETS = {"llama": ["o_proj", "down_proj"], "bert": ["output.dense"]}
+
 
 @dataclass
 class LoraConfig:

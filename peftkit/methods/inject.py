@@ -151,8 +151,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, slots: int = 1,
         layer = make_layer(model.get_submodule(name), name, config, adapted.router, slots)
         for k in range(slots) if init else ():
             init_layer_slot(layer, k, config)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+        model.set_submodule(name, layer)
     return adapted
 
 

@@ -72,7 +72,7 @@ class FrozenLinear(nn.Module):
     def set_dense_weight(self, w: torch.Tensor) -> None:
         from peftkit.errors import PeftkitError
         if self.quant_state is not None:
-            raise PeftkitError("cannot merge into a 4-bit base in place; use merge_to_dense()")
+            raise PeftkitError("cannot merge into a 4-bit base in place; export a dense copy with formats.export_merged()")
         self.weight.data.copy_(w)
 
     def adapter_parameters(self) -> list[nn.Parameter]:

@@ -64,7 +64,7 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
             "gpu": {"key": key, **spec, "count": gpus, "price_per_hour": price},
             "settings": {**asdict(s), "dataset_tokens": dataset_tokens, "epochs": epochs},
             "approaches": approaches, "recommendation": rec,
-            "seed_figures": seed_figures(shape, tenants, rank)}
+            "memory_figures": memory_figures(shape, tenants, rank)}
     if tenants > 1 or budget_days is not None:
         plan["tenants"] = tenant_plan(approaches, rec, tenants, budget_days, shape, rank)
     if rec["approach"] in approaches:
@@ -102,7 +102,7 @@ def _what_fits(approaches: dict, gpu: str, gpus: int) -> str:
         f"{', '.join(ok)} fit{'s' if len(ok) == 1 else ''} on {gpus}" if ok else "nothing fits")
 
 
-def seed_figures(shape: Shape, tenants: int, rank: int) -> dict:
+def memory_figures(shape: Shape, tenants: int, rank: int) -> dict:
     """The memory arithmetic of the seed: inference precision, 4-bit, shared serving."""
     n = shape.params
     adapter = shape.adapter_params("lora", rank) * 2 / GB  # served in bf16
@@ -146,7 +146,7 @@ def format_plan(plan: dict) -> str:
                      f"{a['optimizer_gb']:>8.1f}{a['activations_gb']:>8.1f}{a['per_gpu_gb']:>9.1f}"
                      f"{'yes' if a['fits'] else 'no':>6}{a['gpus_needed'] or '-':>6}"
                      f"{a['hours']:>9.1f}{a['cost']:>10,.0f}")
-    s = plan["seed_figures"]
+    s = plan["memory_figures"]
     lines += ["", f"fp16 weights {s['fp16_inference_gb']:.0f} GB; 4-bit {s['int4_inference_gb']:.0f} GB"
               f" + {s['nf4_constants_gb']:.1f} GB quantization constants; full-FT parameter state "
               f"{s['full_ft_parameter_state_gb']:.0f} GB (~{s['full_ft_h100s_for_parameter_state']:.0f}"
@@ -164,7 +164,7 @@ def format_plan(plan: dict) -> str:
     lines += ["", f"Recommendation: {r['approach']}"
               + (f" (r={r['rank']})" if "rank" in r else "") + f"  [rule: {r['rule']}]"]
     lines += [f"  - {why}" for why in r["reasons"]]
-    lines += [f"    measured: {line}" for line in r["measured"]]
+    lines += [f"    evidence: {line}" for line in r["measured"]]
     if "command" in plan:
         lines += ["", f"Run it: {plan['command']}"]
     return "\n".join(lines)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from peftkit.plan.memory import Settings, activation_bytes, parameter_state
 from peftkit.plan.shapes import Shape
-from peftkit.train.build import BOTTLENECK_TARGETS, IA3_TARGETS
+from peftkit.methods.config import BOTTLENECK_TARGETS, IA3_TARGETS
 
 MIB = 2 ** 20
 FP32 = 4

@@ -31,4 +31,4 @@ def for_rule(rule: str) -> list[str]:
     """The measured lines for `rule`, or one line saying it is not measured yet."""
     found = findings()
     lines = [line for key in RULES.get(rule, []) for line in found.get(key, [])]
-    return lines or [f"not measured yet: no run of bench/quality.py tests rule '{rule}'"]
+    return lines or [f"none measured yet (no run of bench/quality.py tests rule '{rule}')"]

@@ -79,7 +79,6 @@ class Engine:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self.steps = 0
         self.timeout_s = timeout_s  # per-request bound, submit to finish
 
     # -- public -------------------------------------------------------------------------------
@@ -173,7 +172,6 @@ class Engine:
             self.cache = None
         if self.active:
             self._decode()
-        self.steps += 1
 
     def _ended(self, req: Request) -> bool:
         """Finish a cancelled or overdue request; True when it was."""

@@ -2,7 +2,6 @@
 
 import threading
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
@@ -15,33 +14,8 @@ from peftkit.quant import QuantConfig
 from peftkit.serve.engine import Engine, Request, Sampling
 from peftkit.serve.metrics import Metrics
 from peftkit.serve.store import AdapterStore
+from peftkit.serve.config import ServeConfig
 from peftkit.serve.tenancy import Tenancy
-
-
-@dataclass
-class ServeConfig:
-    base: str = "smollm2-135m"
-    adapters: str = "adapters"
-    quantize: str | None = None  # "nf4"
-    max_loaded: int = 8  # adapter slots resident at once
-    max_rank: int = 16  # the slot stack's rank; lower-rank adapters are zero-padded
-    max_adapter_mb: float = 512.0  # bytes bound of the LRU cache, all loaded adapters together
-    host_cache_mb: float = 1024.0  # host-memory tier: adapters read and prepared, LRU by bytes
-    preload: tuple[str, ...] = ()  # loaded and pinned at start
-    api_keys: str | None = None
-    max_batch: int = 32
-    max_queue: int = 256  # waiting requests (in the engine's queue or for an adapter slot)
-    targets: str = "all-linear"  # modules that adapters may target
-    device: str = "auto"  # where the base, the slot stack and the KV cache live
-    dtype: str = "auto"  # the base's precision (auto: bf16 on a GPU that has it, else fp32)
-    attn: str = "sdpa"
-    # Abuse limits: every request ends within request_timeout_s; bodies over max_body_mb get 413;
-    # a tenant with tenant_max_inflight requests queued or running gets 429 (0 = no limit);
-    # a request for a cold adapter waits up to slot_wait_s for a slot before its 429.
-    request_timeout_s: float = 300.0
-    max_body_mb: float = 2.0
-    tenant_max_inflight: int = 0
-    slot_wait_s: float = 30.0
 
 
 class TenantBusy(PeftkitError):

@@ -1,6 +1,15 @@
-"""One trainer for full fine-tuning, feature extraction and every PEFT method."""
+"""One trainer for full fine-tuning, feature extraction and every PEFT method.
+
+The trainer's names load on first use (PEP 562), so `peftkit --help` and `peftkit plan`, which
+need only the config, never import torch."""
 
 from peftkit.train.config import METHODS, TrainConfig, load_config
-from peftkit.train.loop import Trainer, TrainingInterrupted, train
 
 __all__ = ["METHODS", "TrainConfig", "load_config", "Trainer", "TrainingInterrupted", "train"]
+
+
+def __getattr__(name: str):
+    if name in ("Trainer", "TrainingInterrupted", "train"):
+        from peftkit.train import loop
+        return getattr(loop, name)
+    raise AttributeError(f"module 'peftkit.train' has no attribute '{name}'")

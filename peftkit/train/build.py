@@ -10,6 +10,7 @@ from peftkit.errors import PeftkitError
 from peftkit.formats import save_adapter
 from peftkit.methods import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                              PromptTuningConfig, add_adapter)
+from peftkit.methods.config import BOTTLENECK_TARGETS, IA3_TARGETS
 from peftkit.models import Base, load_base
 from peftkit.quant import QuantConfig
 from peftkit.train.config import TrainConfig
@@ -60,12 +61,6 @@ class Trainee:
                      "method": method, "pooling": getattr(self.module, "pooling", None)}
             paths["head"] = str(self.head.save(out, extra))
         return paths
-
-
-# Per-architecture module names where a method's paper places it (PEFT uses the same table).
-IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-               "bert": (["key", "value", "output.dense"], ["output.dense"])}
-BOTTLENECK_TARGETS = {"llama": ["o_proj", "down_proj"], "bert": ["output.dense"]}
 
 
 def adapter_config(cfg: TrainConfig, model_type: str = "llama"):

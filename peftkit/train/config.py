@@ -15,52 +15,52 @@ PEFT_METHODS = METHODS[2:]
 
 @dataclass
 class TrainConfig:
-    model: str = "smollm2-135m"
-    data: str = ""
-    method: str = "lora"  # one of METHODS
-    output: str = "runs/latest"
+    model: str = "smollm2-135m"  # alias (peftkit models), HF directory or .gguf file
+    data: str = ""  # training file: .jsonl (chat, prompt/completion, text, text+label), .csv, .tsv
+    method: str = "lora"  # how to adapt: full, probe (frozen body + head) or a PEFT method
+    output: str = "runs/latest"  # run directory: adapter/, report.json, checkpoint/
     task: str = "auto"  # "causal-lm" | "classify" | "auto" (classify when records carry labels)
     steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
-    epochs: float = 1.0
-    batch_size: int = 8
+    epochs: float = 1.0  # passes over the training data (fractions allowed) when --steps is 0
+    batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.0  # 0 = the method's usual default for the task (see default_lr)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup: float = 0.06  # fraction of steps with linear warmup (RoBERTa/LoRA GLUE recipe)
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" decay after warmup
     clip: float = 1.0  # max gradient norm; 0 = off
-    seed: int = 0
-    max_length: int = 256
-    val_data: str = ""
-    val_split: float = 0.1
+    seed: int = 0  # data order, split and adapter initialisation
+    max_length: int = 256  # tokens per example; longer ones are truncated
+    val_data: str = ""  # validation file; empty = hold out --val-split of the data
+    val_split: float = 0.1  # fraction held out for validation when --val-data is empty
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch and at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end and on a signal
     exact_match_max: int = 64  # validation examples scored by greedy generation (causal LM)
     # method hyperparameters (see peftkit.methods.config for their sources)
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    rank: int = 8  # LoRA/DoRA rank r (Hu et al. 2021 §7.2: 1-8 often suffice)
+    alpha: float = 16.0  # LoRA scale numerator: scale = alpha/r (alpha/sqrt(r) with --rslora)
+    dropout: float = 0.05  # on the LoRA/DoRA input (Hu et al. 2021: 0.05-0.1)
     rslora: bool = False  # LoRA scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)
     targets: str = "all-linear"  # "all-linear", a regex, or a comma-separated list of names
-    num_virtual_tokens: int = 20
-    bottleneck_size: int = 64
-    probe_head: str = "linear"  # "linear" | "mlp"
+    num_virtual_tokens: int = 20  # prompt/prefix tuning length (Lester et al. 2021: 20-100)
+    bottleneck_size: int = 64  # bottleneck adapter width (Houlsby et al. 2019: 8-256)
+    probe_head: str = "linear"  # the probe's head: linear, or an MLP with one hidden layer
     # where and how: the names transformers / accelerate users know (peftkit.device)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto = CUDA when available
     dtype: str = "auto"  # frozen base precision and autocast dtype; auto = bf16 on GPU, fp32 on CPU
     attn: str = "sdpa"  # sdpa | eager | flash_attention_2
     # adamw (torch) | adamw8bit | paged_adamw8bit: bitsandbytes' 8-bit states (Dettmers et al.
     # 2022, arXiv:2110.02861) and, paged, the optimizer states QLoRA pages to the CPU (§3)
-    optim: str = "adamw"
+    optim: str = "adamw"  # optimizer; 8-bit states need bitsandbytes
     # beyond one device (torchrun): --nproc N relaunches this command under torchrun
-    nproc: int = 1
+    nproc: int = 1  # processes (GPUs) on this machine; > 1 runs under torchrun
     strategy: str = "auto"  # auto | ddp (adapters) | fsdp (full fine-tuning; FSDP2)
     dist_timeout: float = 120.0  # seconds a rank waits for the others before it gives up
-    grad_checkpointing: bool = False
-    text_field: str = "text"
-    label_field: str = "label"
-    skip_invalid: bool = False
-    resume: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    text_field: str = "text"  # the text column/key of classification and text records
+    label_field: str = "label"  # the label column/key of classification records
+    skip_invalid: bool = False  # drop bad records (each reported as FILE:LINE) instead of failing
+    resume: bool = False  # continue from the run directory's checkpoint, exactly
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -111,6 +111,13 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4,
               "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "bottleneck": 1e-3}
 CLASSIFY_LR = {**DEFAULT_LR, "full": 5e-5, "lora": 5e-4, "qlora": 5e-4, "dora": 5e-4}
+
+
+# the options with a fixed set of values (validate() and the CLI's choices)
+CHOICES = {"method": METHODS, "task": ("auto", "causal-lm", "classify"),
+           "schedule": ("cosine", "linear", "constant"), "optim": OPTIMIZERS,
+           "strategy": ("auto", "ddp", "fsdp"), "probe_head": ("linear", "mlp"),
+           "attn": ("sdpa", "eager", "flash_attention_2")}
 
 
 def default_lr(method: str, task: str) -> float:
