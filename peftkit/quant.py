@@ -8,6 +8,7 @@ so later runs and the server never hold a full-precision copy of the quantized l
 """
 
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,10 @@ from peftkit.errors import PeftkitError
 
 def bnb():
     """bitsandbytes, imported on first use: commands that never quantize neither pay its
-    import time nor print its warnings."""
+    import time nor print its warnings. On AVX512-BF16 CPUs its import warns that an optional
+    kernel package (`kernels`) is missing; peftkit turns that code path off on every layer it
+    builds (`_linear4bit`), so the warning would only be noise."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import bitsandbytes
     return bitsandbytes
 

@@ -86,3 +86,12 @@ def test_help_and_plan_start_without_torch():
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_quantizing_prints_no_third_party_warning():
+    """bitsandbytes' notice about an optional kernel package is not shown to users."""
+    code = ("from peftkit.models import load_base\n"
+            "from peftkit.quant import QuantConfig\n"
+            "load_base('tiny-llama', quantize=QuantConfig())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels" not in out.stderr and "Failed" not in out.stderr, out.stderr
