@@ -163,3 +163,15 @@ def test_compare_writes_table_and_plot(clf_data, tmp_path):
     assert [r["method"] for r in rows] == ["probe", "lora"]
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lora | accuracy" in (tmp_path / "compare.md").read_text()
+
+
+def test_a_qlora_run_loads_back_on_the_base_it_trained_on(tmp_path, lm_data):
+    """The run's resolved precision travels in its config.json: a QLoRA run trained in bf16 is
+    evaluated on an NF4 base computing in bf16, whatever precision the evaluation asks for."""
+    train(TrainConfig(model="tiny-llama", data=str(lm_data), method="qlora", output=str(tmp_path),
+                      steps=1, batch_size=2, val_split=0.0, dtype="bfloat16"))
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    import torch
+    loaded = load_run("tiny-llama", tmp_path, dtype=torch.float32)
+    layers = [m for m in loaded.module.modules() if hasattr(m, "quant_state") and m.quant_state]
+    assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}

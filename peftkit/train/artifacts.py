@@ -12,7 +12,7 @@ from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir, load_adapter
 from peftkit.models import Base, load_base
-from peftkit.quant import QuantConfig
+from peftkit.train.build import quant_for
 from peftkit.train.evaluate import evaluate_classifier, evaluate_lm_loss, exact_match
 from peftkit.train.heads import Head, SequenceClassifier
 
@@ -40,7 +40,8 @@ def load_run(model: str, path: str | Path | None, device="cpu",
     adapter = adapter_dir(path)
     head_meta = json.loads((path / "head.json").read_text()) if (path / "head.json").exists() else None
     run_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-    quant = QuantConfig() if run_cfg.get("method") == "qlora" else None
+    trained_in = run_cfg.get("dtype", "auto")  # the precision the run computed in
+    quant = quant_for(run_cfg.get("method"), dtype if trained_in == "auto" else trained_in)
     full_dir = path / "model"
     if head_meta and head_meta["task"] == "classify":
         spec = str(full_dir) if full_dir.is_dir() else model

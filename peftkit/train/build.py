@@ -82,12 +82,19 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
 
 
+def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
+    """The NF4 settings of a QLoRA run computing in `dtype`: one place, for training and for
+    loading the run back (artifacts.load_run), so both build, and cache, the same base."""
+    if method != "qlora":
+        return None
+    return QuantConfig(compute_dtype=str(dtype).removeprefix("torch."))
+
+
 def build(cfg: TrainConfig, task: str, label_names: list[str], device=None) -> Trainee:
     """`device` overrides the config's (a distributed rank's own GPU)."""
     placed, dtype, attn = cfg.placement()
     device = device or placed
-    name = str(dtype).removeprefix("torch.")
-    quant = QuantConfig(compute_dtype=name) if cfg.method == "qlora" else None
+    quant = quant_for(cfg.method, dtype)
     # Full fine-tuning trains every weight: float32 masters, autocast to `dtype`. Every other
     # method freezes the base, which then lives in `dtype` itself.
     where = dict(device=device, attn=attn,

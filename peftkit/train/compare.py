@@ -1,5 +1,7 @@
 """`peftkit compare`: the same data, split and seed through every method, each in a fresh
-process (so peak RSS is its own), then one table and one plot of quality against memory and time."""
+process (so peak RSS is its own), then one table and one plot of quality against memory and time.
+Each method trains at its default learning rate for the task (train/config.default_lr, the
+values bench/quality.py validated on SST-2) unless --lr is passed through."""
 
 import json
 import subprocess
@@ -43,6 +45,7 @@ def compare(model: str, data: str, methods: list[str], output: str, extra: list[
 def summary_row(r: dict) -> dict:
     metric, value = quality(r)
     return {"method": r["method"], "metric": metric, "quality": value,
+            "macro_f1": r["metrics"].get("macro_f1"),
             "trainable_percent": r["trainable_percent"], "trainable_params": r["trainable_params"],
             "model_state_mib": r["model_state_bytes"] / MIB, "peak_rss_mib": r["peak_rss_bytes"] / MIB,
             "predicted_peak_rss_mib": r["predicted_peak_rss"]["total"] / MIB,
@@ -50,10 +53,11 @@ def summary_row(r: dict) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | quality | trainable % | model state (MiB) | peak RSS (MiB) "
-             "| planner's peak RSS (MiB) | wall (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | quality | macro-F1 | trainable % | model state (MiB) | peak RSS (MiB) "
+             "| planner's peak RSS (MiB) | wall (s) |", "| --- " * 8 + "|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | "
+        f1 = "—" if r.get("macro_f1") is None else f"{r['macro_f1']:.3f}"
+        lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | {f1} | "
                      f"{r['trainable_percent']:.3f} | {r['model_state_mib']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['predicted_peak_rss_mib']:.0f} | "
                      f"{r['wall_seconds']:.1f} |")

@@ -99,8 +99,13 @@ class TrainConfig:
             return self.targets
         return [t for t in self.targets.split(",") if t]
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+    def to_json(self, dtype=None) -> str:
+        """The run's config.json; `dtype`, the precision the run resolved (a torch dtype), is
+        written in place of "auto", so loading the run back rebuilds the same base."""
+        values = asdict(self)
+        if dtype is not None:
+            values["dtype"] = str(dtype).removeprefix("torch.")
+        return json.dumps(values, indent=2)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")

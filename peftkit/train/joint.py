@@ -34,9 +34,8 @@ from peftkit.methods.inject import find_targets
 from peftkit.models import load_base
 from peftkit.plan.memory import sequential_seconds, train_flops
 from peftkit.plan.shapes import shape_from_config
-from peftkit.quant import QuantConfig
 from peftkit.train.batches import batch_at, collate
-from peftkit.train.build import adapter_config
+from peftkit.train.build import adapter_config, quant_for
 from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.evaluate import evaluate_lm_loss, exact_match
@@ -111,8 +110,7 @@ class JointTrainer:
                 raise PeftkitError(f"tenant '{name}': joint training is for causal LM data")
         first = self.cfgs[0]
         device, dtype, attn = first.placement()
-        quant = QuantConfig(compute_dtype=str(dtype).removeprefix("torch.")) \
-            if first.method == "qlora" else None
+        quant = quant_for(first.method, dtype)
         loading = time.perf_counter()
         base = load_base(first.model, task="causal-lm", quantize=quant, device=device,
                          dtype=dtype, attn=attn)
@@ -182,7 +180,7 @@ class JointTrainer:
                 self._sync(k)
         for cfg, out in zip(cfgs, outs):
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(cfg.to_json())
+            (out / "config.json").write_text(cfg.to_json(self.dtype))
         pad = self.base.tokenizer.pad_token_id
         bar = tqdm(total=sum(totals), initial=sum(steps), desc="joint", unit="step")
         self.adapted.train()

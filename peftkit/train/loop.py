@@ -198,7 +198,7 @@ class Trainer:
         eval_every = cfg.eval_every or math.ceil(len(examples) / global_batch)
         if world.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(cfg.to_json())
+            (self.out / "config.json").write_text(cfg.to_json(t.dtype))
         pad = t.base.tokenizer.pad_token_id
         precision = autocast(t.device, t.dtype)
         old_handlers = self._trap_signals()
