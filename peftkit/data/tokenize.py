@@ -75,6 +75,12 @@ def chat_prompt(messages: list[dict], tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def chat_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The token ids the model continues from (the template already holds any BOS): the one
+    way chat messages become a prompt, for evaluation, the demo and the server alike."""
+    return tokenizer(chat_prompt(messages, tokenizer), add_special_tokens=False).input_ids
+
+
 def _chat_example(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     """Render with the tokenizer's chat template; label the characters of each assistant turn
     (its content and end-of-turn marker, not its role header) and map them to tokens."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from peftkit.data import chat_prompt
+from peftkit.data import chat_ids
 from peftkit.demo.report import write_report
 from peftkit.demo.tasks import TASKS
 from peftkit.models import load_base
@@ -89,12 +89,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         say(f"   {base.quant_report.summary()}")
     base_bytes = model_bytes(base.model)
     del base
-    # each customer's adapter, and one shared by all: same steps, each of its batches as large
-    # as the five customers' together (the same examples seen)
+    # each customer's adapter, and one shared by all that sees as many examples as the five
+    # together: five times the steps of the same batch (not five times the batch, which would
+    # multiply the joint step's activation memory)
     configs = {name: TrainConfig(
         model=cfg.model, data=str(data_dir / name / "train.jsonl"), method="qlora",
-        output=str(out / "runs" / name), steps=cfg.steps,
-        batch_size=cfg.batch_size * (len(TASKS) if name == SHARED else 1),
+        output=str(out / "runs" / name),
+        steps=cfg.steps * (len(TASKS) if name == SHARED else 1), batch_size=cfg.batch_size,
         lr=cfg.lr, rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.0, val_split=0.0, warmup=0.1,
         seed=0, device=cfg.device) for name in [t.customer for t in TASKS] + [SHARED]}
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def evaluate(server: Server, tests: dict, shots: dict) -> dict:
                 slot = {"base": -1, "icl": -1, "shared": None, "adapter": None}[who]
                 if slot is None:
                     slot = server.store.acquire(SHARED if who == "shared" else task.customer)
-                ids = tok(chat_prompt(messages, tok), add_special_tokens=False).input_ids
+                ids = chat_ids(messages, tok)
                 jobs.append((task, who, want, server.engine.submit(Request(ids, slot, greedy))))
     server.engine.run_until_idle()
     hits = {(t.customer, who): 0 for t in TASKS for who in BASELINES}

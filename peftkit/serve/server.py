@@ -5,7 +5,7 @@ from collections import Counter
 
 import torch
 
-from peftkit.data import chat_prompt
+from peftkit.data import chat_ids
 from peftkit.device import placement
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
@@ -69,7 +69,7 @@ class Server:
                 raise PeftkitError(f"{field}: not valid Unicode (lone surrogate at "
                                    f"character {e.start})") from None
         if messages is not None:
-            return tok(chat_prompt(messages, tok), add_special_tokens=False).input_ids
+            return chat_ids(messages, tok)
         return tok(prompt).input_ids
 
     def admit(self, tenant: str | None) -> None:

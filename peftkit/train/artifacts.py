@@ -13,7 +13,7 @@ from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir, load_adapter
 from peftkit.models import Base, load_base
 from peftkit.train.build import quant_for
-from peftkit.train.evaluate import evaluate_classifier, evaluate_lm_loss, exact_match
+from peftkit.train.evaluate import evaluate_run
 from peftkit.train.heads import Head, SequenceClassifier
 
 
@@ -75,20 +75,19 @@ def evaluate_file(loaded: Loaded, data: str, max_length: int = 256, batch_size: 
             raise PeftkitError(f"{data}: labels {unknown} were not in training "
                                f"({', '.join(loaded.label_names)})")
         ds.label_names = loaded.label_names
-        ex = tokenize(ds, tok, max_length).examples
-        return evaluate_classifier(lambda b: loaded.module(b["input_ids"], b["attention_mask"]),
-                                   ex, len(loaded.label_names), batch_size, device)
     ex = tokenize(ds, tok, max_length).examples
-    if loaded.head is not None:
-        def loss_fn(b):
-            hidden = loaded.base.model.base_model(input_ids=b["input_ids"],
-                                                  attention_mask=b["attention_mask"]).last_hidden_state
-            logits = loaded.head(hidden[:, :-1].float())
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten())
-    else:
-        def loss_fn(b):
-            return loaded.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                 labels=b["labels"]).loss
-    metrics = evaluate_lm_loss(loss_fn, ex, tok.pad_token_id, batch_size, device)
-    em = exact_match(loaded.module, tok, ds.records, exact_match_max, head=loaded.head)
-    return metrics if em is None else {**metrics, "exact_match": em}
+    return evaluate_run(loaded.module, loaded.task, tok, ex, ds.records,
+                        n_classes=len(loaded.label_names), batch_size=batch_size, device=device,
+                        exact_match_max=exact_match_max, head=loaded.head,
+                        loss_fn=None if loaded.head is None else _head_loss(loaded))
+
+
+def _head_loss(loaded: Loaded):
+    """A causal-LM probe's loss: its trained head on the base's final hidden states."""
+    def loss(b):
+        hidden = loaded.base.model.base_model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        logits = loaded.head(hidden[:, :-1].float())
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 b["labels"][:, 1:].flatten())
+    return loss

@@ -25,6 +25,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 0.0  # 0 = the method's usual default for the task (see default_lr)
+    head_lr: float = 0.0  # a classifier's new head; 0 = the larger of --lr and the probe's 1e-3
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup: float = 0.06  # fraction of steps with linear warmup (RoBERTa/LoRA GLUE recipe)
     schedule: str = "cosine"  # "cosine" | "linear" | "constant" decay after warmup

@@ -5,9 +5,15 @@ import math
 
 import torch
 
-from peftkit.data import IGNORE, Record, chat_prompt
+from peftkit.data import IGNORE, Record, chat_ids
 from peftkit.generation import greedy_ids
 from peftkit.train.batches import collate
+
+
+def class_metrics(pred: list[int], gold: list[int], n_classes: int) -> dict:
+    """Accuracy and macro-F1 of predicted class ids (every classifier's, the probe's too)."""
+    return {"accuracy": sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1),
+            "macro_f1": macro_f1(pred, gold, n_classes)}
 
 
 def macro_f1(pred: list[int], gold: list[int], n_classes: int) -> float:
@@ -32,9 +38,7 @@ def evaluate_classifier(logits_fn, examples, n_classes: int, batch_size: int,
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds += logits.argmax(-1).tolist()
         gold += batch["labels"].tolist()
-    n = max(len(gold), 1)
-    return {"loss": loss_sum / n, "accuracy": sum(p == g for p, g in zip(preds, gold)) / n,
-            "macro_f1": macro_f1(preds, gold, n_classes)}
+    return {"loss": loss_sum / max(len(gold), 1), **class_metrics(preds, gold, n_classes)}
 
 
 @torch.no_grad()
@@ -69,10 +73,29 @@ def exact_match(model, tokenizer, records: list[Record], limit: int, head=None) 
     hits = 0
     for prompt, want in pairs:
         if isinstance(prompt, list):
-            ids = tokenizer(chat_prompt(prompt, tokenizer), add_special_tokens=False).input_ids
+            ids = chat_ids(prompt, tokenizer)
         else:
             ids = tokenizer(prompt).input_ids if prompt else []
         target = tokenizer(want, add_special_tokens=False).input_ids
         new = greedy_ids(model, ids, len(target) + 4, tokenizer.eos_token_id, head)
         hits += tokenizer.decode(new, skip_special_tokens=True).strip() == want.strip()
     return hits / len(pairs)
+
+
+def evaluate_run(module, task: str, tokenizer, examples, records, *, n_classes: int = 0,
+                 batch_size: int = 8, device=None, exact_match_max: int = 64, loss_fn=None,
+                 head=None) -> dict:
+    """A task's validation metrics, the one place that chooses them (training, `peftkit
+    eval`, joint training): classification -> loss, accuracy, macro-F1; causal LM -> loss,
+    perplexity and, where records carry a reference answer, exact match. `loss_fn(batch)`
+    overrides the causal-LM loss (a probe head on the hidden states)."""
+    if task == "classify":
+        return evaluate_classifier(lambda b: module(b["input_ids"], b["attention_mask"]),
+                                   examples, n_classes, batch_size, device)
+    loss_fn = loss_fn or (lambda b: module(input_ids=b["input_ids"],
+                                           attention_mask=b["attention_mask"],
+                                           labels=b["labels"]).loss)
+    metrics = evaluate_lm_loss(loss_fn, examples, tokenizer.pad_token_id, batch_size, device)
+    em = exact_match(module, tokenizer, records, exact_match_max, head=head)
+    return metrics if em is None else {**metrics, "exact_match": em}
+

@@ -38,7 +38,7 @@ from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import adapter_config, quant_for
 from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig, default_lr
-from peftkit.train.evaluate import evaluate_lm_loss, exact_match
+from peftkit.train.evaluate import evaluate_run
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
 from peftkit.train.report import peak_rss_bytes
@@ -282,15 +282,9 @@ class JointTrainer:
         if val_ex:
             self.adapted.eval()
             with torch.no_grad(), self.adapted.pinned(k):
-                metrics = evaluate_lm_loss(
-                    lambda b: self.adapted(input_ids=b["input_ids"],
-                                           attention_mask=b["attention_mask"],
-                                           labels=b["labels"]).loss,
-                    val_ex, self.base.tokenizer.pad_token_id, cfg.batch_size, self.device)
-                em = exact_match(self.adapted, self.base.tokenizer, val_records,
-                                 cfg.exact_match_max)
-                if em is not None:
-                    metrics["exact_match"] = em
+                metrics = evaluate_run(self.adapted, "causal-lm", self.base.tokenizer, val_ex,
+                                       val_records, batch_size=cfg.batch_size,
+                                       device=self.device, exact_match_max=cfg.exact_match_max)
         report = {"tenant": name, "method": cfg.method, "model": cfg.model, "data": cfg.data,
                   "joint": True, "steps": step, "train_losses": losses, "metrics": metrics,
                   "trainable_params": sum(p.numel() for p in self.params[k][1]),

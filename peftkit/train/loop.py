@@ -23,7 +23,7 @@ from peftkit.train.build import Trainee, build
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
 from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no_sync, wrap
-from peftkit.train.evaluate import (evaluate_classifier, evaluate_lm_loss, exact_match)
+from peftkit.train.evaluate import evaluate_run
 from peftkit.train.probe import FeatureCache
 from peftkit.train.report import Meter, write_report
 
@@ -90,6 +90,20 @@ class Trainer:
             cfg, ds, self.trainee.base.tokenizer, task)
         self.task = task
 
+    def _param_groups(self, peak: float) -> list[dict]:
+        """One group, or two for a classifier trained beyond its head: the new head at its own
+        rate (`head_lr`; by default the probe's, when that is the larger), the body at `peak`.
+        A fresh head at a body's fine-tuning rate barely moves in a short run (measured on
+        SST-2: SmolLM2 full FT at 2e-5 stayed at chance; LP-FT, Kumar et al. 2022, trains the
+        head first for the same reason). Both follow the same schedule."""
+        t, cfg = self.trainee, self.cfg
+        if t.head is None or cfg.method == "probe" or self.task != "classify":
+            return [{"params": t.params}]
+        head_lr = cfg.head_lr or max(peak, default_lr("probe", "classify"))
+        mine = {id(p) for p in t.head.parameters()}
+        return [{"params": [p for p in t.params if id(p) not in mine]},
+                {"params": [p for p in t.params if id(p) in mine], "lr_scale": head_lr / peak}]
+
     # -- loss -----------------------------------------------------------------------------------
     def _loss(self, batch, module=None) -> torch.Tensor:
         """The mean loss of a batch (`module`: the wrapped one the training forward uses)."""
@@ -127,14 +141,10 @@ class Trainer:
         t, cfg = self.trainee, self.cfg
         if self.probe is not None:
             return self.probe.evaluate(self.val_records, cfg)
-        if self.task == "classify":
-            return evaluate_classifier(lambda b: t.module(b["input_ids"], b["attention_mask"]),
-                                       self.val_ex, len(self.dataset.label_names),
-                                       cfg.batch_size, t.device)
-        metrics = evaluate_lm_loss(self._loss, self.val_ex, t.base.tokenizer.pad_token_id,
-                                   cfg.batch_size, t.device)
-        em = exact_match(t.module, t.base.tokenizer, self.val_records, cfg.exact_match_max)
-        return metrics if em is None else {**metrics, "exact_match": em}
+        return evaluate_run(t.module, self.task, t.base.tokenizer, self.val_ex, self.val_records,
+                            n_classes=len(self.dataset.label_names), batch_size=cfg.batch_size,
+                            device=t.device, exact_match_max=cfg.exact_match_max,
+                            loss_fn=None if self.task == "classify" else self._loss)
 
     # -- the run --------------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -178,7 +188,7 @@ class Trainer:
         examples = self.probe.train_items if self.probe else self.train_ex
         accum, step, history, losses = cfg.grad_accum, 0, [], []
         peak = cfg.lr or default_lr(cfg.method, self.task)
-        opt = make_optimizer(cfg.optim, t.params, peak, cfg.weight_decay)
+        opt = make_optimizer(cfg.optim, self._param_groups(peak), peak, cfg.weight_decay)
         reset_peak(t.device)
         if cfg.resume:
             recovered = recover(self.out) if world.main else None
@@ -209,7 +219,7 @@ class Trainer:
         try:
             while step < total:
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, cfg, peak)
+                    g["lr"] = lr_at(step, total, cfg, peak) * g.get("lr_scale", 1.0)
                 rows = batch_at(examples, step, global_batch, cfg.seed)
                 weight = world.size / self._terms(rows)  # token-weighted over the global batch
                 step_loss, tokens = 0.0, 0

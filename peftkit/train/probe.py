@@ -12,7 +12,7 @@ import torch
 from peftkit.data import IGNORE
 from peftkit.train.batches import collate
 from peftkit.train.distributed import World, gather_objects
-from peftkit.train.evaluate import exact_match, macro_f1
+from peftkit.train.evaluate import class_metrics, exact_match
 
 
 class FeatureCache:
@@ -81,9 +81,7 @@ class FeatureCache:
         loss = torch.nn.functional.cross_entropy(logits, batch["targets"]).item()
         if self.task == "classify":
             pred, gold = logits.argmax(-1).tolist(), batch["targets"].tolist()
-            n_classes = len(self.trainee.label_names)
-            return {"loss": loss, "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold),
-                    "macro_f1": macro_f1(pred, gold, n_classes)}
+            return {"loss": loss, **class_metrics(pred, gold, len(self.trainee.label_names))}
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         em = exact_match(self.trainee.base.model, self.trainee.base.tokenizer, val_records,
                          cfg.exact_match_max, head=self.head)
