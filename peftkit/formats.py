@@ -21,6 +21,7 @@ from peftkit.methods.inject import AdaptedModel, make_layer
 from peftkit.methods.layers import SlotRouter
 from peftkit.methods.lora import LoraLinear
 from peftkit.methods.prompt import VirtualTokens, kv_geometry
+from peftkit.methods.registry import ADAPTER_METHODS, KEYS, method_of
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -48,7 +49,7 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str =
     for name, layer in adapted.adapted_layers().items():
         if modules is not None and name not in modules:
             continue
-        local = layer.read_slot(k, config.r) if isinstance(layer, LoraLinear) else layer.read_slot(k)
+        local = layer.read_slot(k, config)
         tensors.update({f"{PREFIX}{name}.{key}": v for key, v in local.items()})
     tensors = {key: v.detach().to(torch.float32).contiguous().clone() for key, v in tensors.items()}
     if isinstance(config, PrefixTuningConfig):
@@ -253,25 +254,23 @@ def prepare_slot(layers: dict[str, nn.Module], name: str, directory: str | Path,
     directory = Path(directory)
     config, tensors = read_adapter(directory, root)
     where = directory / WEIGHTS_NAME
-    if not isinstance(config, LoraConfig) or config.use_dora:
-        kind = "DoRA" if isinstance(config, LoraConfig) else config.peft_type
-        raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA batch; "
-                           "only LoRA/rsLoRA adapters are served")
+    method = method_of(config)
+    if not ADAPTER_METHODS[method].mixed_batch:
+        kind = {"dora": "DoRA", "ia3": "IA³"}.get(method, method)
+        raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA "
+                           "batch; only LoRA/rsLoRA adapters are served")
     rank = next(iter(layers.values())).r
     if config.r > rank:
         raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
     modules = {}
     for path, local in _by_module(tensors, where).items():
         layer = layers.get(path)
-        if not isinstance(layer, LoraLinear):
+        if layer is None:
             raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
-        _require(local, ["lora_A.weight", "lora_B.weight"], where, path)
-        A, B = local["lora_A.weight"], local["lora_B.weight"]
-        _check_shape(where, f"{path}.lora_A.weight", (config.r, layer.in_features), A)
-        _check_shape(where, f"{path}.lora_B.weight", (layer.out_features, config.r), B)
+        _check_module(layer, local, config, where, path)
         like = layer.lora_A
-        modules[path] = (A.to(like.device, like.dtype).contiguous(),
-                         B.to(like.device, like.dtype).contiguous())
+        modules[path] = tuple(local[key].to(like.device, like.dtype).contiguous()
+                              for key in ("lora_A.weight", "lora_B.weight"))
     return SlotWrite(name, config.scale, modules,
                      sum(t.numel() * t.element_size() for t in tensors.values()))
 
@@ -284,33 +283,18 @@ def write_slot(layers: dict[str, nn.Module], k: int, prepared: SlotWrite) -> Non
 
 
 def _write(layer, k: int, local: dict, item, path: str) -> None:
-    name, directory, cfg, _ = item
-    where = directory / WEIGHTS_NAME
-    if isinstance(layer, LoraLinear):
-        need = ["lora_A.weight", "lora_B.weight"] + (["lora_magnitude_vector"] if cfg.use_dora else [])
-        _require(local, need, where, path)
-        A, B = local["lora_A.weight"], local["lora_B.weight"]  # ranks checked by read_adapter
-        _check_shape(where, f"{path}.lora_A.weight", (cfg.r, layer.in_features), A)
-        _check_shape(where, f"{path}.lora_B.weight", (layer.out_features, cfg.r), B)
-        mag = local.get("lora_magnitude_vector")
-        if mag is not None:
-            _check_shape(where, f"{path}.lora_magnitude_vector", (layer.out_features,), mag)
-        layer.write_slot(k, A, B, cfg.scale, mag)
-    elif hasattr(layer, "ia3_l"):
-        _require(local, ["ia3_l"], where, path)
-        want = (1, layer.in_features) if layer.feedforward else (layer.out_features, 1)
-        _check_shape(where, f"{path}.ia3_l", want, local["ia3_l"])
-        layer.write_slot(k, local["ia3_l"])
-    else:
-        need = ["adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"]
-        _require(local, need, where, path)
-        want = {"adapter_down.weight": tuple(layer.down.shape[1:]),
-                "adapter_down.bias": tuple(layer.down_bias.shape[1:]),
-                "adapter_up.weight": tuple(layer.up.shape[1:]),
-                "adapter_up.bias": tuple(layer.up_bias.shape[1:])}
-        for key, shape in want.items():
-            _check_shape(where, f"{path}.{key}", shape, local[key])
-        layer.write_slot(k, local)
+    """One module's tensors of one adapter into slot k, after checking names and shapes."""
+    _, directory, cfg, _ = item
+    _check_module(layer, local, cfg, directory / WEIGHTS_NAME, path)
+    layer.write_slot(k, local, cfg)
+
+
+def _check_module(layer, local: dict, config, where: Path, path: str) -> None:
+    """A module's tensors are the ones its layer needs for `config`, in its shapes."""
+    shapes = layer.slot_shapes(config)
+    _require(local, list(shapes), where, path)
+    for key, shape in shapes.items():
+        _check_shape(where, f"{path}.{key}", shape, local[key])
 
 
 def _by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -326,9 +310,7 @@ def _split_key(key: str, where: Path) -> tuple[str, str]:
     if not key.startswith(PREFIX):
         raise PeftkitError(f"{where}: unexpected tensor '{key}' (PEFT keys start with '{PREFIX}')")
     rest = key[len(PREFIX):]
-    for suffix in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "ia3_l",
-                   "adapter_down.weight", "adapter_down.bias", "adapter_up.weight",
-                   "adapter_up.bias"):
+    for suffix in KEYS:  # every method's per-module tensor names (methods/registry.py)
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
     raise PeftkitError(f"{where}: unsupported tensor '{key}'")

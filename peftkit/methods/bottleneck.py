@@ -28,24 +28,37 @@ class BottleneckLinear(FrozenLinear):
         self.up = nn.Parameter(torch.zeros(slots, d, size, device=at))  # (S, d, m)
         self.up_bias = nn.Parameter(torch.zeros(slots, d, device=at))
 
-    def init_slot(self, k: int) -> None:
+    KEYS = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+
+    @classmethod
+    def from_config(cls, base: nn.Module, name: str, config, router: SlotRouter, slots: int,
+                    r: int | None = None) -> "BottleneckLinear":
+        return cls(base, router, slots, config.size, config.non_linearity)
+
+    def init_slot(self, k: int, config=None, rank: int | None = None) -> None:
         with torch.no_grad():
             # Houlsby et al. §3.6: near-identity init; small normal down-projection, zero up.
+            self.clear_slot(k)
             nn.init.normal_(self.down[k], std=1e-2)
-            self.down_bias[k].zero_()
-            self.up[k].zero_()
-            self.up_bias[k].zero_()
 
-    def write_slot(self, k: int, t: dict[str, torch.Tensor]) -> None:
+    def clear_slot(self, k: int) -> None:
         with torch.no_grad():
-            self.down[k] = t["adapter_down.weight"]
-            self.down_bias[k] = t["adapter_down.bias"]
-            self.up[k] = t["adapter_up.weight"]
-            self.up_bias[k] = t["adapter_up.bias"]
+            for p in (self.down, self.down_bias, self.up, self.up_bias):
+                p[k].zero_()
 
-    def read_slot(self, k: int) -> dict[str, torch.Tensor]:
-        return {"adapter_down.weight": self.down[k], "adapter_down.bias": self.down_bias[k],
-                "adapter_up.weight": self.up[k], "adapter_up.bias": self.up_bias[k]}
+    def slot_shapes(self, config=None) -> dict[str, tuple]:
+        return {key: tuple(p.shape[1:]) for key, p in zip(self.KEYS, self._slot_params())}
+
+    def write_slot(self, k: int, tensors: dict[str, torch.Tensor], config=None) -> None:
+        with torch.no_grad():
+            for key, p in zip(self.KEYS, self._slot_params()):
+                p[k] = tensors[key]
+
+    def read_slot(self, k: int, config=None) -> dict[str, torch.Tensor]:
+        return {key: p[k] for key, p in zip(self.KEYS, self._slot_params())}
+
+    def _slot_params(self):
+        return self.down, self.down_bias, self.up, self.up_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)

@@ -14,17 +14,31 @@ class IA3Linear(FrozenLinear):
         dim = self.in_features if feedforward else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(slots, dim, device=self.weight.device))  # (S, in) or (S, out); ones = identity
 
-    def init_slot(self, k: int) -> None:
+    KEYS = ("ia3_l",)  # PEFT's, per module
+
+    @classmethod
+    def from_config(cls, base: nn.Module, name: str, config, router: SlotRouter, slots: int,
+                    r: int | None = None) -> "IA3Linear":
+        ff = any(name == f or name.endswith("." + f) for f in config.feedforward)
+        return cls(base, router, slots, feedforward=ff)
+
+    def init_slot(self, k: int, config=None, rank: int | None = None) -> None:
+        self.clear_slot(k)
+
+    def clear_slot(self, k: int) -> None:
         with torch.no_grad():
             self.ia3_l[k].fill_(1.0)
 
-    def write_slot(self, k: int, vec: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.ia3_l[k] = vec.flatten()
-
-    def read_slot(self, k: int) -> dict[str, torch.Tensor]:
-        v = self.ia3_l[k].detach().clone()
+    def slot_shapes(self, config) -> dict[str, tuple]:
         # PEFT stores (1, in) for feed-forward modules and (out, 1) otherwise.
+        return {"ia3_l": (1, self.in_features) if self.feedforward else (self.out_features, 1)}
+
+    def write_slot(self, k: int, tensors: dict[str, torch.Tensor], config=None) -> None:
+        with torch.no_grad():
+            self.ia3_l[k] = tensors["ia3_l"].flatten()
+
+    def read_slot(self, k: int, config=None) -> dict[str, torch.Tensor]:
+        v = self.ia3_l[k].detach().clone()
         return {"ia3_l": v.view(1, -1) if self.feedforward else v.view(-1, 1)}
 
     def _scales(self, x: torch.Tensor) -> torch.Tensor:

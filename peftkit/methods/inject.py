@@ -14,13 +14,10 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.bottleneck import BottleneckLinear
-from peftkit.methods.config import (AdapterConfig, BottleneckConfig, IA3Config, LoraConfig,
-                                    PrefixTuningConfig, PromptTuningConfig)
-from peftkit.methods.ia3 import IA3Linear
+from peftkit.methods.config import AdapterConfig, PrefixTuningConfig, PromptTuningConfig
 from peftkit.methods.layers import FrozenLinear, SlotRouter, is_linear
-from peftkit.methods.lora import LoraLinear
 from peftkit.methods.prompt import VirtualTokens
+from peftkit.methods.registry import layer_for
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 
@@ -150,7 +147,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, slots: int = 1,
     for name in find_targets(model, config.targets):
         layer = make_layer(model.get_submodule(name), name, config, adapted.router, slots)
         for k in range(slots) if init else ():
-            init_layer_slot(layer, k, config)
+            layer.init_slot(k, config)
         model.set_submodule(name, layer)
     return adapted
 
@@ -159,19 +156,4 @@ def make_layer(base: nn.Module, name: str, config: AdapterConfig, router: SlotRo
                r: int | None = None) -> FrozenLinear:
     if isinstance(base, FrozenLinear):
         raise PeftkitError(f"module '{name}' already has an adapter")
-    if isinstance(config, LoraConfig):
-        return LoraLinear(base, router, slots, r or config.r, dora=config.use_dora,
-                          dropout=config.dropout)
-    if isinstance(config, IA3Config):
-        ff = any(name == f or name.endswith("." + f) for f in config.feedforward)
-        return IA3Linear(base, router, slots, feedforward=ff)
-    if isinstance(config, BottleneckConfig):
-        return BottleneckLinear(base, router, slots, config.size, config.non_linearity)
-    raise PeftkitError(f"unsupported adapter config {type(config).__name__}")
-
-
-def init_layer_slot(layer: FrozenLinear, k: int, config: AdapterConfig) -> None:
-    if isinstance(layer, LoraLinear):
-        layer.init_slot(k, config.scale, config.init)
-    else:
-        layer.init_slot(k)
+    return layer_for(config).from_config(base, name, config, router, slots, r)

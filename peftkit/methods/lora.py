@@ -34,19 +34,27 @@ class LoraLinear(FrozenLinear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     # -- slots ------------------------------------------------------------------------------
-    def init_slot(self, k: int, scale: float, init: str = "kaiming", rank: int | None = None) -> None:
+    KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")  # PEFT's, per module
+
+    @classmethod
+    def from_config(cls, base: nn.Module, name: str, config, router: SlotRouter, slots: int,
+                    r: int | None = None) -> "LoraLinear":
+        return cls(base, router, slots, r or config.r, dora=config.use_dora,
+                   dropout=config.dropout)
+
+    def init_slot(self, k: int, config, rank: int | None = None) -> None:
         """Fresh weights for slot k; `rank` below the stack's: only its rows, the rest zero (as
         a separate adapter of that rank would be initialised, from the same random draws)."""
         with torch.no_grad():
             rank = rank or self.r
             self.lora_A[k].zero_()
             a = self.lora_A[k, :rank]
-            if init == "gaussian":
+            if config.init == "gaussian":
                 nn.init.normal_(a, std=1 / rank)
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B[k].zero_()
-            self.scale[k] = scale
+            self.scale[k] = config.scale
             if self.magnitude is not None:
                 self.magnitude[k] = self._row_norm(self.dense_weight())
 
@@ -57,17 +65,25 @@ class LoraLinear(FrozenLinear):
         """Slot k of a DoRA stack computes plain LoRA (its magnitude is left unused)."""
         self.dora_slots[k] = False
 
-    def write_slot(self, k: int, A: torch.Tensor, B: torch.Tensor, scale: float,
-                   magnitude: torch.Tensor | None = None) -> None:
+    def slot_shapes(self, config) -> dict[str, tuple]:
+        """The tensors a slot of `config` needs, and their shapes (checked before writing)."""
+        shapes = {"lora_A.weight": (config.r, self.in_features),
+                  "lora_B.weight": (self.out_features, config.r)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (self.out_features,)
+        return shapes
+
+    def write_slot(self, k: int, tensors: dict[str, torch.Tensor], config) -> None:
+        A, B = tensors["lora_A.weight"], tensors["lora_B.weight"]
         r = A.shape[0]
         with torch.no_grad():
             self.lora_A[k, :r] = A
             self.lora_B[k, :, :r] = B
             self.lora_A[k, r:].zero_()  # only the zero-padding beyond this adapter's rank
             self.lora_B[k, :, r:].zero_()
-            self.scale[k] = scale
+            self.scale[k] = config.scale
             if self.magnitude is not None:
-                self.magnitude[k] = magnitude
+                self.magnitude[k] = tensors["lora_magnitude_vector"]
 
     @staticmethod
     def write_slots(k: int, writes: list[tuple["LoraLinear", torch.Tensor, torch.Tensor]],
@@ -103,7 +119,8 @@ class LoraLinear(FrozenLinear):
             self.lora_B[k].zero_()
             self.scale[k] = 0.0
 
-    def read_slot(self, k: int, r: int) -> dict[str, torch.Tensor]:
+    def read_slot(self, k: int, config) -> dict[str, torch.Tensor]:
+        r = config.r
         out = {"lora_A.weight": self.lora_A[k, :r], "lora_B.weight": self.lora_B[k, :, :r]}
         if self.is_dora(k):
             out["lora_magnitude_vector"] = self.magnitude[k]

@@ -10,7 +10,7 @@ from peftkit.errors import PeftkitError
 from peftkit.formats import save_adapter
 from peftkit.methods import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                              PromptTuningConfig, add_adapter)
-from peftkit.methods.config import BOTTLENECK_TARGETS, IA3_TARGETS
+from peftkit.methods.registry import ADAPTER_METHODS
 from peftkit.models import Base, load_base
 from peftkit.quant import QuantConfig
 from peftkit.train.config import TrainConfig
@@ -68,14 +68,15 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
     if m in ("lora", "qlora", "dora"):
         return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
                           use_dora=m == "dora", use_rslora=cfg.rslora)
+    table = ADAPTER_METHODS.get(m) and ADAPTER_METHODS[m].targets  # where its paper puts it
     if m == "ia3":
-        default, ff = IA3_TARGETS.get(model_type, IA3_TARGETS["llama"])
+        default, ff = table.get(model_type, table["llama"])
         if targets == "all-linear":
             return IA3Config(targets=default, feedforward=ff)
         return IA3Config(targets=targets, feedforward=[t for t in ff if t in targets])
     if m == "bottleneck":
         if targets == "all-linear":
-            targets = BOTTLENECK_TARGETS.get(model_type, BOTTLENECK_TARGETS["llama"])
+            targets = table.get(model_type, table["llama"])
         return BottleneckConfig(size=cfg.bottleneck_size, targets=targets)
     if m == "prompt":
         return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)

@@ -142,7 +142,7 @@ class JointTrainer:
             views = []
             for name in targets[k]:
                 layer = layers[name]
-                layer.init_slot(k, config.scale, config.init, rank=config.r)
+                layer.init_slot(k, config, rank=config.r)
                 views += [(layer.lora_A, (k, slice(0, config.r))),
                           (layer.lora_B, (k, slice(None), slice(0, config.r)))]
                 if config.use_dora:
