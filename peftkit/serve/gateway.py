@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as Total
 
 from peftkit.errors import PeftkitError
-from peftkit.serve.app import AdapterBody, ChatBody, CompletionBody, ApiError, authenticate, \
-    install_errors
+from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, CompletionBody, authenticate,
+                               install_errors, missing)
 from peftkit.serve.limits import BodyLimit
 from peftkit.serve.tenancy import Tenancy
 
@@ -127,7 +127,7 @@ class Gateway:
         r = await self.client.post(f"{backend.url}/v1/load_lora_adapter", headers=self.headers,
                                    json={"lora_name": model})
         if r.status_code == 404:
-            raise ApiError(404, f"The model `{model[:128]}` does not exist.", "not_found_error")
+            raise ApiError(404, missing(model), "not_found_error")
         if r.status_code >= 500:
             raise httpx.RemoteProtocolError(f"load failed with {r.status_code}")
 
@@ -219,7 +219,7 @@ def create_gateway_app(gw: Gateway):
             return ""
         if model and not who.may_use(model):
             # another tenant's adapter and a missing one look the same, as in `serve`
-            raise ApiError(404, f"The model `{model[:128]}` does not exist.", "not_found_error")
+            raise ApiError(404, missing(model), "not_found_error")
         return model
 
     @app.post("/v1/completions")
