@@ -215,3 +215,28 @@ def test_export_merged_is_a_plain_hf_model(method, tmp_path):
     assert type(plain.model).__name__ == "LlamaForCausalLM"
     assert (logits(plain.model, ids) - want).abs().max() <= 1e-4
     assert (logits(adapted, ids) - want).abs().max() <= 1e-5, "export leaves it unmerged"
+
+
+def test_decode_with_many_adapters_gathers_and_equals_the_all_slot_product(monkeypatch):
+    """A decode step with more adapters than GATHER_ABOVE takes per-row gathers: the same
+    logits as the all-slot product, base rows exactly the base's, and a NaN in a slot no row
+    uses reaches nobody."""
+    import peftkit.methods.lora as lora
+    mixed = add_adapter(tiny_llama().model, LoraConfig(r=4, targets="all-linear"), slots=24)
+    randomize(mixed, seed=3)
+    with torch.no_grad():
+        next(iter(mixed.adapted_layers().values())).lora_A[23].fill_(float("nan"))  # unused
+    ids = batch(rows=20, length=1)
+    slots = torch.tensor(list(range(16)) + [-1, -1, 2, 5])  # 16 adapters and two base rows
+    calls = []
+    gather = lora.LoraLinear._gathered_delta
+    monkeypatch.setattr(lora.LoraLinear, "_gathered_delta",
+                        lambda self, *a: calls.append(1) or gather(self, *a))
+    with torch.no_grad():
+        gathered = mixed(input_ids=ids, slots=slots).logits
+        base_only = mixed(input_ids=ids, slots=torch.full((20,), -1)).logits
+        monkeypatch.setattr(lora, "GATHER_ABOVE", 10_000)
+        dense = mixed(input_ids=ids, slots=slots).logits
+    assert calls and torch.isfinite(gathered).all()
+    assert (gathered - dense).abs().max() < 1e-5
+    assert torch.equal(gathered[16:18], base_only[16:18])

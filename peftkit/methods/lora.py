@@ -15,6 +15,11 @@ from torch import nn
 
 from peftkit.methods.layers import FrozenLinear, SlotRouter
 
+# Above this many distinct adapters in a decode batch, per-row gathers beat the product with
+# every used slot (one q_proj-sized layer, 32 rows, this CPU: dense cheaper up to 8 adapters,
+# gathers from 16; docs/benchmarks.md)
+GATHER_ABOVE = 12
+
 
 class LoraLinear(FrozenLinear):
     def __init__(self, base: nn.Module, router: SlotRouter, slots: int, r: int,
@@ -165,11 +170,14 @@ class LoraLinear(FrozenLinear):
     def _decode_delta(self, x, idx, keep) -> torch.Tensor:
         """One token per row (a decode step): multiply by the A of every slot in the batch at
         once and keep each row's own block. This reads each used slot once instead of gathering
-        a copy of A and B per row, which dominates a decode step on CPU; the extra FLOPs (x U)
-        are tiny at T = 1. Slots no row uses are never read, so whatever an idle or retired
-        slot holds cannot reach another tenant's row."""
+        a copy of A and B per row, which dominates a decode step on CPU while the extra FLOPs
+        (x U) stay small; past GATHER_ABOVE adapters they do not, and rows gather instead.
+        Slots no row uses are never read, so whatever an idle or retired slot holds cannot
+        reach another tenant's row."""
         used = torch.unique(idx[keep])  # sorted slot ids present in this batch
         U, r = len(used), self.r
+        if U > GATHER_ABOVE:  # many adapters: the all-slot product's FLOPs grow with U
+            return self._gathered_delta(x, idx, keep)
         whole = U == self.n_slots  # every slot in use: views, no copies
         A = self.lora_A if whole else self.lora_A[used]  # (U, r, in)
         B = self.lora_B if whole else self.lora_B[used]  # (U, out, r)
@@ -179,6 +187,15 @@ class LoraLinear(FrozenLinear):
         h = torch.where(own.unsqueeze(-1), xa * self.scale[idx].view(-1, 1, 1), 0.0)
         return (h.reshape(-1, U * r) @ B.transpose(1, 2).reshape(U * r, self.out_features)
                 ).unsqueeze(1)
+
+    def _gathered_delta(self, x, idx, keep) -> torch.Tensor:
+        """The decode delta by per-row A and B (BGMV): for rows with an adapter only, each
+        reading its own slot; base rows get zeros without reading any."""
+        rows = keep.nonzero().flatten()
+        own = idx[rows]
+        h = torch.bmm(x[rows], self.lora_A[own].transpose(1, 2)) * self.scale[own].view(-1, 1, 1)
+        out = x.new_zeros(x.shape[0], 1, self.out_features)
+        return out.index_copy(0, rows, torch.bmm(h, self.lora_B[own].transpose(1, 2)))
 
     @staticmethod
     def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
