@@ -164,53 +164,23 @@ class Trainer:
             print(f"peftkit: {text}", file=sys.stderr)
 
     def _run(self) -> dict | None:
+        """Setup, the step loop, then checkpoint, outputs and report (rank 0)."""
         cfg, world = self.cfg, self.world
         self.meter.start()
         self._prepare()
         t = self.trainee
-        if len(self.train_ex) < world.size:
-            raise PeftkitError(f"{cfg.data}: {len(self.train_ex)} training examples cannot be "
-                               f"split over {world.size} processes")
-        strategy = choose_strategy(cfg.strategy, cfg.method, world)
-        if world.active:
-            why = "the whole model trains" if strategy == "fsdp" else "only adapters train"
-            self._say(f"{world.size} processes, strategy {strategy} ({why})")
-        trim_hooks = trim_between_layers(t.base.model)
-        start = time.perf_counter()
-        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch,
-                                        world) if cfg.method == "probe" else None
-        self.meter.feature_seconds = time.perf_counter() - start
-        forward = wrap(t.module if self.probe is None else t.head, strategy, world, t.device)
-        if self.probe is not None:
-            self.probe.head_forward = forward
-        if strategy == "fsdp" and world.active:  # sharded: the parameters are DTensors now
-            t.params = [p for p in t.module.parameters() if p.requires_grad]
-        examples = self.probe.train_items if self.probe else self.train_ex
-        accum, step, history, losses = cfg.grad_accum, 0, [], []
+        trim_hooks = trim_between_layers(t.base.model)  # the probe's feature pass too
+        forward, examples = self._setup()
         peak = cfg.lr or default_lr(cfg.method, self.task)
         opt = make_optimizer(cfg.optim, self._param_groups(peak), peak, cfg.weight_decay)
         reset_peak(t.device)
-        if cfg.resume:
-            recovered = recover(self.out) if world.main else None
-            if recovered:
-                self._say(recovered)
-            if world.active:
-                torch.distributed.barrier()
-            if complete(self.out / "checkpoint"):
-                meta = load_checkpoint(self.out, t.params, opt)
-                step, history, losses = meta["step"], meta["history"], meta["losses"]
-                accum = self._accum_for(meta.get("global_batch"))
-                self._say(f"resuming from step {step}")
-            else:  # killed before its first checkpoint: nothing to lose, start over
-                self._say(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
+        step, history, losses, accum = self._resume(opt)
         global_batch = cfg.batch_size * world.size * accum
         total = total_steps(cfg, len(examples), global_batch)
         eval_every = cfg.eval_every or math.ceil(len(examples) / global_batch)
         if world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(cfg.to_json(t.dtype))
-        pad = t.base.tokenizer.pad_token_id
-        precision = autocast(t.device, t.dtype)
         old_handlers = self._trap_signals()
         bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step",
                    dynamic_ncols=True, disable=not world.main)
@@ -221,32 +191,9 @@ class Trainer:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, cfg, peak) * g.get("lr_scale", 1.0)
                 rows = batch_at(examples, step, global_batch, cfg.seed)
-                weight = world.size / self._terms(rows)  # token-weighted over the global batch
-                step_loss, tokens = 0.0, 0
-                for micro in range(accum):
-                    at = (micro * world.size + world.rank) * cfg.batch_size
-                    items = rows[at:at + cfg.batch_size]
-                    scale = weight if items else 0.0  # a short last batch: a zero-weight row
-                    items = items or rows[:1]  # keeps every rank in every collective
-                    batch = self.probe.collate(items) if self.probe else \
-                        collate(items, pad, t.device)
-                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                    if "input_ids" in batch:
-                        self.meter.see_batch(*batch["input_ids"].shape)
-                    with no_sync(forward, micro == accum - 1), precision:
-                        loss = self._loss(batch, forward).float() * (self._terms(items) * scale)
-                    loss.backward()
-                    step_loss += loss.item() / world.size  # this rank's share of the mean
-                step_loss = sum_over(step_loss, world, t.device)
-                if cfg.clip:
-                    torch.nn.utils.clip_grad_norm_(t.params, cfg.clip)
-                opt.step()
-                if step == 0 or not self.meter.state_bytes:
-                    self.meter.measure_state(t, opt)
-                opt.zero_grad(set_to_none=True)
+                step_loss = self._step(opt, forward, rows, accum)
                 step += 1
                 losses.append(step_loss)
-                self.meter.tokens += tokens
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
                                 tok_s=f"{self.meter.tokens_per_second():.0f}")
@@ -257,14 +204,7 @@ class Trainer:
                             f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step"))
                 state = {"step": step, "history": history, "losses": losses,
                          "global_batch": global_batch}
-                if any_rank(self.stop_signal is not None, world, t.device):
-                    save_checkpoint(self.out, t.params, opt, state, world.main)
-                    raise TrainingInterrupted(
-                        f"stopped by {self.stop_signal or 'a signal to another rank'} at step "
-                        f"{step}/{total}; checkpoint in {self.out / 'checkpoint'} "
-                        "(continue with --resume)")
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    save_checkpoint(self.out, t.params, opt, state, world.main)
+                self._checkpoint_or_stop(opt, state, total)
         finally:
             for hook in trim_hooks:
                 hook.remove()
@@ -276,6 +216,88 @@ class Trainer:
                         world.main)
         paths = t.save(self.out, world.main)
         return write_report(self, history, losses, paths) if world.main else None
+
+    def _setup(self):
+        """(the forward the steps use, the items they draw from): the distributed wrapping
+        and, for a probe, the one backbone pass whose features every epoch reuses."""
+        cfg, world, t = self.cfg, self.world, self.trainee
+        if len(self.train_ex) < world.size:
+            raise PeftkitError(f"{cfg.data}: {len(self.train_ex)} training examples cannot be "
+                               f"split over {world.size} processes")
+        strategy = choose_strategy(cfg.strategy, cfg.method, world)
+        if world.active:
+            why = "the whole model trains" if strategy == "fsdp" else "only adapters train"
+            self._say(f"{world.size} processes, strategy {strategy} ({why})")
+        start = time.perf_counter()
+        self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch,
+                                        world) if cfg.method == "probe" else None
+        self.meter.feature_seconds = time.perf_counter() - start
+        forward = wrap(t.module if self.probe is None else t.head, strategy, world, t.device)
+        if self.probe is not None:
+            self.probe.head_forward = forward
+        if strategy == "fsdp" and world.active:  # sharded: the parameters are DTensors now
+            t.params = [p for p in t.module.parameters() if p.requires_grad]
+        return forward, self.probe.train_items if self.probe else self.train_ex
+
+    def _resume(self, opt) -> tuple[int, list, list, int]:
+        """(step, history, losses, micro-steps per step): a checkpoint's, with --resume."""
+        cfg, world, t = self.cfg, self.world, self.trainee
+        if not cfg.resume:
+            return 0, [], [], cfg.grad_accum
+        recovered = recover(self.out) if world.main else None
+        if recovered:
+            self._say(recovered)
+        if world.active:
+            torch.distributed.barrier()
+        if not complete(self.out / "checkpoint"):  # killed before its first: nothing to lose
+            self._say(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
+            return 0, [], [], cfg.grad_accum
+        meta = load_checkpoint(self.out, t.params, opt)
+        self._say(f"resuming from step {meta['step']}")
+        return (meta["step"], meta["history"], meta["losses"],
+                self._accum_for(meta.get("global_batch")))
+
+    def _step(self, opt, forward, rows, accum: int) -> float:
+        """One optimizer step over the global batch `rows`: this rank's micro-batches, each
+        loss weighted by its share of the global batch's loss terms; returns the batch loss."""
+        cfg, world, t = self.cfg, self.world, self.trainee
+        weight = world.size / self._terms(rows)  # token-weighted over the global batch
+        pad = t.base.tokenizer.pad_token_id
+        step_loss = 0.0
+        for micro in range(accum):
+            at = (micro * world.size + world.rank) * cfg.batch_size
+            items = rows[at:at + cfg.batch_size]
+            scale = weight if items else 0.0  # a short last batch: a zero-weight row
+            items = items or rows[:1]  # keeps every rank in every collective
+            batch = self.probe.collate(items) if self.probe else collate(items, pad, t.device)
+            if "attention_mask" in batch:
+                self.meter.tokens += int(batch["attention_mask"].sum())
+            if "input_ids" in batch:
+                self.meter.see_batch(*batch["input_ids"].shape)
+            with no_sync(forward, micro == accum - 1), autocast(t.device, t.dtype):
+                loss = self._loss(batch, forward).float() * (self._terms(items) * scale)
+            loss.backward()
+            step_loss += loss.item() / world.size  # this rank's share of the mean
+        step_loss = sum_over(step_loss, world, t.device)
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(t.params, cfg.clip)
+        opt.step()
+        if not self.meter.state_bytes:
+            self.meter.measure_state(t, opt)
+        opt.zero_grad(set_to_none=True)
+        return step_loss
+
+    def _checkpoint_or_stop(self, opt, state: dict, total: int) -> None:
+        """Every --save-every steps a checkpoint; after a signal (to any rank) one, then out."""
+        cfg, world, t = self.cfg, self.world, self.trainee
+        if any_rank(self.stop_signal is not None, world, t.device):
+            save_checkpoint(self.out, t.params, opt, state, world.main)
+            raise TrainingInterrupted(
+                f"stopped by {self.stop_signal or 'a signal to another rank'} at step "
+                f"{state['step']}/{total}; checkpoint in {self.out / 'checkpoint'} "
+                "(continue with --resume)")
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
+            save_checkpoint(self.out, t.params, opt, state, world.main)
 
     def _accum_for(self, global_batch: int | None) -> int:
         """Micro-steps per step that keep a checkpoint's global batch at this world size."""
