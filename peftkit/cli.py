@@ -6,6 +6,7 @@ from collections import Counter
 
 from safetensors import SafetensorError
 
+from peftkit.cli_flags import add_config_flags, add_placement, placement
 from peftkit.errors import DataError, PeftkitError
 
 
@@ -178,21 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_placement(s) -> None:
-    """--device / --dtype / --attn, as `peftkit train` has them (TrainConfig's fields)."""
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    s.add_argument("--dtype", default="auto",
-                   help="the base's precision: auto (bf16 on a GPU, else fp32) | float32 | "
-                        "bfloat16 | float16")
-    s.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
-
-
-def placement(args):
-    """(device, dtype, attn) of a command, or a one-line error naming the flag."""
-    from peftkit.device import placement as resolve
-    return resolve(args.device, args.dtype, args.attn)
-
-
 def add_train_parser(sub) -> None:
     """`peftkit train`: every TrainConfig field as an option (default None = config/dataclass)."""
     from peftkit.train.config import CHOICES, CLASSIFY_LR, DEFAULT_LR, METHODS, TrainConfig
@@ -206,45 +192,6 @@ def add_train_parser(sub) -> None:
             f"{m} {DEFAULT_LR[m]:g}" for m in METHODS) + "; classification: " + ", ".join(
             f"{m} {v:g}" for m, v in CLASSIFY_LR.items() if v != DEFAULT_LR[m])})
     s.set_defaults(func=cmd_train)
-
-
-def add_config_flags(s, cls, choices: dict, config_defaults: bool = True, skip=(),
-                     help_for: dict | None = None) -> None:
-    """One flag per dataclass field (`max_body_mb` -> --max-body-mb, a trailing `_s` dropped:
-    `slot_wait_s` -> --slot-wait), its comment as help text and `choices` as its values. With
-    `config_defaults` False every default is None, so a config file's values are overridden
-    only by flags given."""
-    from dataclasses import MISSING, fields
-    docs = {**field_docs(cls), **(help_for or {})}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.removesuffix("_s").replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        doc = docs.get(f.name, "")
-        shown = f"{doc} (default: {default!r})" if f.name not in (help_for or {}) else doc
-        kind = str(f.type)
-        if kind in ("bool", "<class 'bool'>"):
-            s.add_argument(flag, dest=f.name, action="store_const", const=True,
-                           default=default if config_defaults else None, help=doc)
-            continue
-        if "tuple" in kind:
-            convert = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
-        else:
-            convert = int if "int" in kind else float if "float" in kind else str
-        s.add_argument(flag, dest=f.name, type=convert, choices=choices.get(f.name),
-                       default=default if config_defaults else None,
-                       metavar=None if f.name in choices else f.name.upper(), help=shown)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """A dataclass's field comments (`name: type = default  # doc`): the flags' help texts,
-    written once, beside the field."""
-    import inspect
-    import re
-    pattern = re.compile(r"^\s+(\w+): [^=]+= .*?#\s*(.+)$")
-    return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
-            if (m := pattern.match(line))}
 
 
 def cmd_plan(args) -> None:

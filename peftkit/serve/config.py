@@ -1,5 +1,5 @@
 """`peftkit serve`'s settings: one dataclass, its fields' comments are the CLI's help texts
-(cli.add_config_flags), importable without torch."""
+(cli_flags.add_config_flags), importable without torch."""
 
 from dataclasses import dataclass
 
