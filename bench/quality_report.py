@@ -110,7 +110,8 @@ def lm_section(results: dict) -> list[str]:
         return []
     lines = ["## (b) A domain far from pretraining: the Coq standard library, SmolLM2-135M", "",
              f"Base model, held-out Coq perplexity {base['heldout']['perplexity']:.1f} against "
-             f"{base['english']['perplexity']:.1f} on ordinary English (SST-2 dev sentences); "
+             f"{base['english']['perplexity']:.1f} on ordinary English of the same length "
+             "(paragraphs of Python's reference documentation); "
              f"exact next line {base['nextline'].get('exact_match', 0):.3f}. "
              f"{base['train_chunks']} training chunks of {CHUNK_LINES} lines offered, 40 steps "
              "of 4 chunks trained; held-out files never trained on (bench/quality_lm.py).", "",
