@@ -118,7 +118,8 @@ def lm_section(results: dict) -> list[str]:
              "| run | held-out perplexity | exact next line | trainable % | peak RSS (MiB) "
              "| wall (s) | settings |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in lm_rows(results):
-        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['next_line']:.3f} | "
+        nl = "—" if r.get("next_line") is None else f"{r['next_line']:.3f}"
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {nl} | "
                      f"{r['trainable_percent']:.3f} | {r['peak_rss_mib']:.0f} | "
                      f"{r['wall_seconds']:.0f} | `{r['flags']}` |")
     return lines + [""]
