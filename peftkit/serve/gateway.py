@@ -155,8 +155,7 @@ class Gateway:
                                                       headers=self.headers)
             except httpx.TransportError:  # nothing reached the client: try another backend
                 self.done(backend, model)
-                self.router.down(backend)
-                self.up.labels(backend.url).set(0)
+                self.drop(backend)
                 tried.add(backend.url)
                 self.retries.inc()
                 continue
@@ -176,6 +175,11 @@ class Gateway:
             return Response(content, status_code=response.status_code,
                             media_type=response.headers.get("content-type", "application/json"))
 
+    def drop(self, backend: Backend) -> None:
+        """Out of the rotation (until a health check finds it up again)."""
+        self.router.down(backend)
+        self.up.labels(backend.url).set(0)
+
     def done(self, backend: Backend, model: str) -> None:
         backend.inflight -= 1
         backend.routed[model] -= 1
@@ -186,8 +190,7 @@ class Gateway:
             async for chunk in response.aiter_raw():
                 yield chunk
         except httpx.HTTPError:
-            self.router.down(backend)
-            self.up.labels(backend.url).set(0)
+            self.drop(backend)
             error = {"message": "the backend serving this stream failed; the answer is "
                                 "incomplete (not retried, to never answer twice)",
                      "type": "server_error", "code": 502}
