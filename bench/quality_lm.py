@@ -35,9 +35,8 @@ LM_RUNS = [
     ("prompt", "prompt", "--lr 3e-1 --num-virtual-tokens 20"),
     ("probe", "probe", "--lr 1e-3"),
 ]
-# (c) on (b): the ranks (b) itself runs, alpha = 2r (each Coq run costs minutes on this CPU;
-# r = 1..16 here are left to a longer run)
-COQ_SWEEP_RANKS = (8, 32, 64)
+# (c) on (b): every rank of the sweep, alpha = 2r (r = 8/32/64 are (b)'s own rows)
+COQ_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64)
 COMMON = "--batch-size 4 --max-length 128 --steps 40 --seed 0 --dropout 0.0"
 
 
