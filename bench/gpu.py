@@ -26,7 +26,7 @@ from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.plan.memory import Settings, device_bytes
 from peftkit.plan.shapes import shape_from_config
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.tiny import tiny_llama_tokenizer
 

@@ -22,7 +22,7 @@ from bench.common import write_results
 from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 
 MODEL, RANK, TOKENS = "smollm2-135m", 16, 16

@@ -1,10 +1,17 @@
-"""Greedy (default) text generation from a base, an adapted model, or a probe head."""
+"""Text generation outside the server — evaluation's exact match, `peftkit generate` — through the
+one decoder there is: the serving engine (continuous batching, one KV cache, greedy or sampled).
 
-import torch
+Whatever a run produced decodes the same way: a base or fully fine-tuned model, an adapted model
+(LoRA, IA³, bottleneck, and prompt/prefix tuning, whose virtual tokens enter the cache once at
+prefill), or a causal-LM probe (the frozen body's hidden states through its trained head).
+"""
+
+from types import SimpleNamespace
 
 from peftkit.data import chat_prompt
-from peftkit.device import module_device
+from peftkit.errors import PeftkitError
 from peftkit.models import Base
+from peftkit.engine import Engine, Request, Sampling
 
 
 def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:
@@ -13,38 +20,58 @@ def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:
     return chat_prompt([{"role": "user", "content": prompt}], tokenizer)
 
 
-@torch.no_grad()
-def greedy_ids(model, ids: list[int], max_new_tokens: int, eos_id: int, head=None) -> list[int]:
-    """Greedy continuation of one sequence. HF models (adapters routed inside their layers) use
-    `generate` with a KV cache; prompt/prefix-tuned models and probe heads recompute each step."""
-    x = torch.tensor([ids], device=module_device(model))
-    virtual = getattr(model, "virtual", None) is not None
-    if head is None and not virtual:
-        hf = getattr(model, "model", model) if hasattr(model, "router") else model
-        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                          max_new_tokens=max_new_tokens, pad_token_id=eos_id, eos_token_id=eos_id)
-        return out[0, len(ids):].tolist()
-    new = []
-    for _ in range(max_new_tokens):
-        if head is not None:
-            hidden = model.base_model(input_ids=x).last_hidden_state  # after the final norm
-            logits = head(hidden[:, -1].float())
-        else:
-            logits = model(input_ids=x).logits[:, -1]
-        token = int(logits.argmax(-1))
-        if token == eos_id:
-            break
-        new.append(token)
-        x = torch.cat([x, x.new_tensor([[token]])], dim=1)
-    return new
+class PlainModel:
+    """A model without adapter slots (a base, a fully fine-tuned model) as the engine's model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, slots=None, **kw):
+        return self.model(**kw)
+
+
+class ProbeModel:
+    """A causal-LM probe: the frozen body's final hidden states (after its last norm) through the
+    trained head, in place of the base's LM head."""
+
+    def __init__(self, model, head):
+        self.model, self.head = model, head
+
+    def __call__(self, slots=None, **kw):
+        hidden = self.model.base_model(**kw).last_hidden_state
+        return SimpleNamespace(logits=self.head(hidden.float()))
+
+
+def engine_model(model, head=None):
+    """(what the engine runs, the slot each request names) for any model a run yields."""
+    if head is not None:
+        return ProbeModel(model, head), -1
+    router = getattr(model, "router", None)
+    if router is None:
+        return PlainModel(model), -1
+    return model, (router.pinned if router.enabled else -1)  # an AdaptedModel: its pinned slot
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                 head=None, sampling: Sampling | None = None, batch: int = 16) -> list[list[int]]:
+    """The new token ids of each prompt (greedy unless `sampling` says otherwise), the prompts
+    decoded together `batch` at a time."""
+    adapted, slot = engine_model(model, head)
+    engine = Engine(adapted, tokenizer, max_batch=batch, max_queue=len(prompts) + 1)
+    sampling = sampling or Sampling(max_tokens=max_new_tokens, temperature=0.0)
+    requests = [engine.submit(Request(list(ids), slot, sampling)) for ids in prompts]
+    engine.run_until_idle()
+    for r in requests:
+        if r.error:
+            raise PeftkitError(f"generation failed: {r.error}")
+    return [r.out_ids for r in requests]
 
 
 def generate_text(base: Base, prompt: str, max_new_tokens: int = 64, raw: bool = False,
                   model=None, head=None) -> str:
     """Only the newly generated text. `model` defaults to the base; `raw` skips the template."""
     tok = base.tokenizer
-    text = prompt_text(tok, prompt, raw)
-    ids = tok(text, add_special_tokens=raw).input_ids
-    new = greedy_ids(model if model is not None else base.model, ids, max_new_tokens,
-                     tok.eos_token_id, head)
+    ids = tok(prompt_text(tok, prompt, raw), add_special_tokens=raw).input_ids
+    new = generate_ids(model if model is not None else base.model, tok, [ids], max_new_tokens,
+                       head)[0]
     return tok.decode(new, skip_special_tokens=True).strip()

@@ -12,7 +12,7 @@ import uvicorn
 from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
-from peftkit.serve.engine import Sampling
+from peftkit.engine import Sampling
 from peftkit.serve.server import Server, generate_direct
 from tests.helpers import free_port, randomize, tiny_llama
 

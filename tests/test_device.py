@@ -16,8 +16,8 @@ import torch
 from peftkit.cli import main
 from peftkit.data import load_dataset, tokenize
 from peftkit.formats import load_adapter
-from peftkit.generation import greedy_ids
-from peftkit.serve.engine import Request, Sampling
+from peftkit.generation import generate_ids
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.train import TrainConfig, Trainer, train
 from peftkit.train.batches import collate
@@ -60,8 +60,7 @@ def test_no_tensor_left_behind_in_a_train_step(lm_data, tmp_path, method):
         # a tensor made without the model's device would have turned these `meta`
         assert loss.device.type == "cpu" and bool(torch.isfinite(loss))
         assert all(p.grad is not None and p.grad.device.type == "cpu" for p in t.params)
-        new = greedy_ids(t.module, ex[0].input_ids[:4], 3, t.base.tokenizer.eos_token_id,
-                         head=t.head)
+        new = generate_ids(t.module, t.base.tokenizer, [ex[0].input_ids[:4]], 3, head=t.head)[0]
     assert all(isinstance(i, int) for i in new)
 
 

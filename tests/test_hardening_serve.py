@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from tests.helpers import free_port
 from tests.serve_harness import (ACME, GREEDY, N_ADAPTERS, PROMPTS, adapter_root, ask, client,

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from peftkit.formats import load_adapter, save_adapter
-from peftkit.generation import greedy_ids
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server, generate_direct
 from peftkit.serve.store import AdapterInvalid, AdapterNotFound
 from peftkit.train import TrainConfig, train
@@ -76,7 +75,10 @@ def test_mixed_batch_matches_each_request_alone(adapters):
     assert together == alone
     # and the engine agrees with plain transformers generation on a single-adapter model
     ref_model = load_adapter(tiny_llama().model, adapters / "rand16")
-    ref = greedy_ids(ref_model, tok("x").input_ids, 8, tok.eos_token_id)
+    x = torch.tensor([tok("x").input_ids])
+    ref = ref_model.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.eos_token_id)[0, x.shape[1]:].tolist()
     assert together[3] == ref
 
 

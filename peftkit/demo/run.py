@@ -21,7 +21,7 @@ from peftkit.models import load_base
 from peftkit.plan import format_plan, make_plan
 from peftkit.quant import QuantConfig, model_bytes
 from peftkit.serve.app import create_app
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.train import TrainConfig, train
 from peftkit.train.joint import JointTrainer

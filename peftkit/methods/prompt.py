@@ -60,6 +60,12 @@ class VirtualTokens(nn.Module):
         return self.prompt_embeddings[slots]
 
     def forward(self, model, input_ids, attention_mask, labels, slots, **kw):
+        cache = kw.pop("past_key_values", None)
+        if cache is not None and cache.get_seq_length() > 0:
+            # a decode step: the virtual tokens (or prefixes) are in the cache already, and the
+            # caller's mask and positions count them
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         past_key_values=cache, **kw)
         b = input_ids.shape[0]
         ones = torch.ones(b, self.n, dtype=attention_mask.dtype, device=input_ids.device)
         mask = torch.cat([ones, attention_mask], dim=1)
@@ -70,18 +76,21 @@ class VirtualTokens(nn.Module):
             if labels is not None:
                 pad = torch.full((b, self.n), IGNORE, dtype=labels.dtype, device=labels.device)
                 labels = torch.cat([pad, labels], dim=1)
-            out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kw)
+            out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                        past_key_values=cache, **kw)
             out.logits = out.logits[:, self.n:]  # align logits with the caller's input_ids
             return out
+        cache = self.prefix_cache(model, virtual.to(hidden_dtype(model)), cache)
         return model(input_ids=input_ids, attention_mask=mask, labels=labels,
-                     past_key_values=self.prefix_cache(model, virtual.to(hidden_dtype(model))),
-                     **kw)
+                     past_key_values=cache, **kw)
 
-    def prefix_cache(self, model, virtual: torch.Tensor) -> DynamicCache:
+    def prefix_cache(self, model, virtual: torch.Tensor,
+                     cache: DynamicCache | None = None) -> DynamicCache:
+        """The prefixes as the first `n` positions of `cache` (a new one when None)."""
         layers, kv_heads, head_dim = kv_geometry(model.config)
         b = virtual.shape[0]
         kv = virtual.view(b, self.n, layers * 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4)
-        cache = DynamicCache(config=model.config)
+        cache = cache if cache is not None else DynamicCache(config=model.config)
         for layer in range(layers):  # (B, kv_heads, n, head_dim) each
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
         return cache

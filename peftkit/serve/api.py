@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from peftkit.errors import PeftkitError
-from peftkit.serve.engine import QueueFull
+from peftkit.engine import QueueFull
 from peftkit.serve.server import TenantBusy
 from peftkit.serve.store import AdapterNotFound, StoreFull
 

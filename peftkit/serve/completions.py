@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from peftkit.errors import PeftkitError
 from peftkit.serve.api import ApiError, SamplingParams, api_error, busy
-from peftkit.serve.engine import Request, Sampling
+from peftkit.engine import Request, Sampling
 from peftkit.serve.server import Server
 from peftkit.serve.store import StoreFull
 

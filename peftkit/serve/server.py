@@ -11,7 +11,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
 from peftkit.quant import QuantConfig
-from peftkit.serve.engine import Engine, Request, Sampling
+from peftkit.engine import Engine, Request, Sampling
 from peftkit.serve.metrics import Metrics
 from peftkit.serve.store import AdapterStore
 from peftkit.serve.config import ServeConfig

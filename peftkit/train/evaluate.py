@@ -6,7 +6,7 @@ import math
 import torch
 
 from peftkit.data import IGNORE, Record, chat_ids
-from peftkit.generation import greedy_ids
+from peftkit.generation import generate_ids
 from peftkit.train.batches import collate
 
 
@@ -56,29 +56,30 @@ def evaluate_lm_loss(loss_fn, examples, pad_id: int, batch_size: int, device=Non
 
 
 def reference(record: Record) -> tuple[list[dict] | str, str] | None:
-    """(prompt, expected completion) of a record with a single answer to check, else None."""
-    if record.kind == "prompt_completion":
+    """(prompt, expected completion) of a record with a single answer to check, else None (an
+    empty prompt asks nothing to answer)."""
+    if record.kind == "prompt_completion" and record.prompt:
         return record.prompt, record.completion
-    if record.kind == "chat" and record.messages[-1]["role"] == "assistant":
+    if record.kind == "chat" and len(record.messages) > 1 \
+            and record.messages[-1]["role"] == "assistant":
         return record.messages[:-1], record.messages[-1]["content"]
     return None
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: list[Record], limit: int, head=None) -> float | None:
-    """Share of records whose greedy answer equals the reference (whitespace-trimmed)."""
+def exact_match(model, tokenizer, records: list[Record], limit: int, head=None,
+                batch: int = 16) -> float | None:
+    """Share of records whose greedy answer equals the reference (whitespace-trimmed); the
+    prompts decode `batch` at a time."""
     pairs = [p for p in (reference(r) for r in records) if p is not None][:limit]
     if not pairs:
         return None
-    hits = 0
-    for prompt, want in pairs:
-        if isinstance(prompt, list):
-            ids = chat_ids(prompt, tokenizer)
-        else:
-            ids = tokenizer(prompt).input_ids if prompt else []
-        target = tokenizer(want, add_special_tokens=False).input_ids
-        new = greedy_ids(model, ids, len(target) + 4, tokenizer.eos_token_id, head)
-        hits += tokenizer.decode(new, skip_special_tokens=True).strip() == want.strip()
+    prompts = [chat_ids(p, tokenizer) if isinstance(p, list) else tokenizer(p).input_ids
+               for p, _ in pairs]
+    longest = max(len(tokenizer(want, add_special_tokens=False).input_ids) for _, want in pairs)
+    answers = generate_ids(model, tokenizer, prompts, longest + 4, head, batch=batch)
+    hits = sum(tokenizer.decode(new, skip_special_tokens=True).strip() == want.strip()
+               for new, (_, want) in zip(answers, pairs))
     return hits / len(pairs)
 
 

@@ -1,4 +1,5 @@
-"""The serving engine: continuous batching at decode-step granularity over one multi-slot model.
+"""The one decoder: continuous batching at decode-step granularity over one multi-slot model —
+the server's, and evaluation's and `peftkit generate`'s through generation.py.
 
 New requests are prefilled and join the running batch; finished ones leave. Each row carries its
 adapter slot (-1 = base), so one forward per step serves every tenant in the batch. The KV cache
@@ -216,7 +217,9 @@ class Engine:
         mask = torch.ones(len(rows), width + 1, dtype=torch.long, **on)
         for i, p in enumerate(self.pad):
             mask[i, :p] = 0
-        positions = torch.tensor([[len(r.prompt_ids) + len(r.out_ids) - 1] for r in rows], **on)
+        # each row's next position is its own cache length, which counts a prompt-tuned
+        # adapter's virtual tokens (or a prefix) as well as the prompt and the answer so far
+        positions = torch.tensor([[width - p] for p in self.pad], **on)
         with self.lock:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
                                slots=torch.tensor([r.slot for r in rows], **on),
