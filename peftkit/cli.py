@@ -250,7 +250,7 @@ def cmd_models(args) -> None:
 
 def cmd_generate(args) -> None:
     from peftkit.generation import generate_text
-    from peftkit.train.artifacts import load_run
+    from peftkit.train.run_dir import load_run
     device, dtype, attn = placement(args)
     run = load_run(args.model, args.adapter, device, dtype, attn)
     if run.task != "causal-lm":
@@ -263,7 +263,8 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
-    from peftkit.train.artifacts import evaluate_file, load_run
+    from peftkit.train.evaluate import evaluate_file
+    from peftkit.train.run_dir import load_run
     run = load_run(args.model, args.adapter, *placement(args))
     metrics = evaluate_file(run, args.data, args.max_length, args.batch_size, args.exact_match_max)
     print(json.dumps(metrics, indent=2))

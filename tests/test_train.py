@@ -11,7 +11,8 @@ import pytest
 
 from peftkit.errors import PeftkitError
 from peftkit.train import METHODS, TrainConfig, Trainer, TrainingInterrupted, load_config, train
-from peftkit.train.artifacts import evaluate_file, load_run
+from peftkit.train.evaluate import evaluate_file
+from peftkit.train.run_dir import load_run
 
 LM_ROWS = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3}"} for i in range(8)]
 CLF_ROWS = [{"text": f"{w} movie {i}", "label": lab} for i, (w, lab) in

@@ -1,13 +1,11 @@
-"""One method name -> the model to train, its trainable parameters and how to save it."""
+"""One method name -> the model to train and its trainable parameters (run_dir.py saves it)."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import save_adapter
 from peftkit.methods import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                              PromptTuningConfig, add_adapter)
 from peftkit.methods.registry import ADAPTER_METHODS
@@ -29,38 +27,6 @@ class Trainee:
     label_names: list[str] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
-
-    def save(self, out: Path, write: bool = True) -> dict[str, str]:
-        """Write the run's outputs: PEFT adapter, HF model directory and/or head. Every rank of
-        a distributed run calls it (FSDP shards are gathered); only `write` ones write."""
-        from peftkit.train.distributed import unsharded
-        paths = {}
-        method = self.config.method
-        if self.adapted is not None:
-            with unsharded(self.adapted):
-                if write:
-                    paths["adapter"] = str(save_adapter(self.adapted, out / "adapter",
-                                                        base_name=self.config.model))
-        if method == "full":
-            from peftkit.train.distributed import full
-            model = self.base.model if self.task == "causal-lm" else self.module.backbone
-            first = {}  # tied weights (one parameter, two names) are written once, as HF does
-            for name, p in model.named_parameters(remove_duplicate=False):
-                first.setdefault(id(p), name)
-            tied = {n for n, p in model.named_parameters(remove_duplicate=False)
-                    if first[id(p)] != n}
-            whole = {k: full(v) for k, v in model.state_dict().items() if k not in tied}
-            if write:
-                model.save_pretrained(out / "model", state_dict=whole)
-                self.base.tokenizer.save_pretrained(out / "model")
-            paths["model"] = str(out / "model")
-        if not write:
-            return paths
-        if self.head is not None:
-            extra = {"task": self.task, "labels": self.label_names, "base": self.config.model,
-                     "method": method, "pooling": getattr(self.module, "pooling", None)}
-            paths["head"] = str(self.head.save(out, extra))
-        return paths
 
 
 def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
@@ -85,7 +51,7 @@ def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
 
 def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
     """The NF4 settings of a QLoRA run computing in `dtype`: one place, for training and for
-    loading the run back (artifacts.load_run), so both build, and cache, the same base."""
+    loading the run back (run_dir.load_run), so both build, and cache, the same base."""
     if method != "qlora":
         return None
     return QuantConfig(compute_dtype=str(dtype).removeprefix("torch."))

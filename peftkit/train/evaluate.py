@@ -5,7 +5,9 @@ import math
 
 import torch
 
-from peftkit.data import IGNORE, Record, chat_ids
+from peftkit.data import IGNORE, Record, chat_ids, load_dataset, tokenize
+from peftkit.device import module_device
+from peftkit.errors import PeftkitError
 from peftkit.generation import generate_ids
 from peftkit.train.batches import collate
 
@@ -100,3 +102,34 @@ def evaluate_run(module, task: str, tokenizer, examples, records, *, n_classes: 
     em = exact_match(module, tokenizer, records, exact_match_max, head=head)
     return metrics if em is None else {**metrics, "exact_match": em}
 
+
+def evaluate_file(loaded, data: str, max_length: int = 256, batch_size: int = 8,
+                  exact_match_max: int = 64, text_field="text", label_field="label") -> dict:
+    """`peftkit eval`: a loaded run (train/run_dir.load_run) on a data file."""
+    ds = load_dataset(data, text_field, label_field)
+    tok = loaded.base.tokenizer
+    device = module_device(loaded.base.model)
+    if loaded.task == "classify":
+        if ds.kind != "classification":
+            raise PeftkitError(f"{data}: a classifier needs text+label records, got {ds.kind}")
+        unknown = sorted({r.label for r in ds.records} - set(loaded.label_names))
+        if unknown:
+            raise PeftkitError(f"{data}: labels {unknown} were not in training "
+                               f"({', '.join(loaded.label_names)})")
+        ds.label_names = loaded.label_names
+    ex = tokenize(ds, tok, max_length).examples
+    return evaluate_run(loaded.module, loaded.task, tok, ex, ds.records,
+                        n_classes=len(loaded.label_names), batch_size=batch_size, device=device,
+                        exact_match_max=exact_match_max, head=loaded.head,
+                        loss_fn=None if loaded.head is None else _head_loss(loaded))
+
+
+def _head_loss(loaded):
+    """A causal-LM probe's loss: its trained head on the base's final hidden states."""
+    def loss(b):
+        hidden = loaded.base.model.base_model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        logits = loaded.head(hidden[:, :-1].float())
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                 b["labels"][:, 1:].flatten())
+    return loss

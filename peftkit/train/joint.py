@@ -42,6 +42,7 @@ from peftkit.train.evaluate import evaluate_run
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
 from peftkit.train.report import peak_rss_bytes
+from peftkit.train.run_dir import ADAPTER, write_config
 
 JOINT_METHODS = ("lora", "qlora", "dora")
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
@@ -179,8 +180,7 @@ class JointTrainer:
                 steps[k], losses[k] = meta["step"], meta["losses"]
                 self._sync(k)
         for cfg, out in zip(cfgs, outs):
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(cfg.to_json(self.dtype))
+            write_config(out, cfg, self.dtype)
         pad = self.base.tokenizer.pad_token_id
         bar = tqdm(total=sum(totals), initial=sum(steps), desc="joint", unit="step")
         self.adapted.train()
@@ -275,7 +275,7 @@ class JointTrainer:
         cfg, name = self.cfgs[k], self.names[k]
         out = Path(cfg.output)
         self._checkpoint(k, opt, step, losses)
-        adapter = save_adapter(self.adapted, out / "adapter", slot=k, base_name=cfg.model,
+        adapter = save_adapter(self.adapted, out / ADAPTER, slot=k, base_name=cfg.model,
                                modules=self.targets[k])
         metrics = {}
         _, val_ex, val_records, _ = self.data[k]

@@ -26,6 +26,7 @@ from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no
 from peftkit.train.evaluate import evaluate_run
 from peftkit.train.probe import FeatureCache
 from peftkit.train.report import Meter, write_report
+from peftkit.train.run_dir import save_run, write_config
 
 
 class TrainingInterrupted(PeftkitError):
@@ -179,8 +180,7 @@ class Trainer:
         total = total_steps(cfg, len(examples), global_batch)
         eval_every = cfg.eval_every or math.ceil(len(examples) / global_batch)
         if world.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(cfg.to_json(t.dtype))
+            write_config(self.out, cfg, t.dtype)
         old_handlers = self._trap_signals()
         bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", unit="step",
                    dynamic_ncols=True, disable=not world.main)
@@ -214,7 +214,7 @@ class Trainer:
         save_checkpoint(self.out, t.params, opt, {"step": step, "history": history,
                                                   "losses": losses, "global_batch": global_batch},
                         world.main)
-        paths = t.save(self.out, world.main)
+        paths = save_run(t, self.out, world.main)
         return write_report(self, history, losses, paths) if world.main else None
 
     def _setup(self):
