@@ -79,6 +79,13 @@ def test_probe_runs_the_backbone_once_per_example(clf_data, tmp_path, monkeypatc
     assert len(report["train_losses"]) == 9  # 3 epochs x 3 batches, all on cached features
     assert rows["n"] == 12  # every example through the backbone exactly once
 
+    # --steps short of an epoch: features only for the rows those steps draw (+ validation)
+    rows["n"] = 0
+    report = train(_cfg(clf_data, tmp_path / "short", "probe", model="tiny-bert", steps=2,
+                        batch_size=2, val_data="", val_split=0.25))
+    assert report["train_examples"] == 4 and len(report["train_losses"]) == 2
+    assert rows["n"] == 4 + 3
+
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(lm_data, tmp_path, monkeypatch):
     kw = dict(steps=8, batch_size=3, dropout=0.1, eval_every=4, schedule="cosine", warmup=0.25,

@@ -12,6 +12,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def drawn(examples: list, rows: int, seed: int) -> list:
+    """The examples a run's first `rows` draws take (epoch 0's order), when that is under one
+    epoch: a probe extracts features for these alone, not for data no step would reach."""
+    if rows >= len(examples):
+        return examples
+    return [examples[j] for j in epoch_order(len(examples), seed, 0)[:rows]]
+
+
 def batch_at(examples: list, micro: int, batch_size: int, seed: int) -> list:
     """The `micro`-th micro-batch of the run (epochs follow each other)."""
     per_epoch = math.ceil(len(examples) / batch_size)

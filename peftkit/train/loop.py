@@ -18,7 +18,7 @@ from peftkit.data import IGNORE, load_dataset, split, tokenize
 from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
-from peftkit.train.batches import batch_at, collate
+from peftkit.train.batches import batch_at, collate, drawn
 from peftkit.train.build import Trainee, build
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
 from peftkit.train.config import TrainConfig, default_lr
@@ -229,6 +229,9 @@ class Trainer:
             why = "the whole model trains" if strategy == "fsdp" else "only adapters train"
             self._say(f"{world.size} processes, strategy {strategy} ({why})")
         start = time.perf_counter()
+        if cfg.method == "probe" and cfg.steps:  # --steps short of an epoch: those rows only
+            self.train_ex = drawn(self.train_ex, cfg.steps * cfg.batch_size * cfg.grad_accum
+                                  * world.size, cfg.seed)
         self.probe = FeatureCache.build(t, self.train_ex, self.val_ex, cfg, self.meter.see_batch,
                                         world) if cfg.method == "probe" else None
         self.meter.feature_seconds = time.perf_counter() - start
