@@ -215,7 +215,13 @@ class Trainer:
                                                   "losses": losses, "global_batch": global_batch},
                         world.main)
         paths = save_run(t, self.out, world.main)
-        return write_report(self, history, losses, paths) if world.main else None
+        if not world.main:
+            return None
+        data = {"train_examples": len(self.train_ex), "val_examples": len(self.val_ex),
+                "truncated_examples": self.truncated}
+        if self.probe is not None:
+            data["backbone_forward_examples"] = self.probe.backbone_rows
+        return write_report(self.out, t, self.meter, history, losses, paths, data)
 
     def _setup(self):
         """(the forward the steps use, the items they draw from): the distributed wrapping

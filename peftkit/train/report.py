@@ -4,6 +4,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -69,14 +70,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def planner_predictions(trainer) -> dict:
-    """The planner's figures for this very run, from the model's config and largest batch."""
+def planner_predictions(t, meter: Meter) -> dict:
+    """The planner's figures for this very run (trainee `t`), from the model's config and the
+    largest batch `meter` saw."""
     from peftkit.plan.cpu import CpuRun, predict_peak_rss, predict_state_bytes
     from peftkit.plan.shapes import shape_from_config
-    t, cfg = trainer.trainee, trainer.cfg
+    cfg = t.config
     shape = shape_from_config(cfg.model, t.base.model.config)
-    run = CpuRun.from_train(cfg, trainer.task, len(t.label_names), trainer.meter.largest_batch)
-    peak = predict_peak_rss(shape, run, trainer.meter.runtime_rss)
+    run = CpuRun.from_train(cfg, t.task, len(t.label_names), meter.largest_batch)
+    peak = predict_peak_rss(shape, run, meter.runtime_rss)
     out = {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method,
                                                               run.settings(shape)),
            "predicted_peak_rss": {k: int(v) for k, v in peak.items()}}
@@ -87,37 +89,37 @@ def planner_predictions(trainer) -> dict:
     return out
 
 
-def write_report(trainer, history: list[dict], losses: list[float], paths: dict) -> dict:
-    t, cfg = trainer.trainee, trainer.cfg
+def write_report(out: Path, t, meter: Meter, history: list[dict], losses: list[float],
+                 paths: dict, data: dict) -> dict:
+    """report.json and report.md of trainee `t`'s run into `out`; `data` holds the run's data
+    facts (train/val/truncated example counts, a probe's backbone passes)."""
+    cfg = t.config
     trainable = sum(p.numel() for p in t.params)
     total = sum(p.numel() for p in {id(p): p for p in list(t.base.model.parameters())
                                     + list(t.params)}.values())
     report = {
-        "method": cfg.method, "task": trainer.task, "model": cfg.model, "data": cfg.data,
+        "method": cfg.method, "task": t.task, "model": cfg.model, "data": cfg.data,
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "peak_rss_bytes": peak_rss_bytes(),
         "device": str(t.device), "dtype": str(t.dtype).removeprefix("torch."),
         "peak_device_bytes": peak_device_bytes(t.device),  # None off CUDA
-        "runtime_rss_bytes": trainer.meter.runtime_rss,
-        "largest_batch": list(trainer.meter.largest_batch),
-        **planner_predictions(trainer),
-        "model_state_bytes": trainer.meter.state_bytes.get("total", 0),
-        "model_state_breakdown": trainer.meter.state_bytes,
-        "wall_seconds": trainer.meter.elapsed(),
-        "feature_seconds": trainer.meter.feature_seconds,
-        "train_loop_seconds": trainer.meter.loop_seconds,
-        "tokens_per_second": trainer.meter.tokens_per_second(),
-        "train_examples": len(trainer.train_ex), "val_examples": len(trainer.val_ex),
-        "truncated_examples": trainer.truncated,
+        "runtime_rss_bytes": meter.runtime_rss,
+        "largest_batch": list(meter.largest_batch),
+        **planner_predictions(t, meter),
+        "model_state_bytes": meter.state_bytes.get("total", 0),
+        "model_state_breakdown": meter.state_bytes,
+        "wall_seconds": meter.elapsed(),
+        "feature_seconds": meter.feature_seconds,
+        "train_loop_seconds": meter.loop_seconds,
+        "tokens_per_second": meter.tokens_per_second(),
+        **data,
         "metrics": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
         "history": history, "train_losses": losses,
-        "paths": {**paths, "report": str(trainer.out / "report.json")},
+        "paths": {**paths, "report": str(out / "report.json")},
     }
-    if trainer.probe is not None:
-        report["backbone_forward_examples"] = trainer.probe.backbone_rows
-    (trainer.out / "report.json").write_text(json.dumps(report, indent=2))
-    (trainer.out / "report.md").write_text(report_markdown(report))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
     return report
 
 
