@@ -6,6 +6,7 @@ torchtune's LoRALinear). Subclasses add S adapter *slots*; a `SlotRouter` shared
 a model says which slot each batch row uses (-1 = base only), so one forward serves many tenants.
 """
 
+import functools
 import sys
 
 import torch
@@ -14,17 +15,73 @@ from torch import nn
 from peftkit.quant import bnb
 
 
+class Rows:
+    """One forward's routing, worked out once for every adapted layer of the model (hundreds
+    per step) instead of once per layer: which rows have an adapter, which slots the batch uses,
+    where each row's own block is. Each fact is computed on first use."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.idx = slots.clamp(min=0)  # slot per row; base rows (-1) read slot 0's index...
+        self.keep = slots >= 0  # ...and are masked out with this
+        self._blocks: dict[int, tuple] = {}
+
+    @functools.cached_property
+    def any(self) -> bool:  # one host sync per forward, not per layer
+        return bool(self.keep.any())
+
+    @functools.cached_property
+    def all(self) -> bool:
+        return bool(self.keep.all())
+
+    @functools.cached_property
+    def used(self) -> torch.Tensor:
+        """Sorted distinct slots of the rows that have an adapter."""
+        return torch.unique(self.idx[self.keep])
+
+    @functools.cached_property
+    def adapter_rows(self) -> torch.Tensor:
+        return self.keep.nonzero().flatten()
+
+    def blocks(self, n_slots: int) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
+        """The decode grid of a stack of `n_slots` slots (methods/lora.py `_decode_delta`):
+        (the slots to read, None for the whole stack in place; each adapter row's position in
+        the flattened (blocks, m) grid; blocks; m, the most rows on one slot)."""
+        if n_slots not in self._blocks:
+            slot = self.idx[self.adapter_rows]
+            whole = 2 * len(self.used) >= n_slots  # reading a few idle slots beats copying
+            block = slot if whole else torch.searchsorted(self.used, slot)
+            n = n_slots if whole else len(self.used)
+            counts = torch.bincount(block, minlength=n)
+            m = int(counts.max())
+            order = torch.argsort(block, stable=True)
+            first = counts.cumsum(0) - counts  # where each block's rows start in `order`
+            nth = torch.empty_like(block)  # a row's rank among the rows of its slot
+            nth[order] = torch.arange(len(block), device=block.device) - first[block[order]]
+            self._blocks[n_slots] = (None if whole else self.used, block * m + nth, n, m)
+        return self._blocks[n_slots]
+
+
 class SlotRouter:
     """Per-batch routing shared by every adapted layer of one model.
 
     `slots is None`: every row uses slot 0 (single-adapter training and inference, the fast path).
-    Otherwise a LongTensor (B,) of slot indices, -1 meaning "no adapter" for that row.
+    Otherwise a LongTensor (B,) of slot indices, -1 meaning "no adapter" for that row; `rows`
+    holds what the layers derive from it, once per forward.
     """
 
     def __init__(self):
-        self.slots: torch.Tensor | None = None
         self.enabled = True
         self.pinned = 0  # the slot every row uses when `slots` is None (AdaptedModel.pinned)
+        self.slots = None
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: torch.Tensor | None) -> None:
+        self._slots = slots
+        self.rows = None if slots is None else Rows(slots)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -84,10 +141,8 @@ class FrozenLinear(nn.Module):
 
     def route(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(index, keep): slot index per row clamped to >= 0, and a 0/1 row mask for base rows."""
-        slots = self.router.slots
-        if slots is None:
-            return None, None
-        return slots.clamp(min=0), (slots >= 0)
+        rows = self.router.rows
+        return (None, None) if rows is None else (rows.idx, rows.keep)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={self.n_slots}"
