@@ -9,9 +9,9 @@ prefill), or a causal-LM probe (the frozen body's hidden states through its trai
 from types import SimpleNamespace
 
 from peftkit.data import chat_prompt
+from peftkit.engine import Engine, Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.models import Base
-from peftkit.engine import Engine, Request, Sampling
 
 
 def prompt_text(tokenizer, prompt: str, raw: bool = False) -> str:

@@ -17,11 +17,11 @@ import httpx
 from peftkit.data import chat_ids
 from peftkit.demo.report import write_report
 from peftkit.demo.tasks import TASKS
+from peftkit.engine import Request, Sampling
 from peftkit.models import load_base
 from peftkit.plan import format_plan, make_plan
 from peftkit.quant import QuantConfig, model_bytes
 from peftkit.serve.app import create_app
-from peftkit.engine import Request, Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.train import TrainConfig, train
 from peftkit.train.joint import JointTrainer

@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from peftkit.errors import PeftkitError
 from peftkit.engine import QueueFull
+from peftkit.errors import PeftkitError
 from peftkit.serve.server import TenantBusy
 from peftkit.serve.store import AdapterNotFound, StoreFull
 

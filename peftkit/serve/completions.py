@@ -10,9 +10,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from peftkit.engine import Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.serve.api import ApiError, SamplingParams, api_error, busy
-from peftkit.engine import Request, Sampling
 from peftkit.serve.server import Server
 from peftkit.serve.store import StoreFull
 

@@ -7,14 +7,14 @@ import torch
 
 from peftkit.data import chat_ids
 from peftkit.device import placement
+from peftkit.engine import Engine, Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
 from peftkit.quant import QuantConfig
-from peftkit.engine import Engine, Request, Sampling
+from peftkit.serve.config import ServeConfig
 from peftkit.serve.metrics import Metrics
 from peftkit.serve.store import AdapterStore
-from peftkit.serve.config import ServeConfig
 from peftkit.serve.tenancy import Tenancy
 
 
