@@ -55,6 +55,11 @@ SST2_RUNS = [
     ("smollm2-135m", "prompt", "--lr 3e-1 --epochs 1 --batch-size 16 --num-virtual-tokens 20",
      "Lester et al. 2021: lr 0.3, 20 tokens, label words generated"),
 ]
+# (a) again on SmolLM2 at three epochs (120 steps of 16): do the methods that move the backbone
+# reach the probe, whose head trains 30 epochs on cached features, once they train longer?
+LONGER_RUNS = [(model, method, flags.replace("--epochs 1", "--epochs 3"), source)
+               for model, method, flags, source in SST2_RUNS
+               if model == "smollm2-135m" and method in ("full", "lora")]
 # training examples per model, every method: what this 2-core CPU trains in minutes
 BUDGET = {"minilm-l6": 2000, "smollm2-135m": 640}
 SWEEP_EXAMPLES, SWEEP_DEV = 320, 436  # (c) on SmolLM2, a smaller slice
@@ -81,11 +86,12 @@ def text_to_text(path: Path) -> Path:
     return out
 
 
-def run_sst2(results: dict, redo: bool, only: str) -> None:
-    for model, method, flags, source in SST2_RUNS:
-        key = f"sst2/{model}/{method}"
+def run_sst2(results: dict, redo: bool, only: str, runs=SST2_RUNS, prefix="sst2") -> None:
+    for model, method, flags, source in runs:
+        key = f"{prefix}/{model}/{method}"
         if not key.startswith(only) or key in results and not redo:
             continue
+        out = RUNS / (model.split("-")[0] + prefix.removeprefix("sst2"))
         train, dev = sst2.write_split(RUNS / "data" / model, BUDGET[model], seed=0)
         extra = f"{COMMON} {flags}".split()
         if method == "prompt":  # text to text: exact match over the whole dev set
@@ -94,9 +100,8 @@ def run_sst2(results: dict, redo: bool, only: str) -> None:
         else:
             extra += ["--task", "classify"]
         start = time.perf_counter()
-        row = compare(model, str(train), [method], str(RUNS / model.split("-")[0]),
-                      extra + ["--val-data", str(dev)])[0]
-        report = json.loads((RUNS / model.split("-")[0] / method / "report.json").read_text())
+        row = compare(model, str(train), [method], str(out), extra + ["--val-data", str(dev)])[0]
+        report = json.loads((out / method / "report.json").read_text())
         m = report["metrics"]
         record(results, key, {**row, "model": model, "train_examples": BUDGET[model],
                               "dev_examples": PROMPT_DEV if method == "prompt" else 872,
@@ -183,6 +188,7 @@ def main() -> None:
     run_sst2(results, args.redo, args.only)
     run_lm(results, args.redo, args.only)
     run_sst2_sweep(results, args.redo, args.only)
+    run_sst2(results, args.redo, args.only, LONGER_RUNS, "sst2-3ep")
     run_customers(results, args.redo, args.only)
     from bench.quality_report import write_report
     write_report(results)

@@ -11,8 +11,12 @@ MODELS = {"minilm-l6": "MiniLM-L6 (22M, encoder, mean pooling)",
           "smollm2-135m": "SmolLM2-135M (decoder, last-token pooling)"}
 
 
-def sst2_rows(results: dict, model: str) -> list[dict]:
-    return [r for k, r in results.items() if k.startswith(f"sst2/{model}/")]
+def sst2_rows(results: dict, model: str, prefix: str = "sst2") -> list[dict]:
+    return [r for k, r in results.items() if k.startswith(f"{prefix}/{model}/")]
+
+
+# (prefix of the records, how the section's title says it): (a), then (a) at a longer budget
+BUDGETS = {"sst2": "", "sst2-3ep": ", three epochs"}
 
 
 NAMES = {"full": "full FT", "probe": "probe", "lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA",
@@ -26,13 +30,13 @@ def findings(results: dict) -> dict[str, list[str]]:
     """{finding: lines}, each line one measured comparison (peftkit/plan/evidence.py maps the
     advisor's rules to these keys)."""
     out: dict[str, list[str]] = {}
-    for model in MODELS:
-        rows = {r["method"]: r for r in sst2_rows(results, model)}
+    for (prefix, budget), model in ((b, m) for b in BUDGETS.items() for m in MODELS):
+        rows = {r["method"]: r for r in sst2_rows(results, model, prefix)}
         for key, (method, to) in PAIRS.items():
             if method in rows and to in rows:
                 a, b = rows[method]["accuracy"], rows[to]["accuracy"]
                 out.setdefault(key, []).append(
-                    f"SST-2 ({rows[method]['train_examples']} sentences), {model}: "
+                    f"SST-2 ({rows[method]['train_examples']} sentences{budget}), {model}: "
                     f"{NAMES[method]} {a:.3f} vs {NAMES[to]} {b:.3f} accuracy "
                     f"({100 * (a - b):+.1f} points; docs/results.md)")
     coq = {r["name"]: r for r in lm_rows(results)}
@@ -81,12 +85,13 @@ def write_report(results: dict) -> None:
 
 def sst2_section(results: dict) -> list[str]:
     lines = []
-    for model, title in MODELS.items():
-        rows = sst2_rows(results, model)
+    for (prefix, budget), (model, title) in ((b, m) for b in BUDGETS.items()
+                                             for m in MODELS.items()):
+        rows = sst2_rows(results, model, prefix)
         if not rows:
             continue
         n = rows[0]["train_examples"]
-        lines += [f"## (a) SST-2, {title}", "",
+        lines += [f"## (a) SST-2, {title}{budget}", "",
                   f"{n} training sentences (seeded, half positive), the 872 GLUE dev sentences "
                   "for evaluation. ![accuracy vs memory](results-sst2.png)", "",
                   "| method | accuracy | macro-F1 | trainable % | peak RSS (MiB) | wall (s) "
