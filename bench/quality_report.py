@@ -137,7 +137,11 @@ def sweep_section(results: dict) -> list[str]:
            if r["name"].startswith("lora-r")}
     if not sst and not coq:
         return []
-    lines = ["## (c) LoRA rank sweep (alpha = 2r)", "", "![rank sweep](results-rank.png)", "",
+    any_sst = next(iter(sst.values()), {})
+    lines = ["## (c) LoRA rank sweep (alpha = 2r)", "",
+             f"SST-2: SmolLM2 as a classifier, {any_sst.get('train_examples', '?')} sentences, "
+             f"one epoch (batch 16), {any_sst.get('dev_examples', '?')} dev sentences. Coq: "
+             "(b)'s budget. ![rank sweep](results-rank.png)", "",
              "| rank | SST-2 accuracy (SmolLM2) | Coq held-out perplexity | trainable % (Coq) |",
              "| --- | --- | --- | --- |"]
     for r in sorted(set(sst) | set(coq)):
