@@ -176,10 +176,11 @@ class LoraLinear(FrozenLinear):
             A, B, scale = self.lora_A, self.lora_B, self.scale
         else:
             (A, B), scale = self._rows_of(used), self.scale.index_select(0, used)
-        grid = x.new_zeros(n * m, self.in_features)
-        grid[flat] = x[:, 0] if rows.all else x[rows.adapter_rows, 0]
+        # row copies by index_copy_/index_select on 2-D views: whole rows at memory speed
+        grid = x.new_zeros(n * m, self.in_features).index_copy_(
+            0, flat, x[:, 0] if rows.all else x[rows.adapter_rows, 0])
         h = torch.bmm(grid.view(n, m, -1), A.transpose(1, 2)) * scale.view(n, 1, 1)
-        y = torch.bmm(h, B.transpose(1, 2)).view(n * m, 1, -1)[flat]
+        y = torch.bmm(h, B.transpose(1, 2)).view(n * m, -1).index_select(0, flat).unsqueeze(1)
         if rows.all:  # every row has an adapter, in order
             return y
         return x.new_zeros(x.shape[0], 1, self.out_features).index_copy_(0, rows.adapter_rows, y)
