@@ -154,18 +154,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         self._drop_ended()
-        new = []
-        while len(self.active) + len(new) < self.max_batch and not self.waiting.empty():
+        fresh = []
+        while len(self.active) + len(fresh) < self.max_batch and not self.waiting.empty():
             req = self.waiting.get()
-            if self._ended(req):
-                continue
-            try:
-                self._prefill(req)
-            except Exception as e:  # this request's own fault (or bad luck): fail it alone
-                self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
-                continue
-            if req.finish_reason is None:
-                new.append(req)
+            if not self._ended(req):
+                fresh.append(req)
+        new = self._prefill_all(fresh)
         if new:
             if self.cache is not None:  # running rows take their KV back before the repack
                 self._unpack(self.active)
@@ -196,6 +190,47 @@ class Engine:
         while not self.waiting.empty():
             out.append(self.waiting.get())
         return out
+
+    def _prefill_all(self, reqs: list[Request]) -> list[Request]:
+        """Prefill the new requests: together in one left-padded forward (a model with virtual
+        tokens, one at a time), and one at a time again if the shared forward fails, so that a
+        bad request fails alone. Returns those still running."""
+        together = len(reqs) > 1 and getattr(self.adapted, "virtual", None) is None
+        if together:
+            try:
+                last = self._prefill_together(reqs)
+            except Exception:  # found out below, request by request
+                together = False
+            else:
+                finite = torch.isfinite(last).all(-1).tolist()
+                for i, req in enumerate(reqs):
+                    self._accept(req, last[i], finite[i])
+        if not together:
+            for req in reqs:
+                try:
+                    self._prefill(req)
+                except Exception as e:  # this request's own fault (or bad luck): fail it alone
+                    self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+        return [r for r in reqs if r.finish_reason is None]
+
+    def _prefill_together(self, reqs: list[Request]) -> torch.Tensor:
+        """One forward over the prompts left-padded to the longest; each request keeps its own
+        KV (padding stripped). Returns the last position's logits per request."""
+        width = max(len(r.prompt_ids) for r in reqs)
+        pad = [width - len(r.prompt_ids) for r in reqs]
+        fill = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        on = {"device": self.device}
+        ids = torch.tensor([[fill] * p + r.prompt_ids for r, p in zip(reqs, pad)], **on)
+        mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for r, p in zip(reqs, pad)], **on)
+        cache = DynamicCache(config=self.model.config)
+        with self.lock:
+            out = self.adapted(input_ids=ids, attention_mask=mask,
+                               position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                               slots=torch.tensor([r.slot for r in reqs], **on),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for i, (req, p) in enumerate(zip(reqs, pad)):
+            req.kv = [(layer.keys[i, :, p:], layer.values[i, :, p:]) for layer in cache.layers]
+        return out.logits[:, -1]
 
     def _prefill(self, req: Request) -> None:
         cache = DynamicCache(config=self.model.config)

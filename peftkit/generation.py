@@ -37,8 +37,8 @@ class ProbeModel:
     def __init__(self, model, head):
         self.model, self.head = model, head
 
-    def __call__(self, slots=None, **kw):
-        hidden = self.model.base_model(**kw).last_hidden_state
+    def __call__(self, slots=None, logits_to_keep: int = 0, **kw):
+        hidden = self.model.base_model(**kw).last_hidden_state[:, -logits_to_keep:]
         return SimpleNamespace(logits=self.head(hidden.float()))
 
 
