@@ -82,6 +82,21 @@ def test_mixed_batch_matches_each_request_alone(adapters):
     assert together[3] == ref
 
 
+def test_prefilled_together_a_failing_request_fails_alone(adapters):
+    """Requests joining in one step share one prefill forward; when it raises (here a token id
+    outside the vocabulary), each is prefilled alone and only the bad one fails."""
+    server = make_server(adapters, max_loaded=2)
+    tok = server.base.tokenizer
+    greedy = Sampling(max_tokens=6, temperature=0.0)
+    prompts = ["hello there", "a longer prompt than that", "x"]
+    good = [server.engine.submit(Request(tok(p).input_ids, -1, greedy)) for p in prompts[:2]]
+    bad = server.engine.submit(Request(tok(prompts[2]).input_ids + [10**6], -1, greedy))
+    server.engine.run_until_idle()
+    assert bad.finish_reason == "error" and bad.error.startswith("prefill failed")
+    alone = [generate_direct(server, "", tok(p).input_ids, greedy).out_ids for p in prompts[:2]]
+    assert [r.out_ids for r in good] == alone and all(r.error is None for r in good)
+
+
 @pytest.fixture(scope="module")
 def live(adapters, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
