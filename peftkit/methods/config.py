@@ -51,6 +51,12 @@ class LoraConfig:
                 "modules_to_save": None, "task_type": None}
 
     @classmethod
+    def from_run(cls, run, model_type: str) -> "LoraConfig":
+        """From a training run's settings (train/config.TrainConfig): its flags."""
+        return cls(r=run.rank, alpha=run.alpha, dropout=run.dropout, targets=run.target_list(),
+                   use_dora=run.method == "dora", use_rslora=run.rslora)
+
+    @classmethod
     def from_peft(cls, cfg: dict) -> "LoraConfig":
         for key in ("rank_pattern", "alpha_pattern"):
             if cfg.get(key):
@@ -77,6 +83,16 @@ class IA3Config:
                 "init_ia3_weights": True, "modules_to_save": None, "task_type": None}
 
     @classmethod
+    def from_run(cls, run, model_type: str) -> "IA3Config":
+        """The paper's placement for the architecture, or the run's own targets (its
+        feed-forward scales on the ones among them that are feed-forward)."""
+        default, ff = IA3_TARGETS.get(model_type, IA3_TARGETS["llama"])
+        targets = run.target_list()
+        if targets == "all-linear":
+            return cls(targets=default, feedforward=ff)
+        return cls(targets=targets, feedforward=[t for t in ff if t in targets])
+
+    @classmethod
     def from_peft(cls, cfg: dict) -> "IA3Config":
         ff = _targets(cfg, "feedforward_modules", required=False) or []
         return cls(targets=_targets(cfg), feedforward=[ff] if isinstance(ff, str) else ff)
@@ -95,6 +111,13 @@ class BottleneckConfig:
         return {"peft_type": "BOTTLENECK", "bottleneck_size": self.size,
                 "non_linearity": self.non_linearity, "target_modules": self.targets,
                 "task_type": None}
+
+    @classmethod
+    def from_run(cls, run, model_type: str) -> "BottleneckConfig":
+        targets = run.target_list()
+        if targets == "all-linear":  # Houlsby et al.'s placement for the architecture
+            targets = BOTTLENECK_TARGETS.get(model_type, BOTTLENECK_TARGETS["llama"])
+        return cls(size=run.bottleneck_size, targets=targets)
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "BottleneckConfig":
@@ -120,6 +143,10 @@ class PromptTuningConfig:
                 "prompt_tuning_init_text": self.init_text}
 
     @classmethod
+    def from_run(cls, run, model_type: str) -> "PromptTuningConfig":
+        return cls(num_virtual_tokens=run.num_virtual_tokens)
+
+    @classmethod
     def from_peft(cls, cfg: dict) -> "PromptTuningConfig":
         text = cfg.get("prompt_tuning_init_text")
         if text is not None and not isinstance(text, str):
@@ -140,6 +167,10 @@ class PrefixTuningConfig:
                 "num_virtual_tokens": self.num_virtual_tokens, "num_layers": num_layers,
                 "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim,
                 "num_transformer_submodules": 1, "prefix_projection": False}
+
+    @classmethod
+    def from_run(cls, run, model_type: str) -> "PrefixTuningConfig":
+        return cls(num_virtual_tokens=run.num_virtual_tokens)
 
     @classmethod
     def from_peft(cls, cfg: dict) -> "PrefixTuningConfig":

@@ -5,8 +5,9 @@ adapters join the server's shared LoRA batch.
 Every layer class has the same slot interface, which formats.py and the server use without
 knowing the method: `KEYS` (its PEFT tensor names per module), `from_config(base, name, config,
 router, slots, r)`, `init_slot(k, config, rank=None)`, `slot_shapes(config)`,
-`write_slot(k, tensors, config)`, `read_slot(k, config)`, `clear_slot(k)`. Adding a method: its
-config class (config.py), its layer (one file), and one line here.
+`write_slot(k, tensors, config)`, `read_slot(k, config)`, `clear_slot(k)`. Every config class
+maps a training run's flags to itself (`from_run`). Adding a method: its config class
+(config.py), its layer (one file), and one line here.
 """
 
 from dataclasses import dataclass

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
-                             PromptTuningConfig, add_adapter)
+from peftkit.methods import add_adapter
 from peftkit.methods.registry import ADAPTER_METHODS
 from peftkit.models import Base, load_base
 from peftkit.quant import QuantConfig
@@ -30,23 +29,9 @@ class Trainee:
 
 
 def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
-    m, targets = cfg.method, cfg.target_list()
-    if m in ("lora", "qlora", "dora"):
-        return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
-                          use_dora=m == "dora", use_rslora=cfg.rslora)
-    table = ADAPTER_METHODS.get(m) and ADAPTER_METHODS[m].targets  # where its paper puts it
-    if m == "ia3":
-        default, ff = table.get(model_type, table["llama"])
-        if targets == "all-linear":
-            return IA3Config(targets=default, feedforward=ff)
-        return IA3Config(targets=targets, feedforward=[t for t in ff if t in targets])
-    if m == "bottleneck":
-        if targets == "all-linear":
-            targets = table.get(model_type, table["llama"])
-        return BottleneckConfig(size=cfg.bottleneck_size, targets=targets)
-    if m == "prompt":
-        return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
-    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens)
+    """The method's adapter config from the run's flags (each config class's `from_run`)."""
+    name = "lora" if cfg.method == "qlora" else cfg.method  # QLoRA: LoRA on an NF4 base
+    return ADAPTER_METHODS[name].config.from_run(cfg, model_type)
 
 
 def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
