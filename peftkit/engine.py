@@ -192,28 +192,26 @@ class Engine:
         return out
 
     def _prefill_all(self, reqs: list[Request]) -> list[Request]:
-        """Prefill the new requests: together in one left-padded forward (a model with virtual
-        tokens, one at a time), and one at a time again if the shared forward fails, so that a
-        bad request fails alone. Returns those still running."""
-        together = len(reqs) > 1 and getattr(self.adapted, "virtual", None) is None
-        if together:
+        """Prefill the new requests together in one forward; if that fails, one at a time, so
+        that a bad request fails alone. Returns those still running."""
+        if len(reqs) > 1:
             try:
-                last = self._prefill_together(reqs)
+                logits = self._prefill(reqs)
             except Exception:  # found out below, request by request
-                together = False
-            else:
-                finite = torch.isfinite(last).all(-1).tolist()
-                for i, req in enumerate(reqs):
-                    self._accept(req, last[i], finite[i])
-        if not together:
-            for req in reqs:
-                try:
-                    self._prefill(req)
-                except Exception as e:  # this request's own fault (or bad luck): fail it alone
-                    self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+                logits = None
+            if logits is not None:
+                self._accept_rows(reqs, logits)
+                return [r for r in reqs if r.finish_reason is None]
+        for req in reqs:
+            try:
+                logits = self._prefill([req])
+            except Exception as e:  # this request's own fault (or bad luck): fail it alone
+                self._fail(req, f"prefill failed: {type(e).__name__}: {e}")
+                continue
+            self._accept_rows([req], logits)
         return [r for r in reqs if r.finish_reason is None]
 
-    def _prefill_together(self, reqs: list[Request]) -> torch.Tensor:
+    def _prefill(self, reqs: list[Request]) -> torch.Tensor:
         """One forward over the prompts left-padded to the longest; each request keeps its own
         KV (padding stripped). Returns the last position's logits per request."""
         width = max(len(r.prompt_ids) for r in reqs)
@@ -228,19 +226,11 @@ class Engine:
                                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                                slots=torch.tensor([r.slot for r in reqs], **on),
                                past_key_values=cache, use_cache=True, logits_to_keep=1)
+        v = cache.get_seq_length() - width  # prompt/prefix tuning's virtual positions lead
         for i, (req, p) in enumerate(zip(reqs, pad)):
-            req.kv = [(layer.keys[i, :, p:], layer.values[i, :, p:]) for layer in cache.layers]
+            req.kv = [(_unpadded(layer.keys[i], v, p), _unpadded(layer.values[i], v, p))
+                      for layer in cache.layers]
         return out.logits[:, -1]
-
-    def _prefill(self, req: Request) -> None:
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        with self.lock:
-            out = self.adapted(input_ids=ids, slots=torch.tensor([req.slot], device=self.device),
-                               past_key_values=cache, use_cache=True)
-        req.kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        last = out.logits[0, -1]
-        self._accept(req, last, bool(torch.isfinite(last).all()))
 
     def _decode(self) -> None:
         rows = self.active
@@ -259,10 +249,7 @@ class Engine:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
                                slots=torch.tensor([r.slot for r in rows], **on),
                                past_key_values=self.cache, use_cache=True)
-        logits = out.logits[:, -1]
-        finite = torch.isfinite(logits).all(-1).tolist()  # one check (one sync) per step
-        for i, req in enumerate(rows):
-            self._accept(req, logits[i], finite[i])
+        self._accept_rows(rows, out.logits[:, -1])
         if any(r.finish_reason for r in rows):
             self._unpack(rows)
             self.active = [r for r in rows if r.finish_reason is None]
@@ -291,6 +278,11 @@ class Engine:
                 req.kv = None
 
     # -- sampling and stopping ----------------------------------------------------------------
+    def _accept_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
+        finite = torch.isfinite(logits).all(-1).tolist()  # one check (one sync) per forward
+        for i, req in enumerate(rows):
+            self._accept(req, logits[i], finite[i])
+
     def _accept(self, req: Request, logits: torch.Tensor, finite: bool) -> None:
         if not finite:
             return self._fail(req, "the model produced non-finite logits for this request")
@@ -350,3 +342,13 @@ class Engine:
         self.on_finish(req)
         if req.on_done is not None:
             req.on_done(req)
+
+
+def _unpadded(kv: torch.Tensor, virtual: int, pad: int) -> torch.Tensor:
+    """A row's (heads, length, dim) keys or values without the `pad` padding positions that
+    follow its `virtual` leading ones."""
+    if not pad:
+        return kv
+    if not virtual:
+        return kv[:, pad:]
+    return torch.cat([kv[:, :virtual], kv[:, virtual + pad:]], dim=1)

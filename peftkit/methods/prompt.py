@@ -70,6 +70,13 @@ class VirtualTokens(nn.Module):
         ones = torch.ones(b, self.n, dtype=attention_mask.dtype, device=input_ids.device)
         mask = torch.cat([ones, attention_mask], dim=1)
         virtual = self.rows(b, slots)
+        positions = kw.pop("position_ids", None)
+        if positions is not None:  # the caller's tokens come after the n virtual positions
+            positions = positions + self.n
+            if self.kind == "prompt":  # the virtual tokens are inputs too: 0 .. n-1
+                first = torch.arange(self.n, device=positions.device).expand(b, -1)
+                positions = torch.cat([first, positions], dim=1)
+            kw["position_ids"] = positions
         if self.kind == "prompt":
             embeds = model.get_input_embeddings()(input_ids)
             embeds = torch.cat([virtual.to(embeds.dtype), embeds], dim=1)
@@ -78,7 +85,8 @@ class VirtualTokens(nn.Module):
                 labels = torch.cat([pad, labels], dim=1)
             out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels,
                         past_key_values=cache, **kw)
-            out.logits = out.logits[:, self.n:]  # align logits with the caller's input_ids
+            if not kw.get("logits_to_keep"):  # align logits with the caller's input_ids
+                out.logits = out.logits[:, self.n:]
             return out
         cache = self.prefix_cache(model, virtual.to(hidden_dtype(model)), cache)
         return model(input_ids=input_ids, attention_mask=mask, labels=labels,
