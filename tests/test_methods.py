@@ -217,27 +217,44 @@ def test_export_merged_is_a_plain_hf_model(method, tmp_path):
     assert (logits(adapted, ids) - want).abs().max() <= 1e-5, "export leaves it unmerged"
 
 
+def assert_each_row_alone(mixed, ids, slots, case):
+    """Every row of one mixed forward gets what its adapter alone gives it; base rows, bit for
+    bit what the same batch gives without adapters."""
+    with torch.no_grad():
+        base_only = mixed(input_ids=ids, slots=torch.full((len(slots),), -1)).logits
+        got = mixed(input_ids=ids, slots=torch.tensor(slots)).logits
+        assert torch.isfinite(got).all(), case
+        for row, k in enumerate(slots):
+            if k < 0:
+                assert torch.equal(got[row], base_only[row]), case
+                continue
+            with mixed.pinned(k):
+                want = mixed(input_ids=ids[row:row + 1]).logits
+            assert (got[row] - want[0]).abs().max() < 1e-5, (case, row)
+
+
 def test_decode_step_by_slot_blocks_equals_each_row_alone():
     """A decode step lays rows out by slot (the whole stack in place when most slots are used,
-    the used slots copied out otherwise): every row gets what its adapter alone gives it, base
-    rows exactly the base's, and a NaN in a slot no row uses reaches nobody."""
+    the used slots copied out otherwise; rows already in that order used as they are, others
+    gathered or scattered into it): every row gets what its adapter alone gives it, and a NaN
+    in a slot no row uses reaches nobody."""
     mixed = add_adapter(tiny_llama().model, LoraConfig(r=4, targets="all-linear"), slots=24)
     randomize(mixed, seed=3)
     with torch.no_grad():
         next(iter(mixed.adapted_layers().values())).lora_A[23].fill_(float("nan"))  # unused
-    ids = batch(rows=20, length=1)
-    cases = {"most slots, base rows, repeats": list(range(16)) + [-1, -1, 2, 5],
-             "every row an adapter": list(range(16)) + [2, 5, 7, 2],
-             "few slots, many rows each": [3, 9, -1, 3, 3, 9, 0] * 2 + [0, 0, 9, -1, 3, 3]}
-    with torch.no_grad():
-        base_only = mixed(input_ids=ids, slots=torch.full((20,), -1)).logits
-        for case, slots in cases.items():
-            got = mixed(input_ids=ids, slots=torch.tensor(slots)).logits
-            assert torch.isfinite(got).all(), case
-            for row, k in enumerate(slots):
-                if k < 0:  # bit for bit what the same batch gives without adapters
-                    assert torch.equal(got[row], base_only[row]), case
-                    continue
-                with mixed.pinned(k):
-                    want = mixed(input_ids=ids[row:row + 1]).logits
-                assert (got[row] - want[0]).abs().max() < 1e-5, (case, row)
+    ids = batch(rows=24, length=1)
+    threes = [k for k in range(8) for _ in range(3)]  # 8 slots (copied out), three rows each
+    shuffled = [threes[i] for i in torch.randperm(24, generator=torch.Generator().manual_seed(0))]
+    cases = {"most slots, base rows, repeats": list(range(16)) + [-1, -1, 2, 5, 1, -1, 8, 8],
+             "every row an adapter": list(range(16)) + [2, 5, 7, 2, 0, 0, 1, 9],
+             "few slots, many rows each": [3, 9, -1, 3, 3, 9, 0] * 3 + [0, 9, -1],
+             "full blocks, rows in slot order": threes,
+             "full blocks, rows shuffled": shuffled,
+             "full blocks and base rows": [k if k < 6 else -1 for k in shuffled]}
+    for case, slots in cases.items():
+        assert_each_row_alone(mixed, ids, slots, case)
+    with torch.no_grad():  # no NaN left: every slot of the stack used once
+        next(iter(mixed.adapted_layers().values())).lora_A[23].normal_(0, 0.1)
+    order = list(range(24))
+    assert_each_row_alone(mixed, ids, order, "the stack in place, rows in slot order")
+    assert_each_row_alone(mixed, ids, order[::-1], "the stack in place, rows reversed")

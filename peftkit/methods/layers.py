@@ -8,11 +8,25 @@ a model says which slot each batch row uses (-1 = base only), so one forward ser
 
 import functools
 import sys
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from peftkit.quant import bnb
+
+
+class Grid(NamedTuple):
+    """Rows laid out by slot for one decode step: `n` blocks of `m` cells, block b holding the
+    rows on slot `used[b]` (on slot b when `used` is None: the whole stack, read in place).
+    A full grid (every block has m rows) names the batch row of each cell in `held` (None: cell
+    i is row i, so the batch itself is the grid); a grid with empty cells names each adapter
+    row's cell in `cells` instead."""
+    used: torch.Tensor | None
+    n: int
+    m: int
+    held: torch.Tensor | None
+    cells: torch.Tensor | None
 
 
 class Rows:
@@ -23,7 +37,7 @@ class Rows:
     def __init__(self, slots: torch.Tensor):
         self.idx = slots.clamp(min=0)  # slot per row; base rows (-1) read slot 0's index...
         self.keep = slots >= 0  # ...and are masked out with this
-        self._blocks: dict[int, tuple] = {}
+        self._grids: dict[int, Grid] = {}
 
     @functools.cached_property
     def any(self) -> bool:  # one host sync per forward, not per layer
@@ -42,23 +56,32 @@ class Rows:
     def adapter_rows(self) -> torch.Tensor:
         return self.keep.nonzero().flatten()
 
-    def blocks(self, n_slots: int) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
-        """The decode grid of a stack of `n_slots` slots (methods/lora.py `_decode_delta`):
-        (the slots to read, None for the whole stack in place; each adapter row's position in
-        the flattened (blocks, m) grid; blocks; m, the most rows on one slot)."""
-        if n_slots not in self._blocks:
-            slot = self.idx[self.adapter_rows]
-            whole = 2 * len(self.used) >= n_slots  # reading a few idle slots beats copying
-            block = slot if whole else torch.searchsorted(self.used, slot)
-            n = n_slots if whole else len(self.used)
-            counts = torch.bincount(block, minlength=n)
-            m = int(counts.max())
-            order = torch.argsort(block, stable=True)
-            first = counts.cumsum(0) - counts  # where each block's rows start in `order`
-            nth = torch.empty_like(block)  # a row's rank among the rows of its slot
-            nth[order] = torch.arange(len(block), device=block.device) - first[block[order]]
-            self._blocks[n_slots] = (None if whole else self.used, block * m + nth, n, m)
-        return self._blocks[n_slots]
+    def grid(self, n_slots: int) -> Grid:
+        """The decode grid of a stack of `n_slots` slots (methods/lora.py `_decode`)."""
+        if n_slots not in self._grids:
+            self._grids[n_slots] = self._layout(n_slots)
+        return self._grids[n_slots]
+
+    def _layout(self, n_slots: int) -> Grid:
+        rows = self.adapter_rows
+        slot = self.idx[rows]
+        whole = 2 * len(self.used) >= n_slots  # reading a few idle slots beats copying
+        block = slot if whole else torch.searchsorted(self.used, slot)
+        n = n_slots if whole else len(self.used)
+        counts = torch.bincount(block, minlength=n)
+        m = int(counts.max())
+        order = torch.argsort(block, stable=True)
+        first = counts.cumsum(0) - counts  # where each block's rows start in `order`
+        nth = torch.empty_like(block)  # a row's rank among the rows of its slot
+        nth[order] = torch.arange(len(block), device=block.device) - first[block[order]]
+        cells = block * m + nth
+        used = None if whole else self.used
+        if n * m != len(rows):  # some blocks have fewer rows: the grid has empty cells
+            return Grid(used, n, m, None, cells)
+        held = torch.empty_like(rows)
+        held[cells] = rows  # a full grid is a permutation of the adapter rows
+        direct = self.all and bool((held == torch.arange(len(held), device=held.device)).all())
+        return Grid(used, n, m, None if direct else held, None)
 
 
 class SlotRouter:

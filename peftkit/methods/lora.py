@@ -131,6 +131,10 @@ class LoraLinear(FrozenLinear):
         y = self.base_forward(x)
         if not self.active():
             return y
+        rows = self.router.rows
+        if rows is not None and self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
+            # a decode step on many slots
+            return self._decode(self.dropout(x.to(self.lora_A.dtype)), y, rows) if rows.any else y
         delta = self._delta_out(x, y)
         return y if delta is None else y + delta.to(y.dtype)
 
@@ -150,8 +154,6 @@ class LoraLinear(FrozenLinear):
         rows = self.router.rows
         if not rows.any:  # a batch of base-only rows: nothing to add
             return None
-        if self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
-            return self._decode_delta(xd, rows)
         A, B = self._rows_of(idx)  # (Bt, r, in), (Bt, out, r)
         scale = self.scale[idx].view(-1, *[1] * (x.dim() - 1))
         lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
@@ -163,27 +165,38 @@ class LoraLinear(FrozenLinear):
         norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
         return self._dora(x, y, lora, self.magnitude[idx], norms, keep & self.dora_slots[idx])
 
-    def _decode_delta(self, x, rows) -> torch.Tensor:
-        """One token per row (a decode step), SGMV-style: the rows are laid out by slot in a
-        (blocks, m, in) grid (m = most rows on one slot) and multiplied block by block against
-        the stacks themselves, so each adapter is read once however many rows use it and no
-        per-row copy of A and B is made (per-row gathers copied 600 MB a step for 32 SmolLM2
-        adapters and cost more than the base). When most of the stack is in use the whole stack
-        is read in place; otherwise the used slots are copied out first. A slot no row uses may
-        be read, but only its own (discarded) block sees it: a NaN there reaches no row."""
-        used, flat, n, m = rows.blocks(self.n_slots)
-        if used is None:
+    def _decode(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+        """y plus each row's adapter for one token per row (a decode step), SGMV-style: the
+        rows are laid out by slot in a grid of blocks (`layers.Grid`) multiplied block by block
+        against the stacks themselves, so each adapter is read once however many rows use it and
+        no per-row copy of A and B is made (per-row gathers copied 600 MB a step for 32 SmolLM2
+        adapters and cost more than the base). When most of the stack is in use it is read in
+        place; otherwise the used slots are copied out first. A slot no row uses may be read,
+        but only its own (discarded) block sees it: a NaN there reaches no row. Every small op
+        counts here (hundreds of layers a step): rows already in grid order are used as they
+        are and the adapter's output is added into y by the matmul itself."""
+        g = rows.grid(self.n_slots)
+        if g.used is None:
             A, B, scale = self.lora_A, self.lora_B, self.scale
         else:
-            (A, B), scale = self._rows_of(used), self.scale.index_select(0, used)
-        # row copies by index_copy_/index_select on 2-D views: whole rows at memory speed
-        grid = x.new_zeros(n * m, self.in_features).index_copy_(
-            0, flat, x[:, 0] if rows.all else x[rows.adapter_rows, 0])
-        h = torch.bmm(grid.view(n, m, -1), A.transpose(1, 2)) * scale.view(n, 1, 1)
-        y = torch.bmm(h, B.transpose(1, 2)).view(n * m, -1).index_select(0, flat).unsqueeze(1)
-        if rows.all:  # every row has an adapter, in order
-            return y
-        return x.new_zeros(x.shape[0], 1, self.out_features).index_copy_(0, rows.adapter_rows, y)
+            (A, B), scale = self._rows_of(g.used), self.scale.index_select(0, g.used)
+        x = x[:, 0]
+        if g.cells is not None:  # empty cells stay zero
+            grid = x.new_zeros(g.n * g.m, self.in_features).index_copy_(
+                0, g.cells, x if rows.all else x.index_select(0, rows.adapter_rows))
+        else:
+            grid = x if g.held is None else x.index_select(0, g.held)
+        h = torch.bmm(grid.reshape(g.n, g.m, -1), A.transpose(1, 2)).mul_(scale.view(-1, 1, 1))
+        if g.cells is None and g.held is None and y.dtype == h.dtype:
+            return torch.baddbmm(y.reshape(g.n, g.m, -1), h, B.transpose(1, 2)).view_as(y)
+        delta = torch.bmm(h, B.transpose(1, 2)).view(g.n * g.m, -1)
+        if g.cells is None:
+            at = g.held
+        else:
+            delta = delta.index_select(0, g.cells)  # adapter rows, in batch order
+            at = None if rows.all else rows.adapter_rows
+        delta = delta.to(y.dtype).unsqueeze(1)
+        return y + delta if at is None else y.index_add(0, at, delta)
 
     def _rows_of(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of each given slot, gathered as rows of the stacks viewed 2-D: whole slot
