@@ -19,7 +19,6 @@ from peftkit.methods.config import (AdapterConfig, LoraConfig, PrefixTuningConfi
                                     PromptTuningConfig, config_from_peft)
 from peftkit.methods.inject import AdaptedModel, make_layer
 from peftkit.methods.layers import SlotRouter
-from peftkit.methods.lora import LoraLinear
 from peftkit.methods.prompt import VirtualTokens, kv_geometry
 from peftkit.methods.registry import ADAPTER_METHODS, KEYS, method_of
 
@@ -273,13 +272,6 @@ def prepare_slot(layers: dict[str, nn.Module], name: str, directory: str | Path,
                               for key in ("lora_A.weight", "lora_B.weight"))
     return SlotWrite(name, config.scale, modules,
                      sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-def write_slot(layers: dict[str, nn.Module], k: int, prepared: SlotWrite) -> None:
-    """Slot k of `layers` becomes `prepared`'s adapter; modules it leaves alone, the identity."""
-    LoraLinear.write_slots(k, [(layers[p], *ab) for p, ab in prepared.modules.items()],
-                           [layer for p, layer in layers.items() if p not in prepared.modules],
-                           prepared.scale)
 
 
 def _write(layer, k: int, local: dict, item, path: str) -> None:

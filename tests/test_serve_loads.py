@@ -156,3 +156,41 @@ def test_a_corrupt_file_never_reaches_the_host_tier_or_a_slot(root, tmp_path):
     assert store.stats()["loaded"] == ["a00"]
     assert json.dumps(store.stats())  # stats stay plain data
     assert torch.isfinite(next(iter(store.adapted.adapted_layers().values())).lora_A).all()
+
+
+def test_a_slot_write_leaves_nothing_of_the_adapter_before():
+    """A lower-rank adapter on fewer modules written over a full one: its rows, zero padding,
+    and the identity (zero weights, zero scale) in every layer it does not touch; a clear
+    leaves the identity everywhere; other slots are never written."""
+    from peftkit.methods import LoraConfig, add_adapter
+    from peftkit.methods.lora import SlotWriter
+    from tests.helpers import randomize, tiny_llama
+    stack = add_adapter(tiny_llama().model, LoraConfig(r=8, targets="all-linear"), slots=3)
+    randomize(stack)
+    layers = stack.adapted_layers()
+    before = {p: (l.lora_A[2].clone(), l.lora_B[2].clone(), float(l.scale[2]))
+              for p, l in layers.items()}
+    writer = SlotWriter(layers)
+    g = torch.Generator().manual_seed(5)
+    full = {p: (torch.randn(8, l.in_features, generator=g),
+                torch.randn(l.out_features, 8, generator=g)) for p, l in layers.items()}
+    writer.write(1, full, 2.0)
+    some = [p for p in layers if p.endswith(("q_proj", "down_proj"))]
+    low = {p: (torch.randn(3, layers[p].in_features, generator=g),
+               torch.randn(layers[p].out_features, 3, generator=g)) for p in some}
+    writer.write(1, low, 0.5)
+    for p, layer in layers.items():
+        A, B, s = layer.lora_A[1], layer.lora_B[1], float(layer.scale[1])
+        if p in low:
+            assert torch.equal(A[:3], low[p][0]) and torch.equal(B[:, :3], low[p][1]), p
+            assert not A[3:].any() and not B[:, 3:].any() and s == 0.5, p
+        else:
+            assert not A.any() and not B.any() and s == 0.0, p
+        A2, B2, s2 = before[p]
+        assert torch.equal(layer.lora_A[2], A2) and torch.equal(layer.lora_B[2], B2), p
+        assert float(layer.scale[2]) == s2, p
+    writer.write(1, full, 2.0)
+    writer.clear(1)
+    for p, layer in layers.items():
+        assert not layer.lora_A[1].any() and not layer.lora_B[1].any(), p
+        assert float(layer.scale[1]) == 0.0, p

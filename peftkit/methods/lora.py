@@ -85,33 +85,6 @@ class LoraLinear(FrozenLinear):
             if self.magnitude is not None:
                 self.magnitude[k] = tensors["lora_magnitude_vector"]
 
-    @staticmethod
-    def write_slots(k: int, writes: list[tuple["LoraLinear", torch.Tensor, torch.Tensor]],
-                    clears: list["LoraLinear"], scale: float) -> None:
-        """Slot k of many layers at once (a served adapter's load): A and B into the written
-        layers, zeros into the rest, in batched copies rather than ops per layer (an all-linear
-        adapter touches hundreds of layers; per-layer ops cost more than the bytes)."""
-        dst, src, zero = [], [], []
-        for layer, A, B in writes:
-            r = A.shape[0]
-            if r == layer.r:
-                dst += [layer.lora_A[k], layer.lora_B[k]]
-            else:
-                dst += [layer.lora_A[k, :r], layer.lora_B[k, :, :r]]
-                zero += [layer.lora_A[k, r:], layer.lora_B[k, :, r:]]
-            src += [A, B]
-        for layer in clears:
-            zero += [layer.lora_A[k], layer.lora_B[k]]
-        with torch.no_grad():
-            if dst:
-                torch._foreach_copy_(dst, src)
-            if zero:
-                torch._foreach_zero_(zero)
-            for layer, *_ in writes:
-                layer.scale[k] = scale
-            for layer in clears:
-                layer.scale[k] = 0.0
-
     def clear_slot(self, k: int) -> None:
         """Make slot k the identity again (zero weights, zero scale)."""
         with torch.no_grad():
@@ -272,3 +245,49 @@ class LoraLinear(FrozenLinear):
 
     def _delta(self, k: int) -> torch.Tensor:
         return self.scale[k] * self.lora_B[k].detach() @ self.lora_A[k].detach()
+
+
+class SlotWriter:
+    """Writes whole adapters into slot k of a served stack's LoRA layers (a load), in batched
+    copies rather than ops per layer: an all-linear adapter touches hundreds of layers, and
+    per-layer ops cost more than its bytes. The views of each layer's A[k], B[k] and scale[k]
+    are made once per slot and kept (making them on every load was a third of a host-tier
+    load's 4 ms), so the stacks must stay where they are: a server never moves its model."""
+
+    def __init__(self, layers: dict[str, LoraLinear]):
+        self.layers = layers
+        self.views: dict[int, dict[str, tuple[torch.Tensor, ...]]] = {}
+
+    @torch.no_grad()
+    def write(self, k: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              scale: float) -> None:
+        """Slot k holds A and B of `modules` (module path -> (A, B), rank up to the stack's)
+        with `scale`; every other layer's slot k becomes the identity."""
+        views = self._views(k)
+        dst, src, zero, scales = [], [], [], []
+        for path, (A, B) in modules.items():
+            A_k, B_k, scale_k = views[path]
+            r = A.shape[0]
+            if r == A_k.shape[0]:
+                dst += [A_k, B_k]
+            else:  # a lower rank: its rows, the zero padding beyond
+                dst += [A_k[:r], B_k[:, :r]]
+                zero += [A_k[r:], B_k[:, r:]]
+            src += [A, B]
+            scales.append(scale_k)
+        zero += [t for path, v in views.items() if path not in modules for t in v]
+        if dst:
+            torch._foreach_copy_(dst, src)
+            torch._foreach_copy_(scales, [scales[0].new_full((1,), scale)] * len(scales))
+        if zero:
+            torch._foreach_zero_(zero)
+
+    def clear(self, k: int) -> None:
+        """Slot k of every layer becomes the identity (zero weights, zero scale)."""
+        self.write(k, {}, 0.0)
+
+    def _views(self, k: int) -> dict[str, tuple[torch.Tensor, ...]]:
+        if k not in self.views:
+            self.views[k] = {path: (layer.lora_A[k], layer.lora_B[k], layer.scale[k:k + 1])
+                             for path, layer in self.layers.items()}
+        return self.views[k]

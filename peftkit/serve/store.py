@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import (CONFIG_NAME, WEIGHTS_NAME, SlotWrite, adapter_dir, prepare_slot,
-                             write_slot)
+from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, SlotWrite, adapter_dir, prepare_slot
+from peftkit.methods.lora import SlotWriter
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -86,6 +86,7 @@ class AdapterStore:
             raise PeftkitError(f"adapters directory not found: {root}")
         self.adapted = adapted
         self.layers = adapted.adapted_layers()  # the stack's layers, walked once
+        self.slots = SlotWriter(self.layers)
         self.lock = lock  # the engine's model lock: slots are written between forward steps
         self.capacity = adapted.n_slots
         self.max_bytes = max_bytes
@@ -93,8 +94,7 @@ class AdapterStore:
         self.busy = [0] * self.capacity  # in-flight requests per slot
         self.retired: set[int] = set()  # slots of reloaded adapters, freed when idle
         self.reserved: set[int] = set()  # slots being written by a load in progress
-        self.loading: dict[str, threading.Event] = {}  # adapter id -> its load's end
-        self.failed: dict[str, PeftkitError] = {}  # what a finished load raised, for waiters
+        self.loading: dict[str, _Pending] = {}  # adapter id -> its load in flight
         self.host = HostTier(host_bytes)
         self.mutex = threading.RLock()  # held for bookkeeping only, never across a load
         # metrics hook: device tier "hit" | "miss" | "evict"; host tier "host_hit" |
@@ -222,8 +222,7 @@ class AdapterStore:
 
     def _clear(self, slot: int) -> None:
         with self.lock:
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
+            self.slots.clear(slot)
 
     def _prepared(self, adapter_id: str, path: Path) -> SlotWrite:
         """From the host tier, or read from disk, checked and kept there (no lock held)."""
@@ -266,7 +265,7 @@ class AdapterStore:
             self.reserved.add(slot)
         try:
             with self.lock:
-                write_slot(self.layers, slot, prepared)
+                self.slots.write(slot, prepared.modules, prepared.scale)
         except BaseException:
             with self.mutex:
                 self.reserved.discard(slot)
