@@ -127,8 +127,8 @@ def main() -> None:
                                     max_batch=32, max_adapter_mb=4096))
         distinct = names[:32]
         batch_run(server, distinct)  # warm-up: loads the 32 adapters
-        mixed = batch_run(server, distinct)
-        base = batch_run(server, [""] * 32)
+        runs = [(batch_run(server, distinct), batch_run(server, [""] * 32)) for _ in range(3)]
+        mixed, base = max(m for m, _ in runs), max(b for _, b in runs)  # interleaved, best of 3
         tok = server.base.tokenizer
         decode = [serve_decode.analyse(server.adapted, tok, PROMPTS[0],
                                        "SmolLM2-135M, r=16 all-linear")]
