@@ -233,16 +233,17 @@ def assert_each_row_alone(mixed, ids, slots, case):
             assert (got[row] - want[0]).abs().max() < 1e-5, (case, row)
 
 
-def test_decode_step_by_slot_blocks_equals_each_row_alone():
-    """A decode step lays rows out by slot (the whole stack in place when most slots are used,
-    the used slots copied out otherwise; rows already in that order used as they are, others
-    gathered or scattered into it): every row gets what its adapter alone gives it, and a NaN
-    in a slot no row uses reaches nobody."""
+@pytest.mark.parametrize("length", [1, 5])  # a decode step, a prefill
+def test_rows_laid_out_by_slot_equal_each_row_alone(length):
+    """A forward on many slots lays rows out by slot (the whole stack in place when most slots
+    are used, the used slots copied out otherwise; rows already in that order used as they are,
+    others gathered or scattered into it): every row gets what its adapter alone gives it, and
+    a NaN in a slot no row uses reaches nobody."""
     mixed = add_adapter(tiny_llama().model, LoraConfig(r=4, targets="all-linear"), slots=24)
     randomize(mixed, seed=3)
     with torch.no_grad():
         next(iter(mixed.adapted_layers().values())).lora_A[23].fill_(float("nan"))  # unused
-    ids = batch(rows=24, length=1)
+    ids = batch(rows=24, length=length)
     threes = [k for k in range(8) for _ in range(3)]  # 8 slots (copied out), three rows each
     shuffled = [threes[i] for i in torch.randperm(24, generator=torch.Generator().manual_seed(0))]
     cases = {"most slots, base rows, repeats": list(range(16)) + [-1, -1, 2, 5, 1, -1, 8, 8],

@@ -17,7 +17,7 @@ from peftkit.quant import bnb
 
 
 class Grid(NamedTuple):
-    """Rows laid out by slot for one decode step: `n` blocks of `m` cells, block b holding the
+    """Rows laid out by slot for one forward: `n` blocks of `m` cells, block b holding the
     rows on slot `used[b]` (on slot b when `used` is None: the whole stack, read in place).
     A full grid (every block has m rows) names the batch row of each cell in `held` (None: cell
     i is row i, so the batch itself is the grid); a grid with empty cells names each adapter
@@ -57,7 +57,7 @@ class Rows:
         return self.keep.nonzero().flatten()
 
     def grid(self, n_slots: int) -> Grid:
-        """The decode grid of a stack of `n_slots` slots (methods/lora.py `_decode`)."""
+        """The grid of a stack of `n_slots` slots (methods/lora.py `_many_slots`)."""
         if n_slots not in self._grids:
             self._grids[n_slots] = self._layout(n_slots)
         return self._grids[n_slots]

@@ -105,70 +105,64 @@ class LoraLinear(FrozenLinear):
         if not self.active():
             return y
         rows = self.router.rows
-        if rows is not None and self.magnitude is None and x.dim() == 3 and x.shape[1] == 1:
-            # a decode step on many slots
-            return self._decode(self.dropout(x.to(self.lora_A.dtype)), y, rows) if rows.any else y
-        delta = self._delta_out(x, y)
-        return y if delta is None else y + delta.to(y.dtype)
-
-    def _delta_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """What the adapter adds to the base output, computed in the adapter's own precision
-        (float32 masters beside a bfloat16 base, as PEFT does; autocast still applies)."""
-        idx, keep = self.route()
-        x = x.to(self.lora_A.dtype)
-        xd = self.dropout(x)
-        if idx is None:  # one adapter for all rows (slot 0, or the pinned one): plain matmuls
-            k = self.router.pinned
-            lora = (xd @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale[k]
-            if not self.is_dora(k):
-                return lora
-            return self._dora(x, y, lora, self.magnitude[k:k + 1], self._norms(slice(k, k + 1)),
-                              None)
-        rows = self.router.rows
+        if rows is None:  # one adapter for all rows (slot 0, or the pinned one)
+            return self._one_slot(x, y)
         if not rows.any:  # a batch of base-only rows: nothing to add
-            return None
-        A, B = self._rows_of(idx)  # (Bt, r, in), (Bt, out, r)
-        scale = self.scale[idx].view(-1, *[1] * (x.dim() - 1))
-        lora = self._bmm(self._bmm(xd, A.transpose(1, 2)), B.transpose(1, 2)) * scale
-        # where, not a 0/1 product: a base row must not see what slot 0 holds (0 * NaN = NaN).
-        lora = torch.where(keep.view(-1, *[1] * (x.dim() - 1)), lora, 0.0)
-        if self.magnitude is None:
-            return lora
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        norms = self._norms(uniq)[inverse]  # (Bt, out): one weight norm per distinct slot
-        return self._dora(x, y, lora, self.magnitude[idx], norms, keep & self.dora_slots[idx])
+            return y
+        return self._many_slots(x.to(self.lora_A.dtype), y, rows)
 
-    def _decode(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
-        """y plus each row's adapter for one token per row (a decode step), SGMV-style: the
-        rows are laid out by slot in a grid of blocks (`layers.Grid`) multiplied block by block
-        against the stacks themselves, so each adapter is read once however many rows use it and
-        no per-row copy of A and B is made (per-row gathers copied 600 MB a step for 32 SmolLM2
-        adapters and cost more than the base). When most of the stack is in use it is read in
-        place; otherwise the used slots are copied out first. A slot no row uses may be read,
-        but only its own (discarded) block sees it: a NaN there reaches no row. Every small op
-        counts here (hundreds of layers a step): rows already in grid order are used as they
-        are and the adapter's output is added into y by the matmul itself."""
+    def _one_slot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Plain matmuls, in the adapter's own precision (float32 masters beside a bfloat16
+        base, as PEFT does; autocast still applies)."""
+        k = self.router.pinned
+        x = x.to(self.lora_A.dtype)
+        lora = (self.dropout(x) @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale[k]
+        if self.is_dora(k):
+            lora = self._dora(x, y, lora, self.magnitude[k:k + 1],
+                              self._norms(slice(k, k + 1)), None)
+        return y + lora.to(y.dtype)
+
+    def _many_slots(self, x: torch.Tensor, y: torch.Tensor, rows) -> torch.Tensor:
+        """y plus each row's own adapter, SGMV-style (Punica): the rows are laid out by slot
+        in a grid of blocks (`layers.Grid`; a row's tokens move as one block) multiplied block
+        by block against the stacks themselves, so each adapter is read once however many rows
+        use it and no per-row copy of A and B is made (per-row gathers copied 600 MB a decode
+        step for 32 SmolLM2 adapters and cost more than the base). When most of the stack is
+        in use it is read in place; otherwise the used slots are copied out first. Base rows
+        never enter the grid, and a slot no row uses is seen only by its own empty block: a NaN
+        there reaches no row. Every small op counts (hundreds of layers a step): rows already in
+        grid order are the grid, and the adapter's output is added into y by the matmul."""
         g = rows.grid(self.n_slots)
         if g.used is None:
             A, B, scale = self.lora_A, self.lora_B, self.scale
         else:
             (A, B), scale = self._rows_of(g.used), self.scale.index_select(0, g.used)
-        x = x[:, 0]
+        flat = self.dropout(x).reshape(x.shape[0], -1)  # (rows, tokens * in)
+        tokens = flat.shape[1] // self.in_features
         if g.cells is not None:  # empty cells stay zero
-            grid = x.new_zeros(g.n * g.m, self.in_features).index_copy_(
-                0, g.cells, x if rows.all else x.index_select(0, rows.adapter_rows))
+            grid = flat.new_zeros(g.n * g.m, flat.shape[1]).index_copy_(
+                0, g.cells, flat if rows.all else flat.index_select(0, rows.adapter_rows))
         else:
-            grid = x if g.held is None else x.index_select(0, g.held)
-        h = torch.bmm(grid.reshape(g.n, g.m, -1), A.transpose(1, 2)).mul_(scale.view(-1, 1, 1))
-        if g.cells is None and g.held is None and y.dtype == h.dtype:
-            return torch.baddbmm(y.reshape(g.n, g.m, -1), h, B.transpose(1, 2)).view_as(y)
+            grid = flat if g.held is None else flat.index_select(0, g.held)
+        h = torch.bmm(grid.view(g.n, g.m * tokens, -1), A.transpose(1, 2))
+        h = h.mul_(scale.view(-1, 1, 1))
+        if (g.cells is None and g.held is None and self.magnitude is None
+                and y.dtype == h.dtype):
+            return torch.baddbmm(y.reshape(g.n, g.m * tokens, -1), h,
+                                 B.transpose(1, 2)).view_as(y)
         delta = torch.bmm(h, B.transpose(1, 2)).view(g.n * g.m, -1)
-        if g.cells is None:
-            at = g.held
-        else:
-            delta = delta.index_select(0, g.cells)  # adapter rows, in batch order
-            at = None if rows.all else rows.adapter_rows
-        delta = delta.to(y.dtype).unsqueeze(1)
+        if g.cells is not None:
+            delta = delta.index_select(0, g.cells)  # the adapter rows, in batch order
+        at = g.held if g.cells is None else (None if rows.all else rows.adapter_rows)
+        if self.magnitude is not None:
+            lora = delta if at is None else delta.new_zeros(len(x), delta.shape[1]).index_copy_(
+                0, at, delta)
+            uniq, inverse = torch.unique(rows.idx, return_inverse=True)
+            norms = self._norms(uniq)[inverse]  # (rows, out): one weight norm per distinct slot
+            lora = self._dora(x, y, lora.view(y.shape), self.magnitude[rows.idx], norms,
+                              rows.keep & self.dora_slots[rows.idx])
+            return y + lora.to(y.dtype)
+        delta = delta.to(y.dtype).view(-1, *y.shape[1:])
         return y + delta if at is None else y.index_add(0, at, delta)
 
     def _rows_of(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +174,6 @@ class LoraLinear(FrozenLinear):
         A = self.lora_A.view(self.n_slots, -1).index_select(0, slots).view(n, *self.lora_A.shape[1:])
         B = self.lora_B.view(self.n_slots, -1).index_select(0, slots).view(n, *self.lora_B.shape[1:])
         return A, B
-
-    @staticmethod
-    def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # (Bt, in) rows without a sequence axis
-            return torch.bmm(x.unsqueeze(1), w).squeeze(1)
-        return torch.bmm(x, w)
 
     def _dora(self, x, y, lora, magnitude, norms, keep):
         # Liu et al. 2024 §4.3: the norm is detached, so it is a constant in backprop.
