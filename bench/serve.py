@@ -154,6 +154,12 @@ def main() -> None:
                 curves[f"{n}-{dist}"] = poisson_run(server, names, n, dist)
         peft_tps = peft_run(root, distinct)
     del server
+    half = serve_decode.filled(load_base(MODEL).model)
+    for layer in half.adapted_layers().values():
+        layer.hold_slots_in(torch.float16)  # --adapter-dtype float16
+    decode.append(serve_decode.analyse(half, tok, PROMPTS[0],
+                                       "SmolLM2-135M, r=16 all-linear, float16 slots"))
+    del half
     wide = serve_decode.filled(serve_decode.random_wide_model(tok))
     decode.append(serve_decode.analyse(wide, tok, PROMPTS[0],
                                        "Llama-7B layer shapes (2 layers, random weights), r=16"))

@@ -49,7 +49,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: torch.device,
-                  training: bool = False) -> torch.dtype:
+                  training: bool = False, flag: str = "--dtype") -> torch.dtype:
     """The frozen base's precision. float16 training on the CPU is refused: its kernels are
     missing or slower than float32 there, and without loss scaling it underflows."""
     if isinstance(spec, torch.dtype):
@@ -60,7 +60,7 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device,
     elif spec in DTYPES:
         dtype = DTYPES[spec]
     else:
-        raise PeftkitError(f"--dtype {spec}: choose auto, {', '.join(DTYPES)}")
+        raise PeftkitError(f"{flag} {spec}: choose auto, {', '.join(DTYPES)}")
     if training and dtype == torch.float16 and device.type == "cpu":
         raise PeftkitError("--dtype float16: not for training on the CPU; use bfloat16 or float32")
     return dtype

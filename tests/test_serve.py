@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from peftkit.errors import PeftkitError
 from peftkit.formats import load_adapter, save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
@@ -80,6 +81,39 @@ def test_mixed_batch_matches_each_request_alone(adapters):
                                    do_sample=False, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.eos_token_id)[0, x.shape[1]:].tolist()
     assert together[3] == ref
+
+
+@pytest.mark.parametrize("base, slots, tol", [("float32", "float16", 2e-3),
+                                               ("float32", "bfloat16", 2e-2),
+                                               ("bfloat16", "auto", 5e-2)])  # bf16 maths
+def test_half_precision_slots_answer_as_float32_slots(adapters, base, slots, tol):
+    """--adapter-dtype (vLLM's --lora-dtype; auto: the base's): slots held in half the bytes;
+    a mixed batch's logits within the format's rounding of float32 slots' on the same base,
+    and trained adapters' answers unchanged."""
+    full = make_server(adapters, max_loaded=4, dtype=base, adapter_dtype="float32")
+    half = make_server(adapters, max_loaded=4, dtype=base, adapter_dtype=slots)
+    layer = next(iter(half.adapted.adapted_layers().values()))
+    want = torch.bfloat16 if slots == "auto" else getattr(torch, slots)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == want
+    tok = full.base.tokenizer
+    ids = torch.tensor([tok("say one: and more").input_ids] * 4)
+    names = ["alpha", "rand2", "rand16", "beta"]
+    out = {}
+    for server in (full, half):
+        slots_of = torch.tensor([server.store.acquire(m) for m in names])
+        with torch.no_grad():
+            out[server] = server.adapted(input_ids=ids, slots=slots_of).logits.float()
+    gap = (out[half] - out[full]).abs().max()
+    assert 0 < gap <= tol * out[full].abs().max()  # rounded, and only by the format
+    greedy = Sampling(max_tokens=4, temperature=0.0)
+    for name, answer in ANSWERS.items():
+        got = generate_direct(half, name, tok(PROMPT).input_ids, greedy).out_ids
+        assert tok.decode(got) == answer
+
+
+def test_an_unknown_adapter_dtype_is_named(adapters):
+    with pytest.raises(PeftkitError, match="--adapter-dtype int8: choose auto"):
+        make_server(adapters, adapter_dtype="int8")
 
 
 def test_prefilled_together_a_failing_request_fails_alone(adapters):

@@ -58,6 +58,15 @@ class LoraLinear(FrozenLinear):
             if self.magnitude is not None:
                 self.magnitude[k] = self._row_norm(self.dense_weight())
 
+    def hold_slots_in(self, dtype: torch.dtype) -> None:
+        """Keep A and B in `dtype` (serving, as vLLM's --lora-dtype: a bfloat16 stack beside a
+        bfloat16 base halves the slots' memory and what a step reads). Forwards compute in the
+        wider of it and the input's dtype, so float16 slots beside a float32 base are widened
+        per layer, not the activations narrowed."""
+        with torch.no_grad():
+            self.lora_A.data = self.lora_A.data.to(dtype)
+            self.lora_B.data = self.lora_B.data.to(dtype)
+
     def is_dora(self, k: int) -> bool:
         return self.magnitude is not None and bool(self.dora_slots[k])
 
@@ -109,14 +118,20 @@ class LoraLinear(FrozenLinear):
             return self._one_slot(x, y)
         if not rows.any:  # a batch of base-only rows: nothing to add
             return y
-        return self._many_slots(x.to(self.lora_A.dtype), y, rows)
+        return self._many_slots(x.to(self._compute_dtype(x)), y, rows)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The wider of the input's and the slots' dtype: float32 masters beside a bfloat16
+        base compute in float32, as PEFT does (autocast still applies); float16 slots beside a
+        float32 base are widened."""
+        return torch.promote_types(x.dtype, self.lora_A.dtype)
 
     def _one_slot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Plain matmuls, in the adapter's own precision (float32 masters beside a bfloat16
-        base, as PEFT does; autocast still applies)."""
+        """Plain matmuls."""
         k = self.router.pinned
-        x = x.to(self.lora_A.dtype)
-        lora = (self.dropout(x) @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scale[k]
+        x = x.to(self._compute_dtype(x))
+        A, B = self.lora_A[k].to(x.dtype), self.lora_B[k].to(x.dtype)
+        lora = (self.dropout(x) @ A.t()) @ B.t() * self.scale[k]
         if self.is_dora(k):
             lora = self._dora(x, y, lora, self.magnitude[k:k + 1],
                               self._norms(slice(k, k + 1)), None)
@@ -137,6 +152,7 @@ class LoraLinear(FrozenLinear):
             A, B, scale = self.lora_A, self.lora_B, self.scale
         else:
             (A, B), scale = self._rows_of(g.used), self.scale.index_select(0, g.used)
+        A, B = A.to(x.dtype), B.to(x.dtype)
         flat = self.dropout(x).reshape(x.shape[0], -1)  # (rows, tokens * in)
         tokens = flat.shape[1] // self.in_features
         if g.cells is not None:  # empty cells stay zero
@@ -191,8 +207,8 @@ class LoraLinear(FrozenLinear):
     @torch.no_grad()  # detached anyway: building its graph would hold a weight-sized copy
     def _norms(self, which) -> torch.Tensor:
         W = self.dense_weight().float()
-        delta = torch.einsum("s,sor,sri->soi", self.scale[which], self.lora_B[which],
-                             self.lora_A[which])
+        delta = torch.einsum("s,sor,sri->soi", self.scale[which], self.lora_B[which].float(),
+                             self.lora_A[which].float())
         return self._row_norm(W + delta)
 
     @staticmethod
@@ -232,7 +248,7 @@ class LoraLinear(FrozenLinear):
         self.merged = False
 
     def _delta(self, k: int) -> torch.Tensor:
-        return self.scale[k] * self.lora_B[k].detach() @ self.lora_A[k].detach()
+        return self.scale[k] * self.lora_B[k].detach().float() @ self.lora_A[k].detach().float()
 
 
 class SlotWriter:

@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 
 from peftkit.data import chat_ids
-from peftkit.device import placement
+from peftkit.device import placement, resolve_dtype
 from peftkit.engine import Engine, Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
@@ -36,6 +36,10 @@ class Server:
         # All slots empty (identity) until an adapter is written into one.
         self.adapted = add_adapter(self.base.model, LoraConfig(r=cfg.max_rank, targets=cfg.targets),
                                    slots=cfg.max_loaded, init=False).eval()
+        slot_dtype = dtype if cfg.adapter_dtype == "auto" else resolve_dtype(
+            cfg.adapter_dtype, device, flag="--adapter-dtype")
+        for layer in self.adapted.adapted_layers().values():
+            layer.hold_slots_in(slot_dtype)
         self.metrics = Metrics()
         self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch, cfg.max_queue,
                              on_finish=self._finished, timeout_s=cfg.request_timeout_s)
