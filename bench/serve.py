@@ -158,7 +158,8 @@ def main() -> None:
     for layer in half.adapted_layers().values():
         layer.hold_slots_in(torch.float16)  # --adapter-dtype float16
     decode.append(serve_decode.analyse(half, tok, PROMPTS[0],
-                                       "SmolLM2-135M, r=16 all-linear, float16 slots"))
+                                       "SmolLM2-135M, r=16 all-linear, float16 slots",
+                                       goal="report"))
     del half
     wide = serve_decode.filled(serve_decode.random_wide_model(tok))
     decode.append(serve_decode.analyse(wide, tok, PROMPTS[0],
