@@ -239,12 +239,11 @@ class Engine:
         width = self.cache.get_seq_length()
         on = {"device": self.device}
         last = torch.tensor([[r.out_ids[-1]] for r in rows], **on)
-        mask = torch.ones(len(rows), width + 1, dtype=torch.long, **on)
-        for i, p in enumerate(self.pad):
-            mask[i, :p] = 0
+        pad = torch.tensor(self.pad, **on).unsqueeze(1)
+        mask = (torch.arange(width + 1, **on) >= pad).long()  # each row's left padding is 0
         # each row's next position is its own cache length, which counts a prompt-tuned
         # adapter's virtual tokens (or a prefix) as well as the prompt and the answer so far
-        positions = torch.tensor([[width - p] for p in self.pad], **on)
+        positions = width - pad
         with self.lock:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
                                slots=torch.tensor([r.slot for r in rows], **on),
