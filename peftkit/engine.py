@@ -219,7 +219,7 @@ class Engine:
         fill = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         on = {"device": self.device}
         ids = torch.tensor([[fill] * p + r.prompt_ids for r, p in zip(reqs, pad)], **on)
-        mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for r, p in zip(reqs, pad)], **on)
+        mask = _unpadded_mask(torch.tensor(pad, **on).unsqueeze(1), width)
         cache = DynamicCache(config=self.model.config)
         with self.lock:
             out = self.adapted(input_ids=ids, attention_mask=mask,
@@ -240,7 +240,7 @@ class Engine:
         on = {"device": self.device}
         last = torch.tensor([[r.out_ids[-1]] for r in rows], **on)
         pad = torch.tensor(self.pad, **on).unsqueeze(1)
-        mask = (torch.arange(width + 1, **on) >= pad).long()  # each row's left padding is 0
+        mask = _unpadded_mask(pad, width + 1)
         # each row's next position is its own cache length, which counts a prompt-tuned
         # adapter's virtual tokens (or a prefix) as well as the prompt and the answer so far
         positions = width - pad
@@ -351,3 +351,9 @@ def _unpadded(kv: torch.Tensor, virtual: int, pad: int) -> torch.Tensor:
     if not virtual:
         return kv[:, pad:]
     return torch.cat([kv[:, :virtual], kv[:, virtual + pad:]], dim=1)
+
+
+def _unpadded_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
+    """The attention mask of left-padded rows: 0 on each row's `pad` (rows, 1) leading
+    positions, 1 on the `width` - pad after them."""
+    return (torch.arange(width, device=pad.device) >= pad).long()

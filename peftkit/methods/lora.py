@@ -114,11 +114,12 @@ class LoraLinear(FrozenLinear):
         if not self.active():
             return y
         rows = self.router.rows
+        if rows is not None and not rows.any:  # a batch of base-only rows: nothing to add
+            return y
+        x = x.to(self._compute_dtype(x))
         if rows is None:  # one adapter for all rows (slot 0, or the pinned one)
             return self._one_slot(x, y)
-        if not rows.any:  # a batch of base-only rows: nothing to add
-            return y
-        return self._many_slots(x.to(self._compute_dtype(x)), y, rows)
+        return self._many_slots(x, y, rows)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The wider of the input's and the slots' dtype: float32 masters beside a bfloat16
@@ -129,7 +130,6 @@ class LoraLinear(FrozenLinear):
     def _one_slot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Plain matmuls."""
         k = self.router.pinned
-        x = x.to(self._compute_dtype(x))
         A, B = self.lora_A[k].to(x.dtype), self.lora_B[k].to(x.dtype)
         lora = (self.dropout(x) @ A.t()) @ B.t() * self.scale[k]
         if self.is_dora(k):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.bottleneck import BottleneckLinear
-from peftkit.methods.config import (BOTTLENECK_TARGETS, IA3_TARGETS, BottleneckConfig,
-                                    IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig)
+from peftkit.methods.config import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
+                                    PromptTuningConfig)
 from peftkit.methods.ia3 import IA3Linear
 from peftkit.methods.lora import LoraLinear
 
@@ -25,15 +25,13 @@ class Method:
     config: type
     layer: type | None  # None: model-level virtual tokens (methods/prompt.py), no layer
     mixed_batch: bool  # served in the shared LoRA batch (vLLM's rule: LoRA/rsLoRA only)
-    targets: dict | None = None  # architecture -> default targets; None: "all-linear"
 
 
 ADAPTER_METHODS = {
     "lora": Method(LoraConfig, LoraLinear, mixed_batch=True),
     "dora": Method(LoraConfig, LoraLinear, mixed_batch=False),
-    "ia3": Method(IA3Config, IA3Linear, mixed_batch=False, targets=IA3_TARGETS),
-    "bottleneck": Method(BottleneckConfig, BottleneckLinear, mixed_batch=False,
-                         targets=BOTTLENECK_TARGETS),
+    "ia3": Method(IA3Config, IA3Linear, mixed_batch=False),
+    "bottleneck": Method(BottleneckConfig, BottleneckLinear, mixed_batch=False),
     "prompt": Method(PromptTuningConfig, None, mixed_batch=False),
     "prefix": Method(PrefixTuningConfig, None, mixed_batch=False),
 }

@@ -86,7 +86,7 @@ class AdapterStore:
             raise PeftkitError(f"adapters directory not found: {root}")
         self.adapted = adapted
         self.layers = adapted.adapted_layers()  # the stack's layers, walked once
-        self.slots = SlotWriter(self.layers)
+        self.writer = SlotWriter(self.layers)
         self.lock = lock  # the engine's model lock: slots are written between forward steps
         self.capacity = adapted.n_slots
         self.max_bytes = max_bytes
@@ -222,7 +222,7 @@ class AdapterStore:
 
     def _clear(self, slot: int) -> None:
         with self.lock:
-            self.slots.clear(slot)
+            self.writer.clear(slot)
 
     def _prepared(self, adapter_id: str, path: Path) -> SlotWrite:
         """From the host tier, or read from disk, checked and kept there (no lock held)."""
@@ -265,7 +265,7 @@ class AdapterStore:
             self.reserved.add(slot)
         try:
             with self.lock:
-                self.slots.write(slot, prepared.modules, prepared.scale)
+                self.writer.write(slot, prepared.modules, prepared.scale)
         except BaseException:
             with self.mutex:
                 self.reserved.discard(slot)
