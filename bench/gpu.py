@@ -131,9 +131,8 @@ def serve_rows(name, dims, device, dtype, tmp: Path) -> dict:
 
     def run(models):
         start = time.perf_counter()
-        reqs = [server.engine.submit(Request(ids, server.store.acquire(m) if m else -1, greedy))
-                for m in models]
-        server.engine.run_until_idle()
+        reqs = server.engine.run_all([Request(ids, server.store.acquire(m) if m else -1, greedy)
+                                      for m in models])
         return sum(len(r.out_ids) for r in reqs) / (time.perf_counter() - start)
     mixed_models = [f"a{k:02d}" for k in range(32)]
     cold = []

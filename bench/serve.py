@@ -54,8 +54,8 @@ def batch_run(server: Server, models: list[str]) -> float:
     reqs = []
     for i, m in enumerate(models):
         slot = server.store.acquire(m) if m else -1
-        reqs.append(server.engine.submit(Request(tok(PROMPTS[i % 4]).input_ids, slot, greedy)))
-    server.engine.run_until_idle()
+        reqs.append(Request(tok(PROMPTS[i % 4]).input_ids, slot, greedy))
+    server.engine.run_all(reqs)
     return sum(len(r.out_ids) for r in reqs) / (time.perf_counter() - start)
 
 

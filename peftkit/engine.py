@@ -83,11 +83,13 @@ class Engine:
         self.timeout_s = timeout_s  # per-request bound, submit to finish
 
     # -- public -------------------------------------------------------------------------------
-    def submit(self, req: Request) -> Request:
+    def submit(self, req: Request, admission: bool = True) -> Request:
+        """Queue one request. `admission` applies `max_queue` (QueueFull: HTTP's 429, for
+        clients that can retry); in-process work goes through `run_all` instead."""
         self.check(len(req.prompt_ids), req.sampling.max_tokens)
         if self._stop.is_set():
             raise QueueFull("the server is shutting down")
-        if self.waiting.qsize() >= self.max_queue:
+        if admission and self.waiting.qsize() >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} waiting)")
         req.t_submit = time.perf_counter()
         if self.timeout_s is not None:
@@ -130,6 +132,35 @@ class Engine:
             if req.finish_reason is None:
                 self._fail(req, "the server is shutting down")
         self.active, self.cache = [], None
+
+    def run_all(self, requests: list[Request]) -> list[Request]:
+        """Answer every request, however many (evaluation, the demo, `compare`, benchmarks).
+
+        They are fed to the queue as room frees up — at most one full batch waiting beside the
+        running rows — so `max_queue`, the admission limit for HTTP clients, never applies to
+        work the caller already holds, and HTTP clients keep their share of the queue. Every
+        request is checked before any runs. Steps in this thread unless the engine's own
+        thread is running, then waits on it. Returns `requests`, each finished."""
+        for req in requests:
+            self.check(len(req.prompt_ids), req.sampling.max_tokens)
+        ended = threading.Semaphore(0)
+        for req in requests:
+            req.on_done = _then(req.on_done, lambda _r: ended.release())
+        threaded = self.thread is not None and self.thread.is_alive()
+        todo, running = list(reversed(requests)), 0
+        while todo or running:
+            while todo and self.waiting.qsize() < self.max_batch:
+                self.submit(todo.pop(), admission=False)
+                running += 1
+            if threaded:
+                if not ended.acquire(timeout=1.0):
+                    continue
+                running -= 1
+            else:
+                self.step()
+            while ended.acquire(blocking=False):
+                running -= 1
+        return requests
 
     def run_until_idle(self) -> None:
         """Process everything submitted so far in this thread (tests, benchmarks)."""
@@ -341,6 +372,15 @@ class Engine:
         self.on_finish(req)
         if req.on_done is not None:
             req.on_done(req)
+
+
+def _then(first, second):
+    """Call `first` (if any), then `second`, with the same argument."""
+    def both(arg):
+        if first is not None:
+            first(arg)
+        second(arg)
+    return both
 
 
 def _unpadded(kv: torch.Tensor, virtual: int, pad: int) -> torch.Tensor:

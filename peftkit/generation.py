@@ -57,10 +57,9 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     """The new token ids of each prompt (greedy unless `sampling` says otherwise), the prompts
     decoded together `batch` at a time."""
     adapted, slot = engine_model(model, head)
-    engine = Engine(adapted, tokenizer, max_batch=batch, max_queue=len(prompts) + 1)
+    engine = Engine(adapted, tokenizer, max_batch=batch)
     sampling = sampling or Sampling(max_tokens=max_new_tokens, temperature=0.0)
-    requests = [engine.submit(Request(list(ids), slot, sampling)) for ids in prompts]
-    engine.run_until_idle()
+    requests = engine.run_all([Request(list(ids), slot, sampling) for ids in prompts])
     for r in requests:
         if r.error:
             raise PeftkitError(f"generation failed: {r.error}")

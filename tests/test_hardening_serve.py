@@ -78,9 +78,9 @@ def test_limits_are_clear_4xx_and_requests_always_end(root):
             return r
     with running(server) as url:
         r = asyncio.run(go(url))
-    expect = {"body": 413, "context": 400, "n": 422, "batch": 422, "temp": 422, "top_p0": 422,
-              "top_p2": 422, "stops": 422, "empty_messages": 422, "empty_prompt": 400,
-              "seed": 422, "surrogate": 400, "tiny_temp": 200, "ok": 200, "health": 200}
+    expect = {"body": 413, "context": 400, "n": 400, "batch": 400, "temp": 400, "top_p0": 400,
+              "top_p2": 400, "stops": 400, "empty_messages": 400, "empty_prompt": 400,
+              "seed": 400, "surrogate": 400, "tiny_temp": 200, "ok": 200, "health": 200}
     assert {k: v.status_code for k, v in r.items()} == expect
     names = {"context": "max_tokens", "n": "n", "batch": "prompt", "temp": "temperature",
              "stops": "stop", "empty_messages": "messages", "empty_prompt": "prompt",

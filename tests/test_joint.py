@@ -12,7 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from peftkit.errors import DataError
+from peftkit.errors import DataError, PeftkitError
 from peftkit.formats import load_adapter
 from peftkit.train import TrainConfig, train
 from peftkit.train.joint import train_joint
@@ -143,3 +143,34 @@ def test_resume_after_sigterm_equals_an_uninterrupted_joint_run(tmp_path, write)
         a = load_file(tmp_path / "whole" / t["name"] / "adapter" / "adapter_model.safetensors")
         b = load_file(tmp_path / "joint" / t["name"] / "adapter" / "adapter_model.safetensors")
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("outputs", [
+    ("same", "same"),  # one path twice
+    (None, None),  # both left at the default runs/latest
+    ("out/x", "out/x/../x/"),  # one directory spelled two ways
+    ("out/a", "out/a/adapter/b"),  # one inside another's run directory
+    ("link", "real"),  # a symlink to another tenant's directory
+])
+def test_tenants_writing_one_directory_are_refused_before_loading(tmp_path, write, outputs,
+                                                                  monkeypatch):
+    """Two tenants whose outputs meet once both printed the same adapter path, and only the
+    second survived; now the run stops before any model is loaded, naming both and their lines."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    data = write("d.jsonl", _rows("a"))
+    tenants = [{"name": n, "data": str(data), **({"output": o} if o else {})}
+               for n, o in zip(("acme", "bolt"), outputs)]
+    spec = tmp_path / "tenants.yaml"
+    spec.write_text(yaml.safe_dump({**SHARED, "method": "lora", "steps": 1, "tenants": tenants},
+                                   sort_keys=False))
+    lines = spec.read_text().splitlines()
+    at = [f"{spec}:{i + 1}" for i, line in enumerate(lines) if line.startswith("- ")]
+    import peftkit.train.joint as joint
+    monkeypatch.setattr(joint, "load_base", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(PeftkitError) as err:
+        train_joint(str(spec))
+    msg = str(err.value)
+    assert f"{at[0]}: tenant 'acme'" in msg and f"{at[1]}: tenant 'bolt'" in msg
+    assert "own `output`" in msg and not (tmp_path / "runs").exists()

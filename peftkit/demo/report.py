@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 MIB = 2 ** 20
+PLOTS = ("demo_accuracy.png", "demo_memory.png", "demo_load.png")
 
 
 # held-out exact match per customer: what each baseline is (run.evaluate)

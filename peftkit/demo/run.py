@@ -18,8 +18,12 @@ from peftkit.data import chat_ids
 from peftkit.demo.report import write_report
 from peftkit.demo.tasks import TASKS
 from peftkit.engine import Request, Sampling
+from peftkit.errors import PeftkitError
 from peftkit.models import load_base
 from peftkit.plan import format_plan, make_plan
+from peftkit.plan.cpu import CPU_TRAIN_EFFICIENCY, cpu_train_seconds, matmul_flops_per_second
+from peftkit.plan.memory import train_flops
+from peftkit.plan.shapes import shape_from_config
 from peftkit.quant import QuantConfig, model_bytes
 from peftkit.serve.app import create_app
 from peftkit.serve.server import ServeConfig, Server
@@ -30,6 +34,7 @@ from peftkit.train.joint import JointTrainer
 SHARED = "shared"  # the adapter trained on every customer's data mixed
 ICL_SHOTS = 4  # in-context learning baseline: this many training examples in the prompt
 BASELINES = ("base", "icl", "shared", "adapter")
+ANSWER_TOKENS = 24  # the longest answer is ~20 tokens
 
 
 @dataclass
@@ -62,11 +67,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     data_dir, adapters = out / "data", out / "adapters"
     say(f"== 1. Five customers, {cfg.train_examples} training / {cfg.test_examples} held-out "
         "examples each (generated, seeded)")
-    tests, shots, mixed = {}, {}, []
+    tests, shots, mixed, rows_of = {}, {}, [], {}
     for task in TASKS:
         d = data_dir / task.customer
         d.mkdir(parents=True, exist_ok=True)
-        rows = task.examples(cfg.train_examples, seed=0)
+        rows = rows_of[task.customer] = task.examples(cfg.train_examples, seed=0)
         _write_jsonl(d / "train.jsonl", rows)
         shots[task.customer], mixed = rows[:ICL_SHOTS], mixed + rows
         tests[task.customer] = task.examples(cfg.test_examples, seed=1)
@@ -88,6 +93,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     if base.quant_report is not None:
         say(f"   {base.quant_report.summary()}")
     base_bytes = model_bytes(base.model)
+    # everything that can fail is checked before the training it would waste: every held-out
+    # prompt (the in-context one with its examples is the longest) fits the context with its answer
+    jobs = eval_jobs(base.tokenizer, tests, shots)
+    context = base.model.config.max_position_embeddings
+    longest = max(len(ids) for *_, ids in jobs)
+    if longest + ANSWER_TOKENS > context:
+        raise PeftkitError(f"--model {cfg.model}: a held-out prompt takes {longest} tokens + "
+                           f"{ANSWER_TOKENS} to answer, over its {context}-token context")
+    tokens_per_row = {t.customer: sum(len(chat_ids(r["messages"], base.tokenizer))
+                                      for r in rows_of[t.customer]) / len(rows_of[t.customer])
+                      for t in TASKS}
+    shape = shape_from_config(cfg.model, base.model.config)
     del base
     # each customer's adapter, and one shared by all that sees as many examples as the five
     # together: five times the steps of the same batch (not five times the batch, which would
@@ -98,6 +115,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         steps=cfg.steps * (len(TASKS) if name == SHARED else 1), batch_size=cfg.batch_size,
         lr=cfg.lr, rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.0, val_split=0.0, warmup=0.1,
         seed=0, device=cfg.device) for name in [t.customer for t in TASKS] + [SHARED]}
+    tokens = sum(c.steps * c.batch_size * (tokens_per_row[name] if name in tokens_per_row else
+                                           sum(tokens_per_row.values()) / len(tokens_per_row))
+                 for name, c in configs.items())
+    rate = matmul_flops_per_second()
+    estimate = cpu_train_seconds(shape, "qlora", tokens, rate)
+    say(f"   training {len(configs)} adapters, ~{tokens / 1e3:.0f}k tokens: about "
+        f"{_duration(estimate)} here (planner: {train_flops(shape, 'qlora', 1) / 1e6:.0f} MFLOP "
+        f"a token at {rate / 1e9:.0f} GFLOP/s measured x {CPU_TRAIN_EFFICIENCY['qlora']:.0%}); "
+        "the bar's time left updates it as steps run")
     start = time.perf_counter()
     if cfg.sequential:  # one run after another: five loads, five passes over the base per step
         train_reports = {c: train(tc) for c, tc in configs.items()}
@@ -109,7 +135,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         say(f"   {name:<9} loss {report['train_losses'][0]:.3f} -> "
             f"{report['train_losses'][-1]:.3f}")
     say(f"   {'jointly' if not cfg.sequential else 'one after another'}: {train_seconds:.0f} s "
-        f"for {len(configs)} adapters ({len(TASKS)} customers' and one shared by all)")
+        f"for {len(configs)} adapters ({len(TASKS)} customers' and one shared by all; "
+        f"estimated {estimate:.0f} s)")
 
     server = Server(ServeConfig(base=cfg.model, adapters=str(adapters), quantize="nf4",
                                 max_loaded=len(configs), max_rank=cfg.rank, max_batch=64,
@@ -117,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(f"\n== 4. Held-out exact match: the base, the base shown {ICL_SHOTS} examples in its "
         "prompt, one adapter\n   shared by all customers, each customer's own adapter (all rows "
         "in one mixed batch)")
-    accuracy = evaluate(server, tests, shots)
+    accuracy = evaluate(server, jobs, tests)
     for c, acc in accuracy.items():
         say(f"   {c:<9} " + "   ".join(f"{who} {v:6.1%}" for who, v in acc.items()))
 
@@ -135,6 +162,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                          "shared_bytes": base_bytes + sum(adapter_bytes.values())},
               "load_seconds": dict(zip([t.customer for t in TASKS], server.store.load_seconds)),
               "train": {"joint": not cfg.sequential, "seconds": train_seconds,
+                        "estimated_seconds": estimate, "tokens": tokens,
+                        "matmul_flops_per_second": rate,
                         "trainable_params": {c: r["trainable_params"]
                                              for c, r in train_reports.items()}},
               "wall_seconds": time.perf_counter() - t0}
@@ -143,27 +172,31 @@ def run_demo(cfg: DemoConfig) -> dict:
     return result
 
 
-def evaluate(server: Server, tests: dict, shots: dict) -> dict:
-    """{customer: {who: exact match}}, who: base, icl (the base with `shots` in its prompt, as
-    earlier chat turns), shared (one adapter for everyone), adapter (the customer's own)."""
-    tok = server.base.tokenizer
-    greedy = Sampling(max_tokens=24, temperature=0.0)  # the longest answer is ~20 tokens
+def eval_jobs(tok, tests: dict, shots: dict) -> list[tuple]:
+    """(task, who, expected answer, prompt ids) for every held-out row and baseline. who: base,
+    icl (the base with `shots` in its prompt, as earlier chat turns), shared (one adapter for
+    everyone), adapter (the customer's own)."""
     jobs = []
     for task in TASKS:
         examples = [m for ex in shots[task.customer] for m in ex["messages"][1:]]
         for ex in tests[task.customer]:
-            system, question, want = ex["messages"][0], ex["messages"][1:-1], \
-                ex["messages"][-1]["content"]
+            system, question = ex["messages"][0], ex["messages"][1:-1]
             for who in BASELINES:
                 messages = [system, *examples, *question] if who == "icl" else ex["messages"][:-1]
-                slot = {"base": -1, "icl": -1, "shared": None, "adapter": None}[who]
-                if slot is None:
-                    slot = server.store.acquire(SHARED if who == "shared" else task.customer)
-                ids = chat_ids(messages, tok)
-                jobs.append((task, who, want, server.engine.submit(Request(ids, slot, greedy))))
-    server.engine.run_until_idle()
+                jobs.append((task, who, ex["messages"][-1]["content"], chat_ids(messages, tok)))
+    return jobs
+
+
+def evaluate(server: Server, jobs: list[tuple], tests: dict) -> dict:
+    """{customer: {who: exact match}} over `eval_jobs`, all rows in one mixed batch."""
+    greedy = Sampling(max_tokens=ANSWER_TOKENS, temperature=0.0)
+    slots = {"base": lambda _t: -1, "icl": lambda _t: -1,
+             "shared": lambda _t: server.store.acquire(SHARED),
+             "adapter": lambda t: server.store.acquire(t.customer)}
+    requests = [Request(ids, slots[who](task), greedy) for task, who, _, ids in jobs]
+    server.engine.run_all(requests)  # any number of rows: fed as room frees up
     hits = {(t.customer, who): 0 for t in TASKS for who in BASELINES}
-    for task, who, want, req in jobs:
+    for (task, who, want, _), req in zip(jobs, requests):
         hits[(task.customer, who)] += task.correct(req.text, want)
     return {t.customer: {who: hits[(t.customer, who)] / len(tests[t.customer])
                          for who in BASELINES} for t in TASKS}
@@ -178,7 +211,8 @@ async def serve_check(server: Server, tests: dict, per_customer: int = 3) -> dic
         for i in range(per_customer):
             for task in TASKS:
                 ex = tests[task.customer][i]
-                body = {"model": task.customer, "messages": ex["messages"][:-1], "max_tokens": 24,
+                body = {"model": task.customer, "messages": ex["messages"][:-1],
+                        "max_tokens": ANSWER_TOKENS,
                         "temperature": 0}
                 calls.append((task, ex, c.post("/v1/chat/completions", json=body)))
         start = time.perf_counter()
@@ -197,6 +231,10 @@ async def serve_check(server: Server, tests: dict, per_customer: int = 3) -> dic
     return {"total": len(calls), "correct": correct, "own_format": own, "foreign": foreign,
             "seconds": seconds,
             "samples": samples}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

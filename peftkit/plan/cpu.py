@@ -42,7 +42,7 @@ per-layer formula at fp32 (memory.activation_bytes), which is looser.
 
 from dataclasses import dataclass
 
-from peftkit.plan.memory import Settings, activation_bytes, parameter_state
+from peftkit.plan.memory import Settings, activation_bytes, parameter_state, train_flops
 from peftkit.plan.shapes import Shape
 from peftkit.methods.config import BOTTLENECK_TARGETS, IA3_TARGETS
 
@@ -217,3 +217,29 @@ def format_cpu_plan(plan: dict, model: str) -> str:
                      f"{m['activations_gib']:>8.2f}{m['total_gib']:>10.2f}"
                      f"{'yes' if m['fits_ram'] else 'no':>6}")
     return "\n".join(lines)
+
+
+# Time. The planner's FLOPs per trained token (memory.train_flops) over this CPU's float32
+# matmul rate, measured in-process in a fraction of a second, times the share of that rate a
+# training step reaches. Calibrated on `peftkit demo` (SmolLM2-135M, joint QLoRA, 2-core
+# AVX-512 CPU): small matmuls, NF4 dequantization and the ops between them keep it well below 1.
+CPU_TRAIN_EFFICIENCY = {"qlora": 0.35, "lora": 0.45, "dora": 0.35, "full": 0.45, "probe": 0.5}
+
+
+def matmul_flops_per_second(size: int = 768, seconds: float = 0.25) -> float:
+    """Float32 matmul FLOP/s of this process on this machine (its threads, its load), now."""
+    import time
+    import torch
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool and kernels
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        done += 1
+    return done * 2 * size ** 3 / (time.perf_counter() - start)
+
+
+def cpu_train_seconds(shape: Shape, method: str, tokens: float, flops_per_second: float) -> float:
+    """Seconds to train on `tokens` tokens at `flops_per_second` (matmul_flops_per_second)."""
+    efficiency = CPU_TRAIN_EFFICIENCY.get(method, CPU_TRAIN_EFFICIENCY["lora"])
+    return train_flops(shape, method, tokens) / (flops_per_second * efficiency)

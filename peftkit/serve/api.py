@@ -2,12 +2,13 @@
 OpenAI's body ({"error": {"message", "type", "code"}}), one mapping from peftkit's errors to
 HTTP statuses, and key checks."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
@@ -30,9 +31,72 @@ MAX_STOP = 16  # OpenAI allows 4; enough for any template, few enough to check p
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-class SamplingParams(BaseModel):
+def _off(value) -> bool:
+    """A field left at a value that asks for nothing (absent, null, false, 0, empty)."""
+    return value in (None, False, 0, "", [], {})
+
+
+# OpenAI request fields not implemented here: any value but their neutral one would change the
+# answer, so it is refused by name (400), never dropped silently. field -> neutral test.
+NOT_IMPLEMENTED = {
+    "response_format": lambda v: _off(v) or v == {"type": "text"},
+    "logprobs": _off, "top_logprobs": _off, "logit_bias": _off,
+    "tools": _off, "functions": _off,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "frequency_penalty": _off, "presence_penalty": _off,
+    "echo": _off, "suffix": _off, "best_of": lambda v: v in (None, 1),
+    "audio": _off, "modalities": lambda v: _off(v) or v == ["text"], "prediction": _off,
+    "guided_json": _off, "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
+}
+
+
+class OpenAIBody(BaseModel):
+    """A request body as OpenAI checks one: an unknown field is 400 `Unrecognized request
+    argument supplied: NAME`, an unimplemented one set to anything but its neutral value is a
+    400 naming it; fields clients send that change no answer are accepted."""
+    model_config = ConfigDict(extra="forbid")
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    stream_options: dict[str, bool] | None = None  # include_usage: see completions.stream
+    response_format: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    @model_validator(mode="after")
+    def _implemented(self):
+        for name, neutral in NOT_IMPLEMENTED.items():
+            if not neutral(getattr(self, name)):
+                raise PydanticCustomError(
+                    "not_implemented", "{param}: not supported by this server (it would change "
+                    "the answer, so it is refused rather than ignored)", {"param": name})
+        return self
+
+
+class SamplingParams(OpenAIBody):
     model: str = ""  # any length: an unknown id is a 404 like any other
     max_tokens: int = Field(16, ge=1)  # and prompt + max_tokens within the context (400)
+    max_completion_tokens: int | None = Field(None, ge=1)  # chat's newer name; wins if both
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
@@ -40,12 +104,19 @@ class SamplingParams(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
+    @model_validator(mode="after")
+    def _newer_name(self):
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
 
 class CompletionBody(SamplingParams):
     prompt: str | list[str]
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
 
@@ -61,7 +132,7 @@ class AdapterBody(BaseModel):
 
 
 def install_errors(app: FastAPI) -> None:
-    """OpenAI's error body for ApiError and for request validation (422)."""
+    """OpenAI's error body for ApiError and for request validation (400, as OpenAI's)."""
     @app.exception_handler(ApiError)
     async def api_error(_req, e: ApiError):
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}},
@@ -69,10 +140,21 @@ def install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_req, e: RequestValidationError):
-        msg = "; ".join(f"{'.'.join(str(x) for x in err['loc'][1:])}: {err['msg']}"
-                        for err in e.errors())
-        return JSONResponse({"error": {"message": msg[:1000], "type": "invalid_request_error",
-                                       "code": 422}}, status_code=422)
+        problems = [_problem(err) for err in e.errors()]
+        return JSONResponse({"error": {"message": "; ".join(m for m, _ in problems)[:1000],
+                                       "type": "invalid_request_error",
+                                       "param": problems[0][1] if problems else None,
+                                       "code": 400}}, status_code=400)
+
+
+def _problem(err: dict) -> tuple[str, str | None]:
+    """(message, param) of one validation error, worded as OpenAI words its own."""
+    where = ".".join(str(x) for x in err["loc"][1:])
+    if err["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {where}", where
+    if err["type"] == "not_implemented":
+        return err["msg"], err["ctx"]["param"]
+    return f"{where}: {err['msg']}", where or None
 
 
 def authenticate(tenancy, http: HTTPRequest, admin: bool = False):

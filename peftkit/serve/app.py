@@ -36,7 +36,7 @@ def create_app(server: Server):
         prompt = body.prompt if isinstance(body.prompt, str) else (
             body.prompt[0] if len(body.prompt) == 1 else None)
         if prompt is None:
-            raise ApiError(422, "prompt: give one string (batched prompts are not supported)")
+            raise ApiError(400, "prompt: give one string (batched prompts are not supported)")
         return await completions.handle(http, *visible(http, body.model), body, prompt=prompt)
 
     @app.post("/v1/chat/completions")

@@ -51,7 +51,8 @@ class Completions:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": model or server.name}
         if body.stream:
-            return StreamingResponse(self.stream(req, sink, meta, chat),
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self.stream(req, sink, meta, chat, usage),
                                      media_type="text/event-stream")
         item = await self.finished(http, req, sink)
         if item.error:
@@ -100,8 +101,12 @@ class Completions:
             get.cancel()
 
     @staticmethod
-    async def stream(req: Request, sink: asyncio.Queue, meta: dict, chat: bool):
+    async def stream(req: Request, sink: asyncio.Queue, meta: dict, chat: bool,
+                     include_usage: bool = False):
+        """SSE chunks; with `stream_options.include_usage`, every chunk carries `usage: null`
+        and one last chunk with no choices carries the counts (OpenAI's shape)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        extra = {"usage": None} if include_usage else {}
         first = True
         try:
             while True:
@@ -121,8 +126,13 @@ class Completions:
                 else:
                     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
                 first = False
-                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
+                chunk = {**meta, "object": obj, "choices": [choice], **extra}
+                yield f"data: {json.dumps(chunk)}\n\n"
                 if done:
+                    if include_usage:
+                        last = {**meta, "object": obj, "choices": [],
+                                "usage": usage(item, len(item.prompt_ids))}
+                        yield f"data: {json.dumps(last)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:  # the client left mid-stream (or we are done): the row leaves the batch
@@ -131,11 +141,15 @@ class Completions:
 
 def answer(item: Request, prompt_tokens: int, meta: dict, chat: bool) -> dict:
     """OpenAI's non-streamed body for a finished request."""
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(item.out_ids),
-             "total_tokens": prompt_tokens + len(item.out_ids)}
+    counts = usage(item, prompt_tokens)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": item.text},
-                  "finish_reason": item.finish_reason}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+                  "logprobs": None, "finish_reason": item.finish_reason}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": counts}
     choice = {"index": 0, "text": item.text, "logprobs": None, "finish_reason": item.finish_reason}
-    return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
+    return {**meta, "object": "text_completion", "choices": [choice], "usage": counts}
+
+
+def usage(item: Request, prompt_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(item.out_ids),
+            "total_tokens": prompt_tokens + len(item.out_ids)}

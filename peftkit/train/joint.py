@@ -47,9 +47,15 @@ from peftkit.train.run_dir import ADAPTER, write_config
 JOINT_METHODS = ("lora", "qlora", "dora")
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
     """(name, config) per tenant: the file's shared options under each tenant's own."""
+    return read_tenants(path)[0]
+
+
+def read_tenants(path: str) -> tuple[list[tuple[str, TrainConfig]], dict[str, str]]:
+    """load_tenants, and where each tenant is written ({name: "FILE:LINE"})."""
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        raw, node = yaml.safe_load(text), yaml.compose(text)
     except (OSError, yaml.YAMLError) as e:
         raise PeftkitError(f"{p}: cannot read tenants ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("tenants"), list) or not raw["tenants"]:
@@ -72,11 +78,29 @@ def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
         except (TypeError, PeftkitError) as e:
             raise PeftkitError(f"{p}: tenant '{t['name']}': {e}") from None
         out.append((t["name"], cfg))
-    return out
+    listed = next(v for k, v in node.value if k.value == "tenants")
+    origins = {name: f"{p}:{item.start_mark.line + 1}" for (name, _), item in zip(out, listed.value)}
+    return out, origins
+
+
+def check_outputs(tenants: list[tuple[str, TrainConfig]], origins: dict[str, str]) -> None:
+    """Each tenant writes its own directory: two outputs that are one directory (by real path:
+    `out/x/../x`, a symlink, both left at the default) or one inside the other would overwrite
+    a tenant's adapter silently, so they are refused before anything loads."""
+    real = [(name, cfg.output, Path(cfg.output).expanduser().resolve()) for name, cfg in tenants]
+    for i, (a, a_out, a_real) in enumerate(real):
+        for b, b_out, b_real in real[i + 1:]:
+            if a_real == b_real or a_real in b_real.parents or b_real in a_real.parents:
+                how = "the same directory" if a_real == b_real else "one inside the other"
+                where = [f"{origins[n]}: " if n in origins else "" for n in (a, b)]
+                raise PeftkitError(
+                    f"{where[0]}tenant '{a}' (output {a_out}) and {where[1]}tenant '{b}' "
+                    f"(output {b_out}) write {how}; give each tenant its own `output`")
 
 
 class JointTrainer:
-    def __init__(self, tenants: list[tuple[str, TrainConfig]]):
+    def __init__(self, tenants: list[tuple[str, TrainConfig]], origins: dict[str, str] = None):
+        check_outputs(tenants, origins or {})
         self.names = [n for n, _ in tenants]
         self.cfgs = [c for _, c in tenants]
         first = self.cfgs[0]
@@ -303,4 +327,4 @@ def _row_losses(logits: torch.Tensor, labels: torch.Tensor):
 
 
 def train_joint(path: str) -> dict:
-    return JointTrainer(load_tenants(path)).run()
+    return JointTrainer(*read_tenants(path)).run()
