@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave an adapter's backend when it has this many more requests in "
                         "flight than the least-loaded one")
     s.add_argument("--health-every", type=float, default=1.0, help="seconds between checks")
+    s.add_argument("--base", help="comma-separated base model ids any caller may use (default: "
+                                  "learned from the backends, never widening the keys file)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8080, help="port to listen on")
     s.set_defaults(func=cmd_gateway)
@@ -165,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
                    help="adapter or `peftkit train` run directories, then OUT")
     s.add_argument("--base", help="the model vLLM serves them on (default: the adapters' base)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace adapters of the same name already in OUT")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="the main job: five customers, one base, one server")
@@ -233,7 +237,8 @@ def cmd_gateway(args) -> None:
     from peftkit.serve.gateway import Gateway, GatewayConfig, create_gateway_app
     cfg = GatewayConfig(backends=[u for u in args.backends.split(",") if u],
                         api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
-                        health_every_s=args.health_every)
+                        health_every_s=args.health_every,
+                        bases=[b for b in (args.base or "").split(",") if b] or None)
     app = create_gateway_app(Gateway(cfg))
     print(f"peftkit: gateway over {len(cfg.backends)} backends on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -305,7 +310,7 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
-    command = export_vllm(sources, out, args.base)
+    command = export_vllm(sources, out, args.base, args.overwrite)
     print(f"wrote {len(sources)} adapter(s) under {out}; serve them with:\n{command}")
 
 

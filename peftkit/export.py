@@ -14,6 +14,7 @@ vLLM (0.10+; `vllm/config/lora.py`, `vllm/lora/peft_helper.py`) serves PEFT LoRA
 import json
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
@@ -32,7 +33,9 @@ def check_vllm(path: Path) -> tuple[Path, dict]:
     if not (directory / CONFIG_NAME).is_file():
         raise PeftkitError(f"{path}: no adapter here ({CONFIG_NAME} missing; a full fine-tuning "
                            "run is served by vLLM as a model of its own)")
-    config, tensors = read_adapter(directory)  # every format and value check of `serve`
+    # every format and value check of `serve`, and its rule for links: an adapter's files
+    # are its own (a weight file linked to another adapter's is refused, not copied)
+    config, tensors = read_adapter(directory, root=directory)
     raw = json.loads((directory / CONFIG_NAME).read_text())
     if not isinstance(config, LoraConfig):
         raise PeftkitError(f"{where}: it is {raw.get('peft_type', '?')}; vLLM serves LoRA only")
@@ -55,8 +58,11 @@ def check_vllm(path: Path) -> tuple[Path, dict]:
                        "use_dora": False}
 
 
-def export_vllm(sources: list[str], out: str, base: str | None = None) -> str:
-    """Check every source first, then write each as `out/<name>/` and return the command."""
+def export_vllm(sources: list[str], out: str, base: str | None = None,
+                overwrite: bool = False) -> str:
+    """Check every source first, then write each as `out/<name>/` and return the command.
+    An existing `out/<name>` is refused unless `overwrite`; nothing is written through a link
+    (each adapter is written to a fresh directory in OUT and renamed into place)."""
     checked = []
     for source in sources:
         path = Path(source)
@@ -72,18 +78,42 @@ def export_vllm(sources: list[str], out: str, base: str | None = None) -> str:
         raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))}); "
                            "give the one to serve with --base")
     target = Path(out)
-    for name, directory, cfg in checked:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise PeftkitError(f"{target}: OUT must be a directory, not a link or a file")
+    for name, directory, _ in checked:
         dst = target / name
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(directory / WEIGHTS_NAME, dst / WEIGHTS_NAME)
-        (dst / CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": base},
-                                                  indent=2))
+        if dst.resolve() in (directory.resolve(), directory.resolve().parent):
+            raise PeftkitError(f"{dst}: is the source adapter itself; choose another OUT")
+        if (dst.exists() or dst.is_symlink()) and not overwrite:
+            raise PeftkitError(f"{dst}: exists; remove it, choose another OUT, or give "
+                               "--overwrite (which replaces it, never writing through a link)")
+    target.mkdir(parents=True, exist_ok=True)
+    for name, directory, cfg in checked:
+        fresh = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target))
+        shutil.copyfile(directory / WEIGHTS_NAME, fresh / WEIGHTS_NAME, follow_symlinks=True)
+        (fresh / CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": base},
+                                                    indent=2))
+        _replace(fresh, target / name)
     rank = max(cfg["r"] for *_, cfg in checked)
     max_rank = next(r for r in VLLM_MAX_RANKS if r >= rank)
     modules = [f"{name}={(target / name).resolve()}" for name in names]
     return shlex.join(["vllm", "serve", vllm_model(base), "--enable-lora", "--lora-modules",
                        *modules, "--max-lora-rank", str(max_rank), "--max-loras",
                        str(len(names))])
+
+
+def _replace(fresh: Path, dst: Path) -> None:
+    """Move `fresh` to `dst`; what was at `dst` is removed, a link as a link (its target is
+    never touched)."""
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{fresh.name}")
+        dst.rename(old)
+        fresh.rename(dst)
+        shutil.rmtree(old)
+        return
+    fresh.rename(dst)
 
 
 def vllm_model(base: str) -> str:

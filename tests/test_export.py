@@ -74,3 +74,34 @@ def test_accepted_adapters_are_written_as_vllm_reads_them(tmp_path, capsys):
     assert command[command.index("--max-lora-rank") + 1] == "16"  # 12 -> the next allowed
     assert command[command.index("--max-loras") + 1] == "2"
     assert f"acme={(out / 'acme').resolve()}" in command
+
+
+def test_export_never_writes_through_a_link_nor_over_an_adapter(tmp_path, capsys):
+    """`ln -s adapters/a11 out/g7; export g7 out` once replaced a11's weights with g7's."""
+    a11 = saved(tmp_path / "adapters", "a11", LoraConfig(r=4, targets=["q_proj"]))
+    g7 = saved(tmp_path, "g7", LoraConfig(r=8, targets=["v_proj"]))
+    before = (a11 / "adapter_model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "g7").symlink_to(a11)
+    assert main(["export", "--for", "vllm", str(g7), str(out)]) == 2
+    assert "out/g7: exists" in capsys.readouterr().err
+    assert main(["export", "--for", "vllm", "--overwrite", str(g7), str(out)]) == 0
+    assert (a11 / "adapter_model.safetensors").read_bytes() == before  # the link's target intact
+    assert not (out / "g7").is_symlink() and json.loads(
+        (out / "g7" / "adapter_config.json").read_text())["target_modules"] == ["v_proj"]
+    assert sorted(p.name for p in out.iterdir()) == ["g7"]  # no temporary left behind
+    # OUT = the source's own parent: refused by name, not "PosixPath(...) are the same file"
+    assert main(["export", "--for", "vllm", "--overwrite", str(g7), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is the source adapter itself" in err and "PosixPath" not in err
+
+
+def test_a_weight_file_linked_to_another_adapter_is_refused(tmp_path, capsys):
+    """serve refuses a weight file that points outside its adapter; export now does too."""
+    other = saved(tmp_path / "adapters", "other", LoraConfig(r=4, targets=["q_proj"]))
+    fake = saved(tmp_path, "fake", LoraConfig(r=4, targets=["q_proj"]))
+    (fake / "adapter_model.safetensors").unlink()
+    (fake / "adapter_model.safetensors").symlink_to(other / "adapter_model.safetensors")
+    assert main(["export", "--for", "vllm", str(fake), str(tmp_path / "out")]) == 2
+    assert "points outside" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -183,3 +183,35 @@ def test_a_qlora_run_loads_back_on_the_base_it_trained_on(tmp_path, lm_data):
     loaded = load_run("tiny-llama", tmp_path, dtype=torch.float32)
     layers = [m for m in loaded.module.modules() if hasattr(m, "quant_state") and m.quant_state]
     assert layers and {m.compute_dtype for m in layers} == {torch.bfloat16}
+
+
+def test_a_causal_lm_probe_evaluates_in_batches_and_saves_before_it(write, tmp_path,
+                                                                     monkeypatch):
+    """A SmolLM2 probe with 756 validation rows was killed at 24 GB evaluating every token's
+    vocabulary logits at once, and lost its head: the head now sees one batch of examples at a
+    time (metrics unchanged), and the head and a report are on disk before evaluation runs."""
+    import dataclasses
+    from peftkit.train.probe import FeatureCache
+    rows = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3} and more words {i}"}
+            for i in range(48)]
+    data = write("many.jsonl", rows)
+    seen, whole = [], {}
+    real_eval = FeatureCache.evaluate
+
+    def watched(self, records, cfg):
+        whole.update(real_eval(self, records, dataclasses.replace(cfg, batch_size=10**6)))
+        self.head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+        return real_eval(self, records, cfg)
+    monkeypatch.setattr(FeatureCache, "evaluate", watched)
+    report = train(_cfg(data, tmp_path / "p", "probe", steps=2, batch_size=4, exact_match_max=0))
+    assert len(seen) == 12 and max(seen) * 6 < sum(seen)  # 48 rows, 4 at a time, never all
+    assert report["metrics"]["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+    def dies(self, records, cfg):
+        raise MemoryError("evaluation ran out of memory")
+    monkeypatch.setattr(FeatureCache, "evaluate", dies)
+    with pytest.raises(MemoryError):
+        train(_cfg(data, tmp_path / "q", "probe", steps=2, batch_size=4, exact_match_max=0))
+    saved = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert saved["train_losses"] and saved["paths"]
+    assert all(os.path.exists(p) for k, p in saved["paths"].items() if k != "report")

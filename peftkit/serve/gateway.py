@@ -17,7 +17,7 @@ started gets a clean error event and [DONE], never a second answer from elsewher
 import asyncio
 import contextlib
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import httpx
@@ -42,6 +42,43 @@ class GatewayConfig:
     spill: int = 8  # leave an adapter's holder when it has this many more in flight than the least loaded
     timeout_s: float = 300.0  # per request to a backend
     max_body_mb: float = 2.0
+    bases: list[str] | None = None  # the base model ids; None: learned from the backends
+    max_affinity: int = 4096  # adapter names remembered per backend (least recently routed go)
+
+
+MAX_MODEL_ID = 256  # longer model names are refused before routing (nothing is remembered)
+
+
+class Affinity:
+    """The adapters a backend holds as far as the gateway knows: bounded, least recently routed
+    forgotten first, so a stream of distinct names cannot grow the gateway's memory."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit, self.names = limit, OrderedDict()
+
+    def add(self, name: str) -> None:
+        self.names[name] = None
+        self.names.move_to_end(name)
+        while len(self.names) > self.limit:
+            self.names.popitem(last=False)
+
+    def discard(self, name: str) -> None:
+        self.names.pop(name, None)
+
+    def replace(self, names) -> None:
+        self.names = OrderedDict.fromkeys(list(names)[-self.limit:])
+
+    def clear(self) -> None:
+        self.names.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter(self.names)
 
 
 @dataclass
@@ -49,17 +86,17 @@ class Backend:
     url: str
     up: bool = True
     inflight: int = 0
-    adapters: set[str] = field(default_factory=set)  # what it holds, as far as we know
-    routed: Counter = field(default_factory=Counter)  # adapter -> requests in flight here
+    adapters: Affinity = field(default_factory=Affinity)  # what it holds, as far as we know
+    routed: Counter = field(default_factory=Counter)  # adapter -> requests in flight (> 0 only)
 
 
 class Router:
     """Which backend serves a model: affinity first, then load."""
 
-    def __init__(self, urls: list[str], spill: int):
+    def __init__(self, urls: list[str], spill: int, max_affinity: int = 4096):
         if not urls:
             raise PeftkitError("--backends: give at least one backend URL")
-        self.backends = [Backend(u.rstrip("/")) for u in urls]
+        self.backends = [Backend(u.rstrip("/"), adapters=Affinity(max_affinity)) for u in urls]
         self.spill = spill
 
     def pick(self, model: str, exclude: set[str]) -> tuple[Backend, bool]:
@@ -85,11 +122,14 @@ class Router:
 class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
-        self.router = Router(cfg.backends, cfg.spill)
+        self.router = Router(cfg.backends, cfg.spill, cfg.max_affinity)
         self.tenancy = Tenancy(cfg.api_keys)
         self.headers = {"Authorization": f"Bearer {cfg.backend_key}"} if cfg.backend_key else {}
         self.client: httpx.AsyncClient | None = None
-        self.bases: set[str] = set()  # the backends' base model ids (no adapter to route by)
+        # the base model ids (no adapter to route by): --base, or what the backends list with
+        # no parent; a learned one never widens access (see `base_for`)
+        self.bases: set[str] = set(cfg.bases or ())
+        self.learn_bases = not cfg.bases
         r = self.registry = CollectorRegistry()
         self.requests = Total("peftkit_gateway_requests", "Requests by backend and status",
                                 ["backend", "status"], registry=r)
@@ -108,8 +148,8 @@ class Gateway:
             backend.up = r.status_code == 200
             loaded = r.json().get("loaded") if backend.up and r.content else None
             if isinstance(loaded, list):  # what it holds now, and what is on its way there
-                backend.adapters = set(loaded) | {m for m, n in backend.routed.items() if n}
-            if backend.up and not self.bases:
+                backend.adapters.replace([*loaded, *backend.routed])
+            if backend.up and self.learn_bases and not self.bases:
                 r = await self.client.get(f"{backend.url}/v1/models", headers=self.headers,
                                           timeout=5)
                 self.bases = {m["id"] for m in r.json()["data"] if m.get("parent") is None}
@@ -164,6 +204,8 @@ class Gateway:
                 backend.adapters.discard(model)
                 raise
             self.requests.labels(backend.url, str(response.status_code)).inc()
+            if response.status_code == 404:  # it does not hold it after all
+                backend.adapters.discard(model)
             if stream and response.status_code == 200:
                 return StreamingResponse(self.relay(backend, model, response),
                                          media_type="text/event-stream")
@@ -183,6 +225,16 @@ class Gateway:
     def done(self, backend: Backend, model: str) -> None:
         backend.inflight -= 1
         backend.routed[model] -= 1
+        if backend.routed[model] <= 0:  # a name with nothing in flight is not kept
+            del backend.routed[model]
+
+    def base_for(self, who, model: str) -> bool:
+        """Whether `model` is a base (served to any caller). Tenancy is the keys file's alone:
+        a base the backends named is not one where the keys file scopes that name to a tenant,
+        so a backend listing a tenant's adapter as a base cannot open it to the others."""
+        if model not in self.bases:
+            return False
+        return not self.learn_bases or who.may_use(model) or not self.tenancy.claimed(model)
 
     async def relay(self, backend: Backend, model: str, response: httpx.Response):
         """A started stream, chunk by chunk; if its backend fails now, one error event ends it."""
@@ -218,7 +270,9 @@ def create_gateway_app(gw: Gateway):
     def visible(http: HTTPRequest, model: str) -> str:
         """The adapter to route by ("" for the base), if the caller may use it."""
         who = authenticate(gw.tenancy, http)
-        if model in gw.bases:
+        if len(model) > MAX_MODEL_ID:  # refused before routing: no name that long is served
+            raise ApiError(404, missing(model), "not_found_error")
+        if gw.base_for(who, model):
             return ""
         if model and not who.may_use(model):
             # another tenant's adapter and a missing one look the same, as in `serve`
@@ -244,7 +298,7 @@ def create_gateway_app(gw: Gateway):
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     r = await gw.client.get(f"{backend.url}/v1/models", headers=gw.headers)
                     data = [m for m in r.json()["data"]
-                            if m.get("parent") is None or who.may_use(m["id"])]
+                            if gw.base_for(who, m["id"]) or who.may_use(m["id"])]
                     return {"object": "list", "data": data}
         raise ApiError(503, "no backend is available", "server_error")
 

@@ -58,6 +58,10 @@ class Tenancy:
         for key, caller in _parse(raw, p):
             self._keys.append((_digest(key), caller))
 
+    def claimed(self, name: str) -> bool:
+        """Whether any tenant's adapter patterns cover `name` (open access: nothing is)."""
+        return any(not who.admin and who.may_use(name) for _, who in self._keys)
+
     def caller(self, authorization: str | None) -> Caller | None:
         """The caller for an `Authorization: Bearer KEY` header; None when the key is wrong.
         Every configured key is compared (digests of equal length), so the time taken says

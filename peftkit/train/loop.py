@@ -197,7 +197,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
                                 tok_s=f"{self.meter.tokens_per_second():.0f}")
-                if step % eval_every == 0 or step == total:
+                if step % eval_every == 0 and step != total:  # the last one after saving
                     history.append({"step": step, "train_loss": step_loss, **self._evaluate()})
                     if world.main:
                         bar.write(f"step {step}: " + ", ".join(
@@ -214,13 +214,19 @@ class Trainer:
         save_checkpoint(self.out, t.params, opt, {"step": step, "history": history,
                                                   "losses": losses, "global_batch": global_batch},
                         world.main)
+        # the adapter or head, and a report, are on disk before the final evaluation: a run
+        # that evaluation then kills (memory, a bad reference) keeps what it trained
         paths = save_run(t, self.out, world.main)
-        if not world.main:
-            return None
         data = {"train_examples": len(self.train_ex), "val_examples": len(self.val_ex),
                 "truncated_examples": self.truncated}
         if self.probe is not None:
             data["backbone_forward_examples"] = self.probe.backbone_rows
+        if losses and (not history or history[-1]["step"] != step):
+            if world.main:
+                write_report(self.out, t, self.meter, history, losses, paths, data)
+            history.append({"step": step, "train_loss": losses[-1], **self._evaluate()})
+        if not world.main:
+            return None
         return write_report(self.out, t, self.meter, history, losses, paths, data)
 
     def _setup(self):

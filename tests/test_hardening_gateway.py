@@ -1,0 +1,108 @@
+"""The gateway attacked (issue 29): a backend that lies about which models are bases, and a
+stream of distinct model names, against a fake backend on loopback (no model needed)."""
+
+import asyncio
+import os
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from peftkit.serve.gateway import Gateway, GatewayConfig, create_gateway_app
+from tests.serve_harness import serving
+
+ALICE, BOB = "sk-alice-0001", "sk-bob-00001"
+KEYS = f"tenants:\n  alice: {{keys: [{ALICE}], adapters: ['a*']}}\n" \
+       f"  bob: {{keys: [{BOB}], adapters: ['b*']}}\n"
+HELD = {"a-one", "b-secret"}
+
+
+def lying_backend(seen: list):
+    """Serves a base and two adapters, but lists bob's adapter as a base (`parent: null`)."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "loaded": sorted(HELD)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "tiny", "parent": None},
+                                           {"id": "b-secret", "parent": None},
+                                           {"id": "a-one", "parent": "tiny"}]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(request: Request):
+        name = (await request.json())["lora_name"]
+        seen.append(name)
+        return {"status": "ok"} if name in HELD else _not_found()
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        seen.append(body["model"])
+        if body["model"] not in HELD | {"tiny"}:
+            return _not_found()
+        return {"choices": [{"index": 0, "text": f"answer of {body['model']}"}]}
+    return app
+
+
+def _not_found():
+    return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+
+
+@pytest.fixture(params=[None, ["tiny"]], ids=["learned-bases", "--base"])
+def gateway(request, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS)
+    os.chmod(keys, 0o600)
+    seen = []
+    with serving(lying_backend(seen)) as backend:
+        gw = Gateway(GatewayConfig(backends=[backend], api_keys=str(keys), health_every_s=0.2,
+                                   bases=request.param, max_affinity=50))
+        with serving(create_gateway_app(gw)) as url:
+            deadline = time.time() + 10
+            while not gw.bases and time.time() < deadline:
+                time.sleep(0.05)
+            yield gw, url, seen
+
+
+def _ask(url, key, model):
+    return httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": model, "prompt": "hi", "max_tokens": 2}, timeout=30)
+
+
+def test_a_backend_cannot_widen_access(gateway):
+    """A backend listed bob's adapter with parent null; alice once got bob's answer."""
+    gw, url, seen = gateway
+    stolen = _ask(url, ALICE, "b-secret")
+    assert stolen.status_code == 404 and "b-secret" not in seen
+    assert _ask(url, BOB, "b-secret").json()["choices"][0]["text"] == "answer of b-secret"
+    assert _ask(url, ALICE, "tiny").json()["choices"][0]["text"] == "answer of tiny"
+    listed = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {ALICE}"}).json()
+    assert {m["id"] for m in listed["data"]} == {"tiny", "a-one"}
+
+
+def test_distinct_model_names_leave_nothing_behind(gateway):
+    """400 requests for distinct names under alice's wildcard (all 404) once grew the gateway's
+    memory by 200 MB: nothing is kept for a name with nothing in flight, what a backend holds is
+    bounded, and names past the length limit never reach a backend."""
+    gw, url, seen = gateway
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=url, timeout=60,
+                                     headers={"Authorization": f"Bearer {ALICE}"}) as c:
+            for start in range(0, 400, 50):
+                rs = await asyncio.gather(*(c.post("/v1/completions", json={
+                    "model": f"a-{i:04d}", "prompt": "hi", "max_tokens": 2})
+                    for i in range(start, start + 50)))
+                assert {r.status_code for r in rs} == {404}
+    asyncio.run(flood())
+    backend = gw.router.backends[0]
+    assert not backend.routed and backend.inflight == 0
+    assert len(backend.adapters) <= 50
+    before = len(seen)
+    huge = _ask(url, ALICE, "a" * 500_000)
+    assert huge.status_code == 404 and len(seen) == before  # refused before routing
