@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--health-every", type=float, default=1.0, help="seconds between checks")
     s.add_argument("--base", help="comma-separated base model ids any caller may use (default: "
                                   "learned from the backends, never widening the keys file)")
+    s.add_argument("--insecure-open", action="store_true",
+                   help="serve without --api-keys: anyone may use every adapter and the admin "
+                        "endpoints (localhost only)")
+    s.add_argument("--tenant-max-inflight", type=int, default=0,
+                   help="requests one tenant may have in flight through the gateway (0: no "
+                        "limit); past it, 429")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8080, help="port to listen on")
     s.set_defaults(func=cmd_gateway)
@@ -159,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--label-field", default="label", help="the label column/key")
     c.add_argument("--skip-invalid", action="store_true",
                    help="report bad records and keep the rest (exit 0)")
+    c.add_argument("--max-record-mb", type=float, default=16.0,
+                   help="a record (JSONL line, CSV field) over this many MB is a bad record")
     c.set_defaults(func=cmd_data_check)
 
     s = sub.add_parser("export", help="adapters for another engine, checked first (vLLM)")
@@ -238,8 +246,12 @@ def cmd_gateway(args) -> None:
     cfg = GatewayConfig(backends=[u for u in args.backends.split(",") if u],
                         api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
                         health_every_s=args.health_every,
-                        bases=[b for b in (args.base or "").split(",") if b] or None)
-    app = create_gateway_app(Gateway(cfg))
+                        bases=[b for b in (args.base or "").split(",") if b] or None,
+                        insecure_open=args.insecure_open,
+                        tenant_max_inflight=args.tenant_max_inflight)
+    gateway = Gateway(cfg)
+    gateway.preflight(listen=(args.host, args.port))
+    app = create_gateway_app(gateway)
     print(f"peftkit: gateway over {len(cfg.backends)} backends on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
@@ -287,7 +299,8 @@ def cmd_data_check(args) -> int:
     from peftkit.data import load_dataset, tokenize
     from peftkit.models import load_base
     try:
-        ds = load_dataset(args.file, args.text_field, args.label_field, args.skip_invalid)
+        ds = load_dataset(args.file, args.text_field, args.label_field, args.skip_invalid,
+                          max_record_mb=args.max_record_mb)
     except DataError as e:
         print(str(e), file=sys.stderr)
         print(f"{args.file}: invalid ({len(e.problems)} bad records)", file=sys.stderr)

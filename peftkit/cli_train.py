@@ -65,8 +65,7 @@ def cmd_train(args) -> int:
 
 def check_world(cfg) -> None:
     """What would fail on every rank at once is said once, before any process starts."""
-    from peftkit.data import load_dataset
-    n = len(load_dataset(cfg.data, cfg.text_field, cfg.label_field, cfg.skip_invalid).records)
+    n = len(cfg.load_data(cfg.data).records)
     held_out = 0 if cfg.val_data or not cfg.val_split else max(1, round(n * cfg.val_split))
     if n - held_out < cfg.nproc:
         raise PeftkitError(f"{cfg.data}: {n - held_out} training examples cannot be split over "

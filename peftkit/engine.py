@@ -22,6 +22,9 @@ from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
+
+
 class QueueFull(PeftkitError):
     """Too many waiting requests: HTTP 429."""
 
@@ -345,8 +348,8 @@ class Engine:
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         s = req.sampling
-        if s.temperature <= 0:
-            return int(logits.argmax())
+        if s.temperature < GREEDY_BELOW:  # as vLLM: a temperature this small is greedy (and
+            return int(logits.argmax())  # 5e-324 is 0 in float32: 0/0 would be NaN)
         # On the CPU, where the request's seeded generator lives, whatever the model's device.
         # Shift before dividing: a temperature of 1e-45 then gives 0 and -inf, never inf - inf.
         logits = logits.float().cpu()
@@ -354,6 +357,7 @@ class Engine:
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < s.top_p
+            keep[0] = True  # the likeliest token always (a top_p of 1e-300 is 0 in float32)
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=req.generator))
 

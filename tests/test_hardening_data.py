@@ -174,3 +174,32 @@ def test_linear_chat_spans_match_the_prefix_definition(tok, turns):
     messages = [{"role": r, "content": c} for r, c in turns]
     render = lambda m: tok.apply_chat_template(m, tokenize=False)  # noqa: E731
     assert _assistant_spans(messages, render, render(messages)) == _prefix_spans(messages, tok)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_record_past_the_size_limit_is_reported_not_read(tmp_path, suffix):
+    """One 200 MB JSONL line took 5.2 GB and aborted `data check`: a record over
+    --max-record-mb is now `FILE:LINE` (and skipped in chunks, never held whole)."""
+    import resource
+    big = "x" * (3 * 2**20)  # 3 MB against a 1 MB limit: the line's size is what matters
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".jsonl":
+        path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": big}) + "\n"
+                        + json.dumps({"text": "also fine"}) + "\n")
+    else:
+        path.write_text(f"text\nfine\n{big}\nalso fine\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError) as err:
+        load_dataset(path, max_record_mb=1)
+    line = 2 if suffix == ".jsonl" else 3  # the CSV's header is line 1
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(f"{path}:{line}: ")
+    assert "exceeds --max-record-mb 1" in err.value.problems[0]
+    if suffix == ".jsonl":
+        assert "record of 3.0 MB exceeds --max-record-mb 1" in err.value.problems[0]
+        grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown_kb < 3 * 1024  # never the whole line in memory
+    kept = load_dataset(path, max_record_mb=1, skip_invalid=True)
+    assert [r.text for r in kept.records] == ["fine", "also fine"] and kept.skipped == 1
+    assert len(load_dataset(path, max_record_mb=4).records) == 3
+    with pytest.raises(PeftkitError, match="--max-record-mb: must be > 0"):
+        load_dataset(path, max_record_mb=0)

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from peftkit.serve.gateway import Gateway, GatewayConfig, create_gateway_app
 from tests.serve_harness import serving
 
-ALICE, BOB = "sk-alice-0001", "sk-bob-00001"
-KEYS = f"tenants:\n  alice: {{keys: [{ALICE}], adapters: ['a*']}}\n" \
+ALICE, BOB, ADMIN = "sk-alice-0001", "sk-bob-00001", "sk-admin-0001"
+KEYS = f"admin_keys: [{ADMIN}]\ntenants:\n  alice: {{keys: [{ALICE}], adapters: ['a*']}}\n" \
        f"  bob: {{keys: [{BOB}], adapters: ['b*']}}\n"
 HELD = {"a-one", "b-secret"}
 
@@ -35,8 +35,13 @@ def lying_backend(seen: list):
 
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request):
-        name = (await request.json())["lora_name"]
+        body = await request.json()
+        name = body["lora_name"]
         seen.append(name)
+        seen.append(("load", body.get("tier"), body.get("pin")))
+        if name == "a-broken":
+            return JSONResponse({"error": {"message": "adapter 'a-broken' cannot be served: "
+                                                      "corrupt"}}, status_code=400)
         return {"status": "ok"} if name in HELD else _not_found()
 
     @app.post("/v1/completions")
@@ -106,3 +111,70 @@ def test_distinct_model_names_leave_nothing_behind(gateway):
     before = len(seen)
     huge = _ask(url, ALICE, "a" * 500_000)
     assert huge.status_code == 404 and len(seen) == before  # refused before routing
+
+
+def test_a_gateway_without_keys_refuses_to_start_unless_told(tmp_path):
+    """With --backend-key and no --api-keys anyone was admin (anonymous unload: 200)."""
+    from peftkit.errors import PeftkitError
+    with pytest.raises(PeftkitError, match="--insecure-open"):
+        Gateway(GatewayConfig(backends=["http://127.0.0.1:9"], backend_key="sk-backend-01"))
+    Gateway(GatewayConfig(backends=["http://127.0.0.1:9"], insecure_open=True))
+
+
+def test_preflight_refuses_itself_and_a_backend_that_refuses_its_key(tmp_path):
+    from peftkit.errors import PeftkitError
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS)
+    os.chmod(keys, 0o600)
+    with pytest.raises(PeftkitError, match="is this gateway itself"):
+        Gateway(GatewayConfig(backends=["http://localhost:8080"], api_keys=str(keys))
+                ).preflight(listen=("127.0.0.1", 8080))
+    locked = FastAPI()
+
+    @locked.get("/v1/models")
+    async def models():
+        return JSONResponse({"error": {"message": "invalid key"}}, status_code=401)
+    with serving(locked) as backend:
+        with pytest.raises(PeftkitError, match="refuses the gateway's key .401.; give its key "
+                                               "with --backend-key"):
+            Gateway(GatewayConfig(backends=[backend], api_keys=str(keys))).preflight()
+    Gateway(GatewayConfig(backends=["http://127.0.0.1:9"], api_keys=str(keys))).preflight()
+
+
+def test_tenant_in_flight_limit_at_the_gateway(gateway):
+    gw, url, _ = gateway
+    gw.cfg.tenant_max_inflight = 1
+    gw.inflight["alice"] = 1  # one request of hers already running
+    busy = _ask(url, ALICE, "a-one")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert _ask(url, BOB, "b-secret").status_code == 200  # another tenant is not held up
+    gw.inflight.clear()
+    assert _ask(url, ALICE, "a-one").status_code == 200 and not gw.inflight
+
+
+def test_errors_have_openai_shape_on_every_route(gateway):
+    gw, url, _ = gateway
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    for r in (httpx.get(f"{url}/v1/nothing", headers=auth),
+              httpx.get(f"{url}/v1/completions", headers=auth),
+              httpx.post(f"{url}/v1/completions", headers={**auth, "content-type":
+                         "application/json"}, content=b"{not json"),
+              httpx.post(f"{url}/v1/completions", headers={**auth, "content-type":
+                         "application/json"}, content=b"[" * 100_000 + b"]" * 100_000)):
+        body = r.json()
+        assert r.status_code in (400, 404, 405) and set(body) == {"error"}, (r.status_code, body)
+        assert {"message", "type", "param", "code"} <= set(body["error"])
+
+
+def test_admin_load_passes_the_backends_answer_and_options(gateway):
+    """The gateway once said 200 when its backend said 400, and dropped "tier"."""
+    gw, url, seen = gateway
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(f"{url}/v1/load_lora_adapter", headers=admin, json={"lora_name": "a-broken"})
+    assert r.status_code == 400 and "corrupt" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/load_lora_adapter", headers=admin,
+                   json={"lora_name": "a-one", "tier": "host", "pin": False})
+    assert r.status_code == 200 and ("load", "host", False) in seen
+    alice = httpx.post(f"{url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {ALICE}"},
+                       json={"lora_name": "a-one"})
+    assert alice.status_code == 403  # admin endpoints are never forwarded for tenants

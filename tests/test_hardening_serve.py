@@ -73,6 +73,8 @@ def test_limits_are_clear_4xx_and_requests_always_end(root):
                                            b'"prompt": "\\ud800", "max_tokens": 2}',
                                            headers={"content-type": "application/json"}),
                  "tiny_temp": await post(temperature=1e-45, seed=1),
+                 "denormal_temp": await post(temperature=5e-324, seed=1),
+                 "tiny_top_p": await post(temperature=1.0, top_p=1e-300, seed=1),
                  "ok": await post(temperature=0)}
             r["health"] = await c.get("/health")  # still alive and answering after all that
             return r
@@ -80,7 +82,8 @@ def test_limits_are_clear_4xx_and_requests_always_end(root):
         r = asyncio.run(go(url))
     expect = {"body": 413, "context": 400, "n": 400, "batch": 400, "temp": 400, "top_p0": 400,
               "top_p2": 400, "stops": 400, "empty_messages": 400, "empty_prompt": 400,
-              "seed": 400, "surrogate": 400, "tiny_temp": 200, "ok": 200, "health": 200}
+              "seed": 400, "surrogate": 400, "tiny_temp": 200, "denormal_temp": 200,
+              "tiny_top_p": 200, "ok": 200, "health": 200}
     assert {k: v.status_code for k, v in r.items()} == expect
     names = {"context": "max_tokens", "n": "n", "batch": "prompt", "temp": "temperature",
              "stops": "stop", "empty_messages": "messages", "empty_prompt": "prompt",

@@ -395,3 +395,23 @@ def test_serves_what_train_writes(runs, tmp_path):
         assert tok.decode(out.out_ids, skip_special_tokens=True).strip() == answer
     with pytest.raises(AdapterInvalid, match="'whole' is a peftkit run without an adapter"):
         server.store.acquire("whole")
+
+
+def test_pins_never_take_the_last_free_slot_and_refusals_hide_server_paths(adapters, tmp_path):
+    """Admin pins once filled every slot, so requests for any other adapter got a 429 that
+    could never succeed; and a refused adapter's 400 showed tenants the server's paths."""
+    server = make_server(adapters, max_loaded=2)
+    server.store.load("alpha", pin=True)
+    with pytest.raises(PeftkitError, match="would leave no free slot"):
+        server.store.load("beta", pin=True)
+    server.store.load("alpha", pin=True)  # pinning it again is fine
+    assert server.store.acquire("beta") >= 0  # the last slot stays for everyone else
+    root = tmp_path / "ads"
+    shutil.copytree(adapters / "alpha", root / "broken")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"bad")
+    bad = make_server(root)
+    with pytest.raises(AdapterInvalid) as err:
+        bad.store.acquire("broken")
+    message = str(err.value)
+    assert message.startswith("adapter 'broken' cannot be served: ") and "corrupt" in message
+    assert str(tmp_path) not in message and "base_model.model" not in message

@@ -26,7 +26,10 @@ KINDS = ("chat", "prompt_completion", "text", "classification")
 # Integer labels are class ids only below this; beyond, they are names (a stray 99999999999
 # must not ask for a head of 10^11 classes).
 MAX_CLASS_ID = 10_000
-CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (131,072 characters) rejects long texts
+# A record (a JSONL line, a CSV field) past this many MB is reported, never read into memory
+# whole: one 200 MB line once took 5 GB and aborted `data check`. (The csv module's own default,
+# 131,072 characters, would reject ordinary long texts.)
+MAX_RECORD_MB = 16.0
 # Bytes that are not UTF-8 arrive as U+DC80..U+DCFF under errors="surrogateescape".
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -64,9 +67,13 @@ class _Invalid(Exception):
 
 
 def load_dataset(path: str | Path, text_field: str = "text", label_field: str = "label",
-                 skip_invalid: bool = False, max_errors: int = 20) -> Dataset:
+                 skip_invalid: bool = False, max_errors: int = 20,
+                 max_record_mb: float = MAX_RECORD_MB) -> Dataset:
     """Parse and validate a dataset file. Raises DataError listing the bad records unless
     `skip_invalid`, in which case they are dropped and counted in `Dataset.skipped`."""
+    if not max_record_mb > 0:
+        raise PeftkitError(f"--max-record-mb: must be > 0, got {max_record_mb}")
+    limit = int(max_record_mb * 2**20)
     path = Path(path)
     if path.is_dir():
         raise PeftkitError(f"{path}: is a directory; give a .jsonl, .csv or .tsv file")
@@ -74,9 +81,10 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
         raise PeftkitError(f"dataset not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path, text_field, label_field)
+        rows = _jsonl_rows(path, text_field, label_field, limit)
     elif suffix in (".csv", ".tsv"):
-        rows = _table_rows(path, text_field, label_field, "\t" if suffix == ".tsv" else ",")
+        rows = _table_rows(path, text_field, label_field, "\t" if suffix == ".tsv" else ",",
+                           limit)
     else:
         raise PeftkitError(f"{path}: unknown dataset format '{suffix}' (use .jsonl, .csv or .tsv)")
 
@@ -106,33 +114,55 @@ def _open(path: Path, newline: str):
     return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
-def _jsonl_rows(path: Path, text_field: str, label_field: str):
-    with _open(path, "\n") as fh:  # lines end at \n only, as `wc -l` counts them
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+def _lines(path: Path, limit: int):
+    """(line number, text or _Invalid) per line (ending at \n only, as `wc -l` counts them); a
+    line over `limit` bytes is skipped in chunks, never held, and reported with its size."""
+    with open(path, "rb") as fh:
+        line_no = 0
+        while raw := fh.readline(limit + 1):
+            line_no += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (chunk := fh.readline(1 << 20)) and not chunk.endswith(b"\n"):
+                    size += len(chunk)
+                size += len(chunk)
+                yield line_no, _Invalid(f"record of {size / 2**20:.1f} MB exceeds "
+                                        f"--max-record-mb {limit / 2**20:g}")
                 continue
-            bad = _BAD_BYTE.search(line)
-            if bad:
-                yield line_no, _Invalid(f"invalid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
-                                        f"column {bad.start() + 1})")
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                yield line_no, _Invalid(f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            except RecursionError:
-                yield line_no, _Invalid("invalid JSON (nested too deeply)")
-                continue
-            except ValueError as e:  # an integer literal past Python's digit limit
-                yield line_no, _Invalid(f"invalid JSON ({str(e)[:80]})")
-                continue
-            yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            yield line_no, raw.decode("utf-8", "surrogateescape")
 
 
-def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str):
+def _jsonl_rows(path: Path, text_field: str, label_field: str, limit: int):
+    for line_no, line in _lines(path, limit):
+        if isinstance(line, _Invalid):
+            yield line_no, line
+            continue
+        if not line.strip():
+            continue
+        bad = _BAD_BYTE.search(line)
+        if bad:
+            yield line_no, _Invalid(f"invalid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                                    f"column {bad.start() + 1})")
+            continue
+        try:
+            obj = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            yield line_no, _Invalid(f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        except RecursionError:
+            yield line_no, _Invalid("invalid JSON (nested too deeply)")
+            continue
+        except ValueError as e:  # an integer literal past Python's digit limit
+            yield line_no, _Invalid(f"invalid JSON ({str(e)[:80]})")
+            continue
+        yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
+
+
+def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str, limit: int):
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    csv.field_size_limit(CSV_FIELD_LIMIT)
+    csv.field_size_limit(limit)  # a longer field is a csv.Error, reported at its line
     with _open(path, "") as fh:  # the csv module reads the line ends itself
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
         try:
@@ -159,7 +189,9 @@ def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str):
                 break
             except csv.Error as e:  # the reader resumes at the next line
                 line_no, start = start, reader.line_num + 1
-                yield line_no, _Invalid(f"CSV syntax: {e}")
+                yield line_no, _Invalid(
+                    f"a field exceeds --max-record-mb {limit / 2**20:g}" if "field limit" in
+                    str(e) else f"CSV syntax: {e}")
                 continue
             line_no, start = start, reader.line_num + 1
             if not row:

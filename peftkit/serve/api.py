@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
@@ -137,6 +138,17 @@ def install_errors(app: FastAPI) -> None:
     async def api_error(_req, e: ApiError):
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}},
                             status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req, e: StarletteHTTPException):
+        """Unknown routes, wrong methods, bodies that do not parse: OpenAI's shape too."""
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        detail = e.detail if isinstance(e.detail, str) else "invalid request"
+        if e.status_code == 400:
+            detail = f"the body is not valid JSON ({detail})"
+        return JSONResponse({"error": {"message": detail, "type": kind, "param": None,
+                                       "code": e.status_code}},
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_req, e: RequestValidationError):

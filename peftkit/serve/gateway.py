@@ -43,10 +43,13 @@ class GatewayConfig:
     timeout_s: float = 300.0  # per request to a backend
     max_body_mb: float = 2.0
     bases: list[str] | None = None  # the base model ids; None: learned from the backends
+    insecure_open: bool = False  # serve without --api-keys: anyone is admin (localhost only)
+    tenant_max_inflight: int = 0  # requests one tenant may have in flight; 0 = no limit
     max_affinity: int = 4096  # adapter names remembered per backend (least recently routed go)
 
 
 MAX_MODEL_ID = 256  # longer model names are refused before routing (nothing is remembered)
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
 class Affinity:
@@ -122,8 +125,13 @@ class Router:
 class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
+        if cfg.api_keys is None and not cfg.insecure_open:
+            raise PeftkitError("gateway: no --api-keys, so anyone could use every adapter and the "
+                               "admin endpoints; give --api-keys FILE, or --insecure-open to "
+                               "serve without keys (bind to localhost)")
         self.router = Router(cfg.backends, cfg.spill, cfg.max_affinity)
         self.tenancy = Tenancy(cfg.api_keys)
+        self.inflight: Counter = Counter()  # tenant -> requests in flight through the gateway
         self.headers = {"Authorization": f"Bearer {cfg.backend_key}"} if cfg.backend_key else {}
         self.client: httpx.AsyncClient | None = None
         # the base model ids (no adapter to route by): --base, or what the backends list with
@@ -162,18 +170,73 @@ class Gateway:
             await asyncio.gather(*(self.check(b) for b in self.router.backends))
             await asyncio.sleep(self.cfg.health_every_s)
 
-    async def place(self, backend: Backend, model: str) -> None:
-        """Ask `backend` to load `model` (vLLM's admin endpoint); 404 passes through."""
+    async def place(self, backend: Backend, model: str, body: dict | None = None) -> None:
+        """Ask `backend` to load `model` (vLLM's admin endpoint; `body` the admin's own, pin and
+        tier included); its 4xx answer is the caller's, 5xx fails the backend."""
         r = await self.client.post(f"{backend.url}/v1/load_lora_adapter", headers=self.headers,
-                                   json={"lora_name": model})
+                                   json=body or {"lora_name": model})
         if r.status_code == 404:
             raise ApiError(404, missing(model), "not_found_error")
         if r.status_code >= 500:
             raise httpx.RemoteProtocolError(f"load failed with {r.status_code}")
+        if r.status_code >= 400:
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"the backend refused the load ({r.status_code})"
+            raise ApiError(r.status_code, message)
+
+    def preflight(self, listen: tuple[str, int] | None = None) -> None:
+        """What would fail every request, said before serving: the gateway listed as its own
+        backend, or a backend that refuses the gateway's key. A backend not up yet is fine."""
+        for backend in self.router.backends:
+            url = httpx.URL(backend.url)
+            if listen and url.port == listen[1] and url.host in LOOPBACK | {listen[0]}:
+                raise PeftkitError(f"--backends: {backend.url} is this gateway itself")
+            try:
+                r = httpx.get(f"{backend.url}/v1/models", headers=self.headers, timeout=5)
+            except httpx.HTTPError:
+                continue
+            if r.status_code in (401, 403):
+                raise PeftkitError(f"--backends: {backend.url} refuses the gateway's key "
+                                   f"({r.status_code}); give its key with --backend-key")
+
+    def admit(self, who) -> None:
+        limit = self.cfg.tenant_max_inflight
+        if limit and who.tenant is not None and self.inflight[who.tenant] >= limit:
+            raise ApiError(429, f"tenant '{who.tenant}' has {limit} requests in flight (the "
+                                "limit); retry when one ends", "rate_limit_error",
+                           {"Retry-After": "1"})
+        self.inflight[who.tenant] += 1
+
+    def leave(self, who) -> None:
+        self.inflight[who.tenant] -= 1
+        if self.inflight[who.tenant] <= 0:
+            del self.inflight[who.tenant]
 
     # -- requests -----------------------------------------------------------------------------
-    async def forward(self, path: str, model: str, body: dict, stream: bool):
-        """`body` to a backend for `model` (an adapter id; "" for the base)."""
+    async def forward(self, path: str, model: str, body: dict, stream: bool, who=None):
+        """`body` to a backend for `model` (an adapter id; "" for the base), counted in the
+        caller's in-flight limit until its answer (or stream) ends."""
+        if who is None:
+            return await self._forward(path, model, body, stream, lambda: None)
+        self.admit(who)
+        ended = []
+
+        def end():  # once, whichever way the request ends
+            if not ended:
+                ended.append(True)
+                self.leave(who)
+        try:
+            response = await self._forward(path, model, body, stream, end)
+        except BaseException:
+            end()
+            raise
+        if not isinstance(response, StreamingResponse):
+            end()
+        return response
+
+    async def _forward(self, path: str, model: str, body: dict, stream: bool, end):
         tried: set[str] = set()
         while True:
             backend, hit = self.router.pick(model, tried)
@@ -207,7 +270,7 @@ class Gateway:
             if response.status_code == 404:  # it does not hold it after all
                 backend.adapters.discard(model)
             if stream and response.status_code == 200:
-                return StreamingResponse(self.relay(backend, model, response),
+                return StreamingResponse(self.relay(backend, model, response, end),
                                          media_type="text/event-stream")
             try:
                 content = await response.aread()
@@ -236,7 +299,7 @@ class Gateway:
             return False
         return not self.learn_bases or who.may_use(model) or not self.tenancy.claimed(model)
 
-    async def relay(self, backend: Backend, model: str, response: httpx.Response):
+    async def relay(self, backend: Backend, model: str, response: httpx.Response, end):
         """A started stream, chunk by chunk; if its backend fails now, one error event ends it."""
         try:
             async for chunk in response.aiter_raw():
@@ -249,6 +312,7 @@ class Gateway:
             yield f"\n\ndata: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
         finally:
             self.done(backend, model)
+            end()
             await response.aclose()
 
 
@@ -267,28 +331,28 @@ def create_gateway_app(gw: Gateway):
     app = FastAPI(title="peftkit gateway", version="0.1.0", lifespan=lifespan)
     install_errors(app)
 
-    def visible(http: HTTPRequest, model: str) -> str:
-        """The adapter to route by ("" for the base), if the caller may use it."""
+    def visible(http: HTTPRequest, model: str):
+        """(caller, the adapter to route by: "" for the base), if the caller may use it."""
         who = authenticate(gw.tenancy, http)
         if len(model) > MAX_MODEL_ID:  # refused before routing: no name that long is served
             raise ApiError(404, missing(model), "not_found_error")
         if gw.base_for(who, model):
-            return ""
+            return who, ""
         if model and not who.may_use(model):
             # another tenant's adapter and a missing one look the same, as in `serve`
             raise ApiError(404, missing(model), "not_found_error")
-        return model
+        return who, model
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
-        raw = await http.json()
-        return await gw.forward("/v1/completions", visible(http, body.model), raw, body.stream)
+        who, model = visible(http, body.model)
+        return await gw.forward("/v1/completions", model, await http.json(), body.stream, who)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HTTPRequest):
-        raw = await http.json()
-        return await gw.forward("/v1/chat/completions", visible(http, body.model), raw,
-                                body.stream)
+        who, model = visible(http, body.model)
+        return await gw.forward("/v1/chat/completions", model, await http.json(), body.stream,
+                                who)
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest):
@@ -321,9 +385,10 @@ def create_gateway_app(gw: Gateway):
     async def load(body: AdapterBody, http: HTTPRequest):
         authenticate(gw.tenancy, http, admin=True)
         backend, hit = gw.router.pick(body.lora_name, set())
-        if not hit:
-            await gw.place(backend, body.lora_name)
-            backend.adapters.add(body.lora_name)
+        if not hit or body.pin or body.tier != "device":  # the admin's own options reach it
+            await gw.place(backend, body.lora_name, body.model_dump())
+            if body.tier == "device":
+                backend.adapters.add(body.lora_name)
         return {"status": "ok", "lora_name": body.lora_name, "backend": backend.url}
 
     async def everywhere(path: str, body: AdapterBody, http: HTTPRequest):

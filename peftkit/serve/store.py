@@ -12,6 +12,7 @@ only the slot copy takes the engine's lock (between two forward steps). A reload
 new weights into a fresh slot; requests already running finish on the old one. A slot that no
 adapter owns any more is zeroed as soon as no request uses it."""
 
+import logging
 import re
 import threading
 import time
@@ -24,6 +25,8 @@ from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, SlotWrite, adapter_dir, p
 from peftkit.methods.lora import SlotWriter
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TENSOR_NAME = re.compile(r"base_model\.model\.[\w.]+")  # PEFT's tensor keys
+log = logging.getLogger("peftkit.serve")
 
 
 class AdapterNotFound(PeftkitError):
@@ -174,6 +177,13 @@ class AdapterStore:
         if tier == "host":
             self._prepared(adapter_id, self.path_of(adapter_id))
             return None
+        if pin:
+            with self.mutex:
+                pinned = sum(e.pinned for k, e in self.entries.items() if k != adapter_id)
+            if pinned + 1 >= self.capacity:  # a request for any other adapter could never run
+                raise PeftkitError(f"pinning '{adapter_id}' would leave no free slot for other "
+                                   f"adapters ({pinned} of {self.capacity} slots pinned); "
+                                   "unload one or serve with a larger --max-loaded")
         return self._ensure(adapter_id, pin=pin)
 
     def unload(self, adapter_id: str) -> None:
@@ -220,6 +230,13 @@ class AdapterStore:
             self.on_event("evict")
         return free[0]
 
+    def _public(self, reason: str, adapter_id: str) -> str:
+        """A refusal as a tenant sees it: the adapter's name, never the server's paths or the
+        adapter's tensor names."""
+        reason = reason.replace(str(self.root) + "/", "").replace(str(self.root), "")
+        reason = TENSOR_NAME.sub("a tensor", reason)
+        return f"adapter '{adapter_id}' cannot be served: {reason}"
+
     def _clear(self, slot: int) -> None:
         with self.lock:
             self.writer.clear(slot)
@@ -241,7 +258,8 @@ class AdapterStore:
         try:
             prepared = prepare_slot(self.layers, adapter_id, path, self.root)
         except PeftkitError as e:
-            raise AdapterInvalid(str(e)) from None
+            log.warning("adapter '%s' refused: %s", adapter_id, e)  # the whole reason, here only
+            raise AdapterInvalid(self._public(str(e), adapter_id)) from None
         with self.mutex:
             for _ in range(self.host.put(adapter_id, prepared)):
                 self.on_event("host_evict")

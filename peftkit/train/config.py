@@ -61,7 +61,14 @@ class TrainConfig:
     text_field: str = "text"  # the text column/key of classification and text records
     label_field: str = "label"  # the label column/key of classification records
     skip_invalid: bool = False  # drop bad records (each reported as FILE:LINE) instead of failing
+    max_record_mb: float = 16.0  # a record (JSONL line, CSV field) over this is a bad record
     resume: bool = False  # continue from the run directory's checkpoint, exactly
+
+    def load_data(self, path: str):
+        """One of this run's data files, read with its field names, skipping and size limit."""
+        from peftkit.data import load_dataset
+        return load_dataset(path, self.text_field, self.label_field, self.skip_invalid,
+                            max_record_mb=self.max_record_mb)
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from peftkit.data import IGNORE, load_dataset
+from peftkit.data import IGNORE
 from peftkit.errors import DataError, PeftkitError
 from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
@@ -123,8 +123,7 @@ class JointTrainer:
         problems = []
         for name, cfg in zip(self.names, self.cfgs):  # every file checked before any work
             try:
-                datasets.append(load_dataset(cfg.data, cfg.text_field, cfg.label_field,
-                                             cfg.skip_invalid))
+                datasets.append(cfg.load_data(cfg.data))
             except PeftkitError as e:
                 lines = e.problems if isinstance(e, DataError) else [str(e)]
                 problems += [f"tenant '{name}': {line}" for line in lines]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from peftkit.data import IGNORE, load_dataset, split, tokenize
+from peftkit.data import IGNORE, split, tokenize
 from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
@@ -54,7 +54,7 @@ def examples_for(cfg: TrainConfig, ds, tok, task: str):
     its --val-data or a seeded split, less causal-LM examples truncated down to their prompt."""
     pairs = list(zip(tokenize(ds, tok, cfg.max_length).examples, ds.records))
     if cfg.val_data:
-        vds = load_dataset(cfg.val_data, cfg.text_field, cfg.label_field, cfg.skip_invalid)
+        vds = cfg.load_data(cfg.val_data)
         if task == "classify":
             vds.label_names = ds.label_names
         val = list(zip(tokenize(vds, tok, cfg.max_length).examples, vds.records))
@@ -79,7 +79,7 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------
     def _prepare(self):
         cfg = self.cfg
-        ds = load_dataset(cfg.data, cfg.text_field, cfg.label_field, cfg.skip_invalid)
+        ds = cfg.load_data(cfg.data)
         task = cfg.task if cfg.task != "auto" else (
             "classify" if ds.kind == "classification" else "causal-lm")
         if task == "classify" and ds.kind != "classification":
