@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure-open", action="store_true",
                    help="serve without --api-keys: anyone may use every adapter and the admin "
                         "endpoints (localhost only)")
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds to a backend's first byte (a whole answer when not streamed); "
+                        "past it the backend leaves the rotation and the request is retried")
+    s.add_argument("--chunk-timeout", type=float, default=60.0,
+                   help="seconds between two chunks of a backend's stream before it is failed")
+    s.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body")
     s.add_argument("--tenant-max-inflight", type=int, default=0,
                    help="requests one tenant may have in flight through the gateway (0: no "
                         "limit); past it, 429")
@@ -247,7 +253,8 @@ def cmd_gateway(args) -> None:
                         api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
                         health_every_s=args.health_every,
                         bases=[b for b in (args.base or "").split(",") if b] or None,
-                        insecure_open=args.insecure_open,
+                        insecure_open=args.insecure_open, timeout_s=args.timeout,
+                        chunk_timeout_s=args.chunk_timeout, max_body_mb=args.max_body_mb,
                         tenant_max_inflight=args.tenant_max_inflight)
     gateway = Gateway(cfg)
     gateway.preflight(listen=(args.host, args.port))

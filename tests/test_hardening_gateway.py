@@ -178,3 +178,64 @@ def test_admin_load_passes_the_backends_answer_and_options(gateway):
     alice = httpx.post(f"{url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {ALICE}"},
                        json={"lora_name": "a-one"})
     assert alice.status_code == 403  # admin endpoints are never forwarded for tenants
+
+
+def _silent_backend(stream_then_hang: bool = False):
+    """Passes /health, then never answers a request (or stops mid-stream)."""
+    from fastapi.responses import StreamingResponse
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "tiny", "parent": None}]}
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        if not stream_then_hang:
+            await asyncio.sleep(3600)
+
+        async def chunks():
+            yield b'data: {"choices": [{"index": 0, "text": "par"}]}\n\n'
+            await asyncio.sleep(3600)
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+    return app
+
+
+def test_a_silent_backend_is_timed_out_and_the_request_retried(tmp_path):
+    """A backend that passed /health but never answered held clients 40 s and more."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS)
+    os.chmod(keys, 0o600)
+    seen = []
+    with serving(_silent_backend()) as silent, serving(lying_backend(seen)) as honest:
+        gw = Gateway(GatewayConfig(backends=[silent, honest], api_keys=str(keys),
+                                   bases=["tiny"], timeout_s=1.0, health_every_s=0.1))
+        with serving(create_gateway_app(gw)) as url:
+            start = time.perf_counter()
+            answers = [_ask(url, ALICE, "tiny") for _ in range(3)]
+            seconds = time.perf_counter() - start
+    assert [r.json()["choices"][0]["text"] for r in answers] == ["answer of tiny"] * 3
+    assert seconds < 5  # one timeout, then the silent backend stays out despite its /health
+    assert not gw.router.backends[0].up
+
+
+def test_a_stream_that_goes_silent_ends_with_one_error_event(tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(KEYS)
+    os.chmod(keys, 0o600)
+    with serving(_silent_backend(stream_then_hang=True)) as silent:
+        gw = Gateway(GatewayConfig(backends=[silent], api_keys=str(keys), bases=["tiny"],
+                                   chunk_timeout_s=1.0))
+        with serving(create_gateway_app(gw)) as url:
+            start = time.perf_counter()
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                              headers={"Authorization": f"Bearer {ALICE}"},
+                              json={"model": "tiny", "prompt": "hi", "stream": True}) as r:
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            seconds = time.perf_counter() - start
+    assert events[-1] == "[DONE]" and "error" in events[-2] and "par" in events[0]
+    assert seconds < 5 and not gw.inflight

@@ -131,3 +131,46 @@ def test_disk_full_mid_run_is_a_clear_error_and_the_checkpoint_survives(data, tm
     assert "Traceback" not in full.stderr
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and ckpt.complete(out / "checkpoint")
+
+
+TAMPERED = {  # trainer_state.json edits -> the field the error must name
+    "negative step": ({"step": -3}, "'step' must be a whole number >= 0"),
+    "text step": ({"step": "abc"}, "'step' must be"),
+    "null step": ({"step": None}, "'step' must be"),
+    "fractional step": ({"step": 2.5}, "'step' must be"),
+    "zero batch": ({"global_batch": 0}, "'global_batch' must be a whole number >= 1"),
+    "no n_params": ({"n_params": "drop"}, "'n_params' must be"),
+    "losses off": ({"losses": [1.0]}, "1 losses for step 2"),
+    "losses text": ({"losses": "x"}, "'losses' must be a list of numbers"),
+    "history": ({"history": 3}, "'history' must be a list of objects"),
+    "past the end": ({"step": 100, "losses": [1.0] * 100}, "at step 100, past this run's 2 "
+                                                           "steps"),
+    "no rng": ("rng", "no tensor 'rng.torch'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_trainer_state_is_one_line_naming_the_field(data, tmp_path, capsys, case):
+    from safetensors.torch import save_file
+    from peftkit.cli import main
+    args = ["train", "--model", "tiny-llama", "--data", str(data), "--method", "lora",
+            "--steps", "2", "--batch-size", "2", "--val-split", "0", "--output",
+            str(tmp_path / "run")]
+    assert main(args) == 0
+    ckpt_dir = tmp_path / "run" / "checkpoint"
+    edit, reason = TAMPERED[case]
+    if edit == "rng":
+        tensors = load_file(ckpt_dir / "state.safetensors")
+        del tensors["rng.torch"]
+        save_file(tensors, ckpt_dir / "state.safetensors")
+    else:
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        state.update(edit)
+        state = {k: v for k, v in state.items() if v != "drop"}
+        (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("peftkit: error:") == 1, err
+    last = err.splitlines()[-1]
+    assert last.startswith("peftkit: error:") and reason in last, err

@@ -174,3 +174,25 @@ def test_tenants_writing_one_directory_are_refused_before_loading(tmp_path, writ
     msg = str(err.value)
     assert f"{at[0]}: tenant 'acme'" in msg and f"{at[1]}: tenant 'bolt'" in msg
     assert "own `output`" in msg and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("option,reason", [
+    ({"rank": [8]}, "tenant 'acme': rank: expected int"),
+    ({"lr": -1}, "tenant 'acme': lr: must be >= 0"),
+    ({"targets": 5}, "tenant 'acme': targets: expected str"),
+    ({"rank": 0}, "tenant 'acme': rank: must be >= 1")])
+def test_tenant_options_are_typed_like_config_files(tmp_path, write, option, reason):
+    """`rank: "8"` or a list, `targets` as a list, `lr: -1` in a tenant once gave tracebacks."""
+    from peftkit.train.joint import load_tenants
+    data = write("d.jsonl", _rows("a"))
+    good = {"name": "bolt", "data": str(data), "output": str(tmp_path / "b"), "rank": "8",
+            "lr": "1e-3", "targets": ["q_proj", "v_proj"]}
+    spec = tmp_path / "tenants.yaml"
+    spec.write_text(yaml.safe_dump({**SHARED, "method": "lora", "tenants": [
+        good, {"name": "acme", "data": str(data), "output": str(tmp_path / "a"), **option}]}))
+    with pytest.raises(PeftkitError) as err:
+        load_tenants(str(spec))
+    assert reason in str(err.value) and str(spec) in str(err.value)
+    spec.write_text(yaml.safe_dump({**SHARED, "method": "lora", "tenants": [good]}))
+    (_, cfg), = load_tenants(str(spec))
+    assert (cfg.rank, cfg.lr, cfg.targets) == (8, 1e-3, "q_proj,v_proj")

@@ -160,7 +160,7 @@ def test_config_file_and_overrides(tmp_path, lm_data):
     path.write_text("methd: lora\n")
     with pytest.raises(PeftkitError, match="run.yaml: unknown option\\(s\\) methd"):
         load_config(str(path), {})
-    with pytest.raises(PeftkitError, match="unknown method 'lorra'"):
+    with pytest.raises(PeftkitError, match="--method: 'lorra' is not one of full"):
         load_config(None, {"data": str(lm_data), "method": "lorra"})
 
 
@@ -215,3 +215,58 @@ def test_a_causal_lm_probe_evaluates_in_batches_and_saves_before_it(write, tmp_p
     saved = json.loads((tmp_path / "q" / "report.json").read_text())
     assert saved["train_losses"] and saved["paths"]
     assert all(os.path.exists(p) for k, p in saved["paths"].items() if k != "report")
+
+
+YAML_VALUES = {  # a config file's value -> what the run gets, or the error naming FILE:KEY
+    "lr: 1e-3": ("lr", 1e-3),  # YAML 1.1 reads this as the string "1e-3"
+    "steps: '3'": ("steps", 3),
+    "rank: '8'": ("rank", 8),
+    "targets: [q_proj, v_proj]": ("targets", "q_proj,v_proj"),
+    "warmup: 2": ("warmup", 2.0),  # a whole number: steps of warmup
+    "rank: [8]": "run.yaml:rank: expected int",
+    "rank: 0": "run.yaml:rank: must be >= 1",
+    "lr: -1": "run.yaml:lr: must be >= 0",
+    "dropout: -0.5": "run.yaml:dropout: must be in [0, 1)",
+    "warmup: 2.5": "run.yaml:warmup: must be a fraction",
+    "num_virtual_tokens: 0": "run.yaml:num_virtual_tokens: must be >= 1",
+    "bottleneck_size: 0": "run.yaml:bottleneck_size: must be >= 1",
+    "steps: 2.5": "run.yaml:steps: expected int",
+    "rslora: 'yes'": "run.yaml:rslora: expected bool",
+    "schedule: cosin": "run.yaml:schedule: 'cosin' is not one of",
+}
+
+
+@pytest.mark.parametrize("line", list(YAML_VALUES))
+def test_config_values_are_typed_and_ranged_naming_file_and_key(tmp_path, lm_data, line):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: tiny-llama\ndata: {lm_data}\n{line}\n")
+    want = YAML_VALUES[line]
+    if isinstance(want, tuple):
+        assert getattr(load_config(str(path), {}), want[0]) == want[1]
+    else:
+        with pytest.raises(PeftkitError) as err:
+            load_config(str(path), {})
+        assert want in str(err.value)
+
+
+@pytest.mark.parametrize("flag,value,reason", [
+    ("--rank", "0", "--rank: must be >= 1"), ("--lr", "-1", "--lr: must be >= 0"),
+    ("--warmup", "2.5", "--warmup: must be a fraction"), ("--dropout", "1", "--dropout: must"),
+    ("--num-virtual-tokens", "0", "--num-virtual-tokens: must be >= 1"),
+    ("--bottleneck-size", "0", "--bottleneck-size: must be >= 1"),
+    ("--max-length", "0", "--max-length: must be >= 1"), ("--rank", "x", "invalid int")])
+def test_bad_flag_values_are_one_line_before_anything_loads(lm_data, capsys, flag, value,
+                                                            reason):
+    from peftkit.cli import main
+    try:
+        code = main(["train", "--model", "tiny-llama", "--data", str(lm_data), flag, value])
+    except SystemExit as e:  # argparse's own type errors: usage, then the error line
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and reason in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_warmup_as_a_step_count(lm_data, tmp_path):
+    from peftkit.train.loop import lr_at
+    cfg = _cfg(lm_data, tmp_path, "lora", warmup=2, schedule="constant")
+    assert [lr_at(s, 10, cfg, 1.0) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]

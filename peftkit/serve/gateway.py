@@ -17,6 +17,7 @@ started gets a clean error event and [DONE], never a second answer from elsewher
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -40,7 +41,10 @@ class GatewayConfig:
     backend_key: str | None = None  # sent to every backend (an admin key of theirs)
     health_every_s: float = 1.0
     spill: int = 8  # leave an adapter's holder when it has this many more in flight than the least loaded
-    timeout_s: float = 300.0  # per request to a backend
+    timeout_s: float = 300.0  # a backend's first byte (a whole answer, if not streamed)
+    chunk_timeout_s: float = 60.0  # between two chunks of a backend's stream
+    connect_timeout_s: float = 5.0  # a backend's connection
+    down_for_s: float = 10.0  # a failed backend stays out this long, even if /health answers
     max_body_mb: float = 2.0
     bases: list[str] | None = None  # the base model ids; None: learned from the backends
     insecure_open: bool = False  # serve without --api-keys: anyone is admin (localhost only)
@@ -89,6 +93,7 @@ class Backend:
     url: str
     up: bool = True
     inflight: int = 0
+    down_until: float = 0.0  # time.monotonic() before which /health cannot bring it back
     adapters: Affinity = field(default_factory=Affinity)  # what it holds, as far as we know
     routed: Counter = field(default_factory=Counter)  # adapter -> requests in flight (> 0 only)
 
@@ -153,7 +158,7 @@ class Gateway:
         """One health poll: up or down, and (peftkit serve, admin key) what it holds."""
         try:
             r = await self.client.get(f"{backend.url}/health", headers=self.headers, timeout=5)
-            backend.up = r.status_code == 200
+            backend.up = r.status_code == 200 and time.monotonic() >= backend.down_until
             loaded = r.json().get("loaded") if backend.up and r.content else None
             if isinstance(loaded, list):  # what it holds now, and what is on its way there
                 backend.adapters.replace([*loaded, *backend.routed])
@@ -281,8 +286,10 @@ class Gateway:
                             media_type=response.headers.get("content-type", "application/json"))
 
     def drop(self, backend: Backend) -> None:
-        """Out of the rotation (until a health check finds it up again)."""
+        """Out of the rotation: a backend that failed a request (silent past a timeout, or a
+        dropped connection) until `down_for_s` has passed and a health check finds it up."""
         self.router.down(backend)
+        backend.down_until = time.monotonic() + self.cfg.down_for_s
         self.up.labels(backend.url).set(0)
 
     def done(self, backend: Backend, model: str) -> None:
@@ -301,10 +308,15 @@ class Gateway:
 
     async def relay(self, backend: Backend, model: str, response: httpx.Response, end):
         """A started stream, chunk by chunk; if its backend fails now, one error event ends it."""
+        chunks = response.aiter_raw().__aiter__()
         try:
-            async for chunk in response.aiter_raw():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), self.cfg.chunk_timeout_s)
+                except StopAsyncIteration:
+                    break
                 yield chunk
-        except httpx.HTTPError:
+        except (httpx.HTTPError, asyncio.TimeoutError):
             self.drop(backend)
             error = {"message": "the backend serving this stream failed; the answer is "
                                 "incomplete (not retried, to never answer twice)",
@@ -319,7 +331,10 @@ class Gateway:
 def create_gateway_app(gw: Gateway):
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        gw.client = httpx.AsyncClient(timeout=gw.cfg.timeout_s,
+        # A backend that is silent past a timeout fails like one that dropped the connection:
+        # out of the rotation, and the request retried elsewhere if nothing was sent yet.
+        timeout = httpx.Timeout(gw.cfg.timeout_s, connect=gw.cfg.connect_timeout_s)
+        gw.client = httpx.AsyncClient(timeout=timeout,
                                       limits=httpx.Limits(max_connections=1000))
         watcher = asyncio.create_task(gw.watch())
         try:

@@ -89,7 +89,7 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
     meta_path, tensor_path = ckpt / META, ckpt / TENSORS
     if not complete(ckpt):
         raise PeftkitError(f"--resume: no checkpoint in {ckpt}")
-    meta = json.loads(meta_path.read_text())
+    meta = check_state(json.loads(meta_path.read_text()), meta_path)
     if meta["n_params"] != len(params):
         raise PeftkitError(f"{ckpt}: holds {meta['n_params']} trainable tensors, this run has "
                            f"{len(params)}; was it written with other options?")
@@ -97,6 +97,11 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
         tensors = load_file(tensor_path)
     except (SafetensorError, OSError) as e:
         raise PeftkitError(f"{tensor_path}: unreadable ({str(e)[:120]})") from None
+    absent = [k for k in [f"param.{i}" for i in range(len(params))] + ["rng.torch"]
+              if k not in tensors]
+    if absent:
+        raise PeftkitError(f"{tensor_path}: no tensor '{absent[0]}' (not this run's checkpoint,"
+                           " or damaged)")
     with torch.no_grad():
         for i, p in enumerate(params):
             saved = tensors[f"param.{i}"]
@@ -115,6 +120,38 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
     for key, state in tensors.items():
         if key.startswith("rng.cuda.") and torch.cuda.is_available():
             torch.cuda.set_rng_state(state, int(key.rsplit(".", 1)[1]))
+    return meta
+
+
+def check_state(meta, where: Path) -> dict:
+    """trainer_state.json against its schema: every field a resume reads, typed, in range, and
+    consistent (one loss per step), or a one-line error naming the file and the field."""
+    def bad(field: str, want: str, got) -> PeftkitError:
+        return PeftkitError(f"{where}: '{field}' must be {want}, got {json.dumps(got)[:60]}")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not isinstance(meta, dict):
+        raise PeftkitError(f"{where}: expected a JSON object")
+    for field in ("step", "n_params"):
+        if not count(meta.get(field)):
+            raise bad(field, "a whole number >= 0", meta.get(field))
+    batch = meta.get("global_batch")
+    if batch is not None and not (count(batch) and batch >= 1):
+        raise bad("global_batch", "a whole number >= 1", batch)
+    losses = meta.get("losses")
+    if not isinstance(losses, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses):
+        raise bad("losses", "a list of numbers", losses)
+    if len(losses) != meta["step"]:
+        raise PeftkitError(f"{where}: {len(losses)} losses for step {meta['step']} (one per "
+                           "step); the file was edited or damaged")
+    if not isinstance(meta.get("history"), list) or not all(
+            isinstance(h, dict) for h in meta["history"]):
+        raise bad("history", "a list of objects", meta.get("history"))
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad("param_groups", "a list of objects", groups)
     return meta
 
 

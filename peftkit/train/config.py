@@ -71,23 +71,12 @@ class TrainConfig:
                             max_record_mb=self.max_record_mb)
 
     def validate(self) -> "TrainConfig":
-        if self.method not in METHODS:
-            raise PeftkitError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.task not in ("auto", "causal-lm", "classify"):
-            raise PeftkitError(f"unknown task '{self.task}' (causal-lm, classify or auto)")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise PeftkitError(f"unknown schedule '{self.schedule}' (cosine, linear, constant)")
+        """Every option typed and in range (RANGES, CHOICES), named by its flag."""
+        typed_options(asdict(self), flag)
         if not self.data:
             raise PeftkitError("no training data: give --data FILE")
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise PeftkitError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.steps < 0 or self.epochs <= 0 and not self.steps:
-            raise PeftkitError("give --steps N > 0 or --epochs E > 0")
         self.placement()
         from peftkit.train.distributed import World, choose_strategy
-        if self.nproc < 1:
-            raise PeftkitError("--nproc must be >= 1")
         choose_strategy(self.strategy, self.method, World(size=max(self.nproc, 2)))
         return self
 
@@ -133,6 +122,80 @@ CHOICES = {"method": METHODS, "task": ("auto", "causal-lm", "classify"),
            "attn": ("sdpa", "eager", "flash_attention_2")}
 
 
+# Ranges, declared once: checked on flags (naming the flag), config files and tenant files
+# (naming FILE:KEY) alike. field -> (test, what it must be)
+def _whole(v) -> bool:
+    return float(v).is_integer()
+
+
+RANGES = {
+    "steps": (lambda v: v >= 0, ">= 0"), "epochs": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v >= 0, ">= 0 (0: the method's default)"),
+    "head_lr": (lambda v: v >= 0, ">= 0 (0: the default)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "warmup": (lambda v: v >= 0 and (v < 1 or _whole(v)),
+               "a fraction of the steps in [0, 1) or a whole number of steps"),
+    "clip": (lambda v: v >= 0, ">= 0 (0: off)"), "max_length": (lambda v: v >= 1, ">= 1"),
+    "val_split": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eval_every": (lambda v: v >= 0, ">= 0"), "save_every": (lambda v: v >= 0, ">= 0"),
+    "exact_match_max": (lambda v: v >= 0, ">= 0"), "rank": (lambda v: v >= 1, ">= 1"),
+    "alpha": (lambda v: v > 0, "> 0"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "num_virtual_tokens": (lambda v: v >= 1, ">= 1"),
+    "bottleneck_size": (lambda v: v >= 1, ">= 1"), "nproc": (lambda v: v >= 1, ">= 1"),
+    "dist_timeout": (lambda v: v > 0, "> 0"), "max_record_mb": (lambda v: v > 0, "> 0"),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def typed_options(values: dict, where) -> dict:
+    """A config or tenant file's options as TrainConfig's types, in range: numbers written as
+    text are numbers (YAML 1.1 reads `1e-3` as a string), `targets` may be a list; anything
+    else is a one-line error naming `where(key)` (FILE:KEY)."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        kind = kinds[key]
+        if key == "targets" and isinstance(value, list) and all(isinstance(t, str) for t in value):
+            value = ",".join(value)
+        try:
+            out[key] = _as(kind, value)
+        except (TypeError, ValueError):
+            raise PeftkitError(f"{where(key)}: expected {kind.__name__}, got "
+                               f"{json.dumps(value, default=str)[:60]}") from None
+        _in_range(key, out[key], where)
+    return out
+
+
+def _as(kind, value):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+        raise TypeError
+    if kind is int:
+        number = float(value) if isinstance(value, str) else value
+        if not float(number).is_integer():
+            raise ValueError
+        return int(number)
+    if kind is float:
+        return float(value)
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _in_range(key: str, value, where) -> None:
+    if key in RANGES and not RANGES[key][0](value):
+        raise PeftkitError(f"{where(key)}: must be {RANGES[key][1]}, got {value}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise PeftkitError(f"{where(key)}: '{value}' is not one of {', '.join(CHOICES[key])}")
+
+
 def default_lr(method: str, task: str) -> float:
     return (CLASSIFY_LR if task == "classify" else DEFAULT_LR)[method]
 
@@ -155,5 +218,6 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise PeftkitError(f"{p}: unknown option(s) {', '.join(unknown)}")
+        values = typed_options(values, lambda key: f"{p}:{key}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**values).validate()

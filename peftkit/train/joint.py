@@ -37,7 +37,7 @@ from peftkit.plan.shapes import shape_from_config
 from peftkit.train.batches import batch_at, collate
 from peftkit.train.build import adapter_config, quant_for
 from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
-from peftkit.train.config import TrainConfig, default_lr
+from peftkit.train.config import TrainConfig, default_lr, typed_options
 from peftkit.train.evaluate import evaluate_run
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
@@ -72,11 +72,14 @@ def read_tenants(path: str) -> tuple[list[tuple[str, TrainConfig]], dict[str, st
         if t["name"] in names:
             raise PeftkitError(f"{p}: tenant '{t['name']}' is listed twice")
         names.add(t["name"])
-        values = {**shared, **{k: v for k, v in t.items() if k != "name"}}
+        where = f"{p}: tenant '{t['name']}'"
+        values = {**typed_options(shared, lambda key: f"{p}:{key}"),
+                  **typed_options({k: v for k, v in t.items() if k != "name"},
+                                  lambda key: f"{where}: {key}")}
         try:
             cfg = TrainConfig(**values).validate()
-        except (TypeError, PeftkitError) as e:
-            raise PeftkitError(f"{p}: tenant '{t['name']}': {e}") from None
+        except PeftkitError as e:
+            raise PeftkitError(f"{where}: {e}") from None
         out.append((t["name"], cfg))
     listed = next(v for k, v in node.value if k.value == "tenants")
     origins = {name: f"{p}:{item.start_mark.line + 1}" for (name, _), item in zip(out, listed.value)}

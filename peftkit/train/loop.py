@@ -34,7 +34,7 @@ class TrainingInterrupted(PeftkitError):
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
-    warm = int(cfg.warmup * total)
+    warm = int(cfg.warmup) if cfg.warmup >= 1 else int(cfg.warmup * total)  # steps or share
     if step < warm:
         return peak * (step + 1) / warm
     if cfg.schedule == "constant":
@@ -178,6 +178,10 @@ class Trainer:
         step, history, losses, accum = self._resume(opt)
         global_batch = cfg.batch_size * world.size * accum
         total = total_steps(cfg, len(examples), global_batch)
+        if step > total:
+            raise PeftkitError(f"--resume: the checkpoint in {self.out} is at step {step}, past "
+                               f"this run's {total} steps (were --steps, --epochs or the data "
+                               "changed?)")
         eval_every = cfg.eval_every or math.ceil(len(examples) / global_batch)
         if world.main:
             write_config(self.out, cfg, t.dtype)
