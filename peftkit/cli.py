@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from peftkit.cli_flags import add_config_flags, add_placement, placement
 from peftkit.cli_train import add_train_parser
 from peftkit.errors import DataError, PeftkitError
+from peftkit.train.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("generate", help="generate text from a model (greedy)")
-    s.add_argument("--model", default="smollm2-135m",
-                   help="base model: alias (peftkit models), HF directory or .gguf file")
+    s.add_argument("--model", help="base model: alias (peftkit models), HF directory or .gguf "
+                                   "file (default: the base --adapter records, else "
+                                   "smollm2-135m)")
     s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
     s.add_argument("--prompt", required=True,
                    help="the user message (chat template applied unless --raw)")
-    s.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    s.add_argument("--max-new-tokens", type=positive, default=64, help="most tokens to generate")
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_placement(s)
     s.set_defaults(func=cmd_generate)
@@ -59,16 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
 
     s = sub.add_parser("eval", help="evaluate a base, adapter or run output on a dataset")
-    s.add_argument("--model", default="smollm2-135m",
-                   help="base model: alias, HF directory or .gguf file")
+    s.add_argument("--model", help="base model: alias, HF directory or .gguf file (default: "
+                                   "the base --adapter records, else smollm2-135m)")
     s.add_argument("--adapter", help="a PEFT adapter or a `peftkit train` output directory")
     s.add_argument("--data", required=True,
                    help="evaluation file (the formats `peftkit train` reads)")
-    s.add_argument("--max-length", type=int, default=256,
+    s.add_argument("--max-length", type=positive, default=256,
                    help="tokens per example; longer ones are truncated")
-    s.add_argument("--batch-size", type=int, default=8, help="rows per evaluation batch")
+    s.add_argument("--batch-size", type=positive, default=8, help="rows per evaluation batch")
     s.add_argument("--exact-match-max", type=int, default=64,
                    help="validation examples scored by greedy generation (causal LM)")
+    s.add_argument("--text-field", default="text", help="the text column/key")
+    s.add_argument("--label-field", default="label", help="the label column/key")
+    s.add_argument("--skip-invalid", action="store_true",
+                   help="report bad records and score the rest")
     add_placement(s)
     s.set_defaults(func=cmd_eval)
 
@@ -88,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m",
                    help="alias, HF dir, config.json or a size (70B)")
     s.add_argument("--gpu", default="H100",
-                   help="GPU model from the catalog (H100, A100-80GB, L4, ...)")
+                   help="GPU model: H100, H100-PCIe, H200, A100-80GB, A100-40GB, A6000, A40, "
+                        "L40S, L4, RTX4090, RTX3090, V100, T4, MI300X, ... (or --gpu-memory)")
+    s.add_argument("--gpu-memory", type=float,
+                   help="GB of memory of a GPU not in the catalog (with --gpu its name)")
     s.add_argument("--gpus", type=int, default=1, help="GPUs available")
-    s.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence")
+    s.add_argument("--seq-len", type=int,
+                   help="tokens per training sequence (default: 2048, or the model's context "
+                        "where shorter)")
     s.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
     s.add_argument("--dataset-tokens", type=float, default=10_000 * 2048,
                    help="training tokens in the dataset")
@@ -161,12 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("data", help="dataset tools")
+    s.set_defaults(func=lambda _args, help=s.print_help: help() or 2)  # `peftkit data` alone
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset file and summarise it")
     c.add_argument("file", help="dataset file (.jsonl, .csv, .tsv)")
     c.add_argument("--model", default="smollm2-135m", help="tokenizer used to count tokens")
-    c.add_argument("--max-length", type=int, default=512,
-                   help="tokens per example before truncation is reported")
+    c.add_argument("--max-length", type=positive, default=TrainConfig.max_length,
+                   help="tokens per example before truncation is reported (train's default)")
     c.add_argument("--text-field", default="text", help="the text column/key")
     c.add_argument("--label-field", default="label", help="the label column/key")
     c.add_argument("--skip-invalid", action="store_true",
@@ -211,7 +223,7 @@ def cmd_plan(args) -> None:
                      profile={"task_kind": args.task_kind, "quality": args.quality,
                               "budget": args.budget, "domain": args.domain,
                               "new_language": args.new_language, "icl_enough": args.icl_enough},
-                     strategy=args.strategy)
+                     strategy=args.strategy, gpu_memory=args.gpu_memory)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
 
 
@@ -223,7 +235,8 @@ def cmd_plan_cpu(args) -> None:
     from peftkit.train.config import METHODS
     task = "classify" if args.task_kind == "classification" else "causal-lm"
     methods = [m for m in METHODS if task == "causal-lm" or m not in ("prompt", "prefix")]
-    plan = cpu_plan(shape_for(args.model), methods, args.batch, args.seq_len, args.rank, task)
+    plan = cpu_plan(shape_for(args.model), methods, args.batch, args.seq_len or 256, args.rank,
+                    task)
     print(json.dumps(plan, indent=2) if args.json else format_cpu_plan(plan, args.model))
 
 
@@ -272,11 +285,22 @@ def cmd_models(args) -> None:
         print(f"{m['name']:<14} {m['task']:<10} {m['description']} [{state}]")
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def cmd_generate(args) -> None:
     from peftkit.generation import generate_text
-    from peftkit.train.run_dir import load_run
+    from peftkit.train.run_dir import load_run, recorded_base
     device, dtype, attn = placement(args)
-    run = load_run(args.model, args.adapter, device, dtype, attn)
+    run = load_run(args.model or recorded_base(args.adapter), args.adapter, device, dtype, attn)
     if run.task != "causal-lm":
         from peftkit.errors import PeftkitError
         raise PeftkitError(f"{args.adapter}: a classifier; use `peftkit eval`")
@@ -287,10 +311,21 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     import json
 
+    from peftkit.data.records import load_dataset, report_skipped
     from peftkit.train.evaluate import evaluate_file
-    from peftkit.train.run_dir import load_run
-    run = load_run(args.model, args.adapter, *placement(args))
-    metrics = evaluate_file(run, args.data, args.max_length, args.batch_size, args.exact_match_max)
+    from peftkit.train.run_dir import load_run, recorded_base
+    ds = load_dataset(args.data, args.text_field, args.label_field, args.skip_invalid)
+    report_skipped(ds)
+    if ds.kind == "classification" and not args.adapter:  # before any model loads
+        raise PeftkitError(f"{args.data}: text+label records need a trained classifier "
+                           "(--adapter RUN); a base has no head for these labels")
+    run = load_run(args.model or recorded_base(args.adapter), args.adapter, *placement(args))
+    metrics = evaluate_file(run, ds, args.max_length, args.batch_size, args.exact_match_max)
+    if metrics.get("scored_tokens") == 0:
+        raise PeftkitError(f"{args.data}: no answer token left to score at --max-length "
+                           f"{args.max_length} (every example cut before its answer); raise it")
+    if ds.skipped:
+        metrics["skipped_records"] = ds.skipped
     print(json.dumps(metrics, indent=2))
 
 
@@ -304,6 +339,7 @@ def cmd_compare(args) -> None:
 
 def cmd_data_check(args) -> int:
     from peftkit.data import load_dataset, tokenize
+    from peftkit.data.records import report_skipped
     from peftkit.models import load_base
     try:
         ds = load_dataset(args.file, args.text_field, args.label_field, args.skip_invalid,
@@ -312,6 +348,7 @@ def cmd_data_check(args) -> int:
         print(str(e), file=sys.stderr)
         print(f"{args.file}: invalid ({len(e.problems)} bad records)", file=sys.stderr)
         return 2
+    report_skipped(ds)
     tokenizer = load_base(args.model).tokenizer
     tok = tokenize(ds, tokenizer, max_length=args.max_length)
     print(f"file:       {ds.path}")

@@ -115,6 +115,7 @@ def _load(spec: str, task: str | None, num_labels: int, dtype: torch.dtype, quan
         model = load_quantized(path, _AUTO_CLASS[task]._model_mapping[type(config)])
         return Base(model, AutoTokenizer.from_pretrained(path), spec, path, task)
     config = AutoConfig.from_pretrained(path)
+    check_task(spec, config, task)
     task = task or _default_task(config)
     extra = {"num_labels": num_labels} if task == "classify" else {}
     _check_safetensors(path)
@@ -189,11 +190,26 @@ def list_models() -> list[dict]:
 def _load_tiny(spec: str, task: str | None, num_labels: int) -> Base:
     make_config, make_tokenizer = TINY[spec]
     config = make_config()
+    check_task(spec, config, task)
     task = task or ("causal-lm" if spec == "tiny-llama" else "encoder")
     if task == "classify":
         config.num_labels = num_labels
     model_cls = _AUTO_CLASS[task]._model_mapping[type(config)]
     return Base(seeded_init(model_cls, config).eval(), make_tokenizer(), spec, None, task)
+
+
+# Encoders transformers can also build as a causal LM (a BERT with is_decoder forced on): it
+# would train and "generate" without error and mean nothing, so a causal-LM task is refused.
+ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "deberta",
+            "deberta-v2", "electra", "camembert", "ernie", "modernbert", "megatron-bert",
+            "rembert", "roc_bert", "data2vec-text", "albert", "mpnet", "xlm"}
+
+
+def check_task(spec: str, config, task: str | None) -> None:
+    if task == "causal-lm" and getattr(config, "model_type", None) in ENCODERS:
+        raise PeftkitError(f"{spec} is an encoder ({config.model_type}): it classifies (text + "
+                           "label data) but does not generate; use a causal LM such as "
+                           "smollm2-135m for prompt/completion, chat or text data")
 
 
 def _default_task(config) -> str:

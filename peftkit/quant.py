@@ -88,6 +88,13 @@ def quantized_bits(packed: torch.Tensor, state) -> int:
     return bits
 
 
+def logical_numel(t: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight counts its unpacked shape (two
+    codes share a byte, so numel() would count each as half a parameter)."""
+    qs = getattr(t, "quant_state", None)
+    return qs.shape.numel() if qs is not None and hasattr(qs, "shape") else t.numel()
+
+
 def model_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):

@@ -95,3 +95,71 @@ def test_quantizing_prints_no_third_party_warning():
             "load_base('tiny-llama', quantize=QuantConfig())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "kernels" not in out.stderr and "Failed" not in out.stderr, out.stderr
+
+
+LM = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3}"} for i in range(8)]
+CLF = [{"text": f"{w} movie {i}", "label": lab}
+       for i, (w, lab) in enumerate([("great", "pos"), ("awful", "neg")] * 6)]
+
+
+def _fails(argv, capsys, reason):
+    """One `peftkit` command that must end in one error line naming `reason`, no traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert reason in err.splitlines()[-1], err
+
+
+def test_ordinary_mistakes_are_one_line_each(write, tmp_path, capsys):
+    """The walkthrough's tracebacks (issue 34, item 4) and silently accepted values (item 11)."""
+    lm, clf = write("lm.jsonl", LM), write("clf.jsonl", CLF)
+    chat = write("chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "yo"}]}] * 4)
+    unseen = write("unseen.jsonl", [{"text": "meh movie", "label": "mixed"}] * 2)
+    train = ["train", "--model", "tiny-llama", "--steps", "1", "--val-split", "0"]
+    _fails(train + ["--data", str(lm), "--val-data", str(chat)], capsys,
+           "chat records, but the training data's are prompt_completion")
+    _fails(train[:3] + ["tiny-bert"] + train[4:] + ["--data", str(clf), "--val-data",
+                                                     str(unseen)], capsys,
+           "labels ['mixed'] never occur in")
+    _fails(train + ["--data", str(clf), "--task", "causal-lm"], capsys,
+           "--task causal-lm, but its records are text+label")
+    _fails(train[:3] + ["tiny-bert"] + train[4:] + ["--data", str(lm)], capsys,
+           "tiny-bert is an encoder (bert)")
+    _fails(train + ["--data", str(lm), "--max-length", "4096"], capsys,
+           "--max-length 4096: over tiny-llama's")
+    _fails(["eval", "--model", "tiny-bert", "--data", str(clf)], capsys,
+           "need a trained classifier (--adapter RUN)")
+    _fails(["eval", "--model", "tiny-llama", "--data", str(lm), "--batch-size", "0"], capsys,
+           "must be >= 1")
+    _fails(["eval", "--model", "tiny-llama", "--data", str(lm), "--max-length", "2"], capsys,
+           "no answer token left to score at --max-length 2")
+    _fails(["generate", "--model", "tiny-llama", "--prompt", "hi", "--max-new-tokens", "0"],
+           capsys, "must be >= 1")
+    _fails(["generate", "--model", "tiny-bert", "--prompt", "hi"], capsys, "is an encoder")
+
+
+def test_eval_and_generate_read_the_base_the_run_records(write, tmp_path, capsys):
+    clf = write("clf.jsonl", CLF + [{"text": "bad row"}])
+    out = tmp_path / "clf"
+    assert main(["train", "--model", "tiny-bert", "--data", str(clf), "--method", "lora",
+                 "--steps", "2", "--val-split", "0", "--skip-invalid", "--output",
+                 str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {clf}:13: " in err and "1 invalid records skipped" in err
+    import json
+    assert json.loads((out / "report.json").read_text())["skipped_records"] == 1
+    for adapter in (out, out / "adapter"):  # the run, or its adapter/ directory
+        assert main(["eval", "--adapter", str(adapter), "--data", str(clf),
+                     "--skip-invalid"]) == 0  # no --model: tiny-bert, as recorded
+        metrics = json.loads(capsys.readouterr().out)
+        assert "accuracy" in metrics and metrics["skipped_records"] == 1
+
+
+def test_data_alone_prints_its_own_help(capsys):
+    assert main(["data"]) == 2
+    out = capsys.readouterr().out
+    assert "check" in out and "data commands" in out

@@ -79,7 +79,7 @@ def _params(seed):
 
 def test_death_between_the_renames_recovers_the_newer_checkpoint(tmp_path, monkeypatch):
     p, opt = _params(0)
-    ckpt.save_checkpoint(tmp_path, p, opt, {"step": 1})
+    ckpt.save_checkpoint(tmp_path, p, opt, {"step": 1, "losses": [1.0], "history": []})
     real = os.replace
     calls = []
 
@@ -90,7 +90,7 @@ def test_death_between_the_renames_recovers_the_newer_checkpoint(tmp_path, monke
         real(src, dst)
     monkeypatch.setattr(ckpt.os, "replace", dies_on_second)
     with pytest.raises(SystemExit):
-        ckpt.save_checkpoint(tmp_path, p, opt, {"step": 2})
+        ckpt.save_checkpoint(tmp_path, p, opt, {"step": 2, "losses": [1.0, 0.5], "history": []})
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert not (tmp_path / "checkpoint").exists()  # the window: only -old and -tmp remain
     assert ckpt.recover(tmp_path) == "recovered the checkpoint from .checkpoint-tmp"

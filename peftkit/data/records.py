@@ -53,6 +53,7 @@ class Dataset:
     records: list[Record]
     skipped: int = 0
     label_names: list[str] = field(default_factory=list)  # index = label id
+    problems: list[str] = field(default_factory=list)  # `FILE:LINE: reason` of each skipped
     _ids: dict = field(default_factory=dict, repr=False, compare=False)
 
     def label_id(self, record: Record) -> int:
@@ -105,7 +106,20 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
     if not records:
         raise PeftkitError(f"{path}: no valid records")
     labels = _label_names(records) if kind == "classification" else []
-    return Dataset(path, kind, records, skipped=len(problems), label_names=labels)
+    return Dataset(path, kind, records, skipped=len(problems), label_names=labels,
+                   problems=problems)
+
+
+def report_skipped(ds: Dataset, shown: int = 20, out=None) -> None:
+    """--skip-invalid's promise: every dropped record said as FILE:LINE (the first `shown`),
+    and how many, on stderr."""
+    import sys
+    out = out or sys.stderr
+    for line in ds.problems[:shown]:
+        print(f"skipped {line}", file=out)
+    if ds.skipped:
+        more = f" ({ds.skipped - shown} more not shown)" if ds.skipped > shown else ""
+        print(f"{ds.path}: {ds.skipped} invalid records skipped{more}", file=out)
 
 
 def _open(path: Path, newline: str):

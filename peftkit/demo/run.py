@@ -114,7 +114,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         output=str(out / "runs" / name),
         steps=cfg.steps * (len(TASKS) if name == SHARED else 1), batch_size=cfg.batch_size,
         lr=cfg.lr, rank=cfg.rank, alpha=2 * cfg.rank, dropout=0.0, val_split=0.0, warmup=0.1,
-        seed=0, device=cfg.device) for name in [t.customer for t in TASKS] + [SHARED]}
+        seed=0, device=cfg.device, overwrite=True)  # the demo's own runs: a rerun replaces them
+        for name in [t.customer for t in TASKS] + [SHARED]}
     tokens = sum(c.steps * c.batch_size * (tokens_per_row[name] if name in tokens_per_row else
                                            sum(tokens_per_row.values()) / len(tokens_per_row))
                  for name, c in configs.items())

@@ -4,6 +4,7 @@ QLoRA for a model on given hardware, and a recommendation with its reasons."""
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,25 +27,59 @@ def gpu_catalog() -> dict:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
-def find_gpu(name: str) -> tuple[str, dict]:
-    catalog = gpu_catalog()
-    for key, spec in catalog.items():
-        if name.lower() in (key.lower(), spec["name"].lower()):
-            return key, spec
-    raise PeftkitError(f"unknown GPU '{name}' (catalog: {', '.join(catalog)}; add yours to a "
-                       f"copy of {CATALOG.name} and set PEFTKIT_GPUS)")
+def _norm(name: str) -> str:
+    """A GPU name as people write it, compared without case, spaces, dashes or vendor."""
+    name = re.sub(r"^(nvidia|amd|geforce|tesla|instinct)\s+", "", name.strip().lower())
+    return re.sub(r"[\s_-]+", "", name)
 
 
-def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048, batch: int = 1,
-              dataset_tokens: float = 10_000 * 2048, epochs: float = 1.0, tenants: int = 1,
-              budget_days: float | None = None, price: float | None = None, rank: int = 16,
-              adam_8bit: bool = False, grad_checkpointing: bool = True,
-              profile: dict | None = None, strategy: str = "auto") -> dict:
-    if gpus < 1 or tenants < 1 or seq_len < 1 or batch < 1 or epochs <= 0 or dataset_tokens <= 0:
-        raise PeftkitError("--gpus, --tenants, --seq-len, --batch, --epochs and --dataset-tokens "
-                           "must be positive")
+def find_gpu(name: str, memory_gb: float | None = None) -> tuple[str, dict]:
+    """The catalog GPU `name` names (key, full name or an alias: A100-80GB, "A100 80GB",
+    RTX 3090, H100 PCIe, ...), or with `memory_gb` any GPU of that memory."""
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise PeftkitError(f"--gpu-memory: must be > 0 GB, got {memory_gb}")
+        known = _lookup(name) if name else None
+        base = dict(known[1]) if known else {"name": name or "GPU", "bf16_tflops": 100.0,
+                                             "price_per_hour": 1.0}
+        return (known[0] if known else name or "GPU"), {**base, "memory_gb": memory_gb}
+    found = _lookup(name)
+    if found is None:
+        raise PeftkitError(f"unknown GPU '{name}' (catalog: {', '.join(gpu_catalog())}); give "
+                           "--gpu-memory GB for any other, or add it to a copy of "
+                           f"{CATALOG.name} and set PEFTKIT_GPUS")
+    return found
+
+
+def _lookup(name: str) -> tuple[str, dict] | None:
+    want = _norm(name)
+    for key, spec in gpu_catalog().items():
+        if want in {_norm(n) for n in [key, spec["name"], *spec.get("aliases", [])]}:
+            return key, {k: v for k, v in spec.items() if k != "aliases"}
+    return None
+
+
+def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int | None = None,
+              batch: int = 1, dataset_tokens: float = 10_000 * 2048, epochs: float = 1.0,
+              tenants: int = 1, budget_days: float | None = None, price: float | None = None,
+              rank: int = 16, adam_8bit: bool = False, grad_checkpointing: bool = True,
+              profile: dict | None = None, strategy: str = "auto",
+              gpu_memory: float | None = None) -> dict:
+    """`seq_len` None: 2048, or the model's context where that is shorter."""
+    if gpus < 1 or tenants < 1 or (seq_len is not None and seq_len < 1) or batch < 1 \
+            or epochs <= 0 or dataset_tokens <= 0 or rank < 1:
+        raise PeftkitError("--gpus, --tenants, --seq-len, --batch, --epochs, --dataset-tokens "
+                           "and --rank must be positive")
+    if budget_days is not None and budget_days <= 0:
+        raise PeftkitError(f"--budget-days: must be > 0, got {budget_days:g}")
+    if price is not None and price < 0:
+        raise PeftkitError(f"--price-per-gpu-hour: must be >= 0, got {price:g}")
     shape = shape_for(model)
-    key, spec = find_gpu(gpu)
+    if seq_len is None:
+        seq_len = min(2048, shape.context or 2048)
+    elif shape.context and seq_len > shape.context:
+        raise PeftkitError(f"--seq-len {seq_len}: over {model}'s {shape.context}-token context")
+    key, spec = find_gpu(gpu, gpu_memory)
     price = spec["price_per_hour"] if price is None else price
     s = Settings(seq_len=seq_len, batch=batch, rank=rank, grad_checkpointing=grad_checkpointing,
                  adam_8bit=adam_8bit)
@@ -59,8 +94,11 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int = 2048,
     chosen = approaches.get(rec["approach"])
     if chosen is not None and not chosen["fits"]:
         rec["reasons"].append(_what_fits(approaches, key, gpus))
-    plan = {"model": {"spec": model, "params": shape.params, "layers": shape.layers,
-                      "hidden": shape.hidden, "vocab": shape.vocab},
+    plan = {"model": {"spec": model, "params": shape.params, "active_params": shape.active,
+                      "layers": shape.layers, "hidden": shape.hidden, "vocab": shape.vocab,
+                      "assumed": shape.assumed,
+                      "adapted": "attention (experts frozen)" if shape.other_linear else
+                                 "every linear layer"},
             "gpu": {"key": key, **spec, "count": gpus, "price_per_hour": price},
             "settings": {**asdict(s), "dataset_tokens": dataset_tokens, "epochs": epochs},
             "approaches": approaches, "recommendation": rec,
@@ -106,7 +144,7 @@ def memory_figures(shape: Shape, tenants: int, rank: int) -> dict:
     """The memory arithmetic of the seed: inference precision, 4-bit, shared serving."""
     n = shape.params
     adapter = shape.adapter_params("lora", rank) * 2 / GB  # served in bf16
-    k = max(tenants, 5)
+    k = tenants
     return {"fp16_inference_gb": 2 * n / GB, "int4_inference_gb": 0.5 * n / GB,
             "nf4_constants_gb": (NF4_BITS - 4) / 8 * n / GB,
             "full_ft_parameter_state_gb": 16 * n / GB,
@@ -135,25 +173,41 @@ def tenant_plan(approaches: dict, rec: dict, tenants: int, budget_days: float | 
     return out
 
 
+def _num(v: float) -> str:
+    """A table figure in at most seven characters: three significant digits, or <0.01."""
+    return "0" if v == 0 else "<0.01" if v < 0.01 else f"{v:.3g}" if v < 1e5 else f"{v:.2e}"
+
+
+def _gb(v: float) -> str:
+    """Memory in the unit that says something: MB under a GB."""
+    return f"{v * 1000:.0f} MB" if v < 1 else f"{v:.1f} GB" if v < 10 else f"{v:.0f} GB"
+
+
 def format_plan(plan: dict) -> str:
     m, g = plan["model"], plan["gpu"]
-    lines = [f"Plan: {m['spec']} ({m['params'] / 1e9:.3g}B params) on {g['count']}x {g['name']} "
-             f"({g['memory_gb']} GB, ${g['price_per_hour']:.2f}/h assumed)", "",
-             f"{'approach':<11}{'strategy':>9}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}"
-             f"{'GB/GPU':>9}{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
-    for name, a in plan["approaches"].items():
-        lines.append(f"{name:<11}{a['strategy']:>9}{a['weights_gb']:>9.1f}{a['grads_gb']:>8.1f}"
-                     f"{a['optimizer_gb']:>8.1f}{a['activations_gb']:>8.1f}{a['per_gpu_gb']:>9.1f}"
-                     f"{'yes' if a['fits'] else 'no':>6}{a['gpus_needed'] or '-':>6}"
-                     f"{a['hours']:>9.1f}{a['cost']:>10,.0f}")
+    active = (f", {m['active_params'] / 1e9:.3g}B active per token; LoRA on {m['adapted']}"
+              if m["active_params"] != m["params"] else "")
+    lines = [f"Plan: {m['spec']} ({m['params'] / 1e9:.3g}B params{active}) on {g['count']}x "
+             f"{g['name']} ({g['memory_gb']} GB, ${g['price_per_hour']:.2f}/h assumed)"]
+    lines += [f"Assumed: {m['assumed']}"] if m["assumed"] else []
+    lines += ["", f"{'approach':<11}{'strategy':>9}{'weights':>9}{'grads':>8}{'optim':>8}"
+                  f"{'activ':>8}{'GB/GPU':>9}{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
+    for name, a in plan["approaches"].items():  # hours and cost on the GPUs the row runs on
+        lines.append(f"{name:<11}{a['strategy']:>9}{_num(a['weights_gb']):>9}"
+                     f"{_num(a['grads_gb']):>8}{_num(a['optimizer_gb']):>8}"
+                     f"{_num(a['activations_gb']):>8}{_num(a['per_gpu_gb']):>9}"
+                     f"{'yes' if a['fits'] else 'no':>6}"
+                     f"{a['runs_on_gpus'] if a['gpus_needed'] else '-':>6}"
+                     f"{_num(a['hours']):>9}{a['cost']:>10,.2f}")
     s = plan["memory_figures"]
     lines += ["", f"fp16 weights {s['fp16_inference_gb']:.0f} GB; 4-bit {s['int4_inference_gb']:.0f} GB"
               f" + {s['nf4_constants_gb']:.1f} GB quantization constants; full-FT parameter state "
               f"{s['full_ft_parameter_state_gb']:.0f} GB (~{s['full_ft_h100s_for_parameter_state']:.0f}"
               f" H100s just for that)",
-              f"{s['tenants_compared']} separate 4-bit models {s['separate_4bit_models_gb']:.0f} GB vs "
-              f"one shared base + {s['tenants_compared']} adapters "
-              f"{s['shared_4bit_base_plus_adapters_gb']:.1f} GB"]
+              f"{s['tenants_compared']} separate 4-bit model{'s' * (s['tenants_compared'] > 1)} "
+              f"{_gb(s['separate_4bit_models_gb'])} vs one shared base + "
+              f"{s['tenants_compared']} adapter{'s' * (s['tenants_compared'] > 1)} "
+              f"{_gb(s['shared_4bit_base_plus_adapters_gb'])}"]
     if "tenants" in plan:
         t = plan["tenants"]
         lines.append(f"{t['adapters']} adapters ({t['approach']}): {t['days_per_adapter']:.1f} days each,"

@@ -223,7 +223,7 @@ def format_cpu_plan(plan: dict, model: str) -> str:
 # matmul rate, measured in-process in a fraction of a second, times the share of that rate a
 # training step reaches. Calibrated on `peftkit demo` (SmolLM2-135M, joint QLoRA, 2-core
 # AVX-512 CPU): small matmuls, NF4 dequantization and the ops between them keep it well below 1.
-CPU_TRAIN_EFFICIENCY = {"qlora": 0.35, "lora": 0.45, "dora": 0.35, "full": 0.45, "probe": 0.5}
+CPU_TRAIN_EFFICIENCY = {"qlora": 0.5, "lora": 0.6, "dora": 0.5, "full": 0.6, "probe": 0.6}
 
 
 def matmul_flops_per_second(size: int = 768, seconds: float = 0.25) -> float:

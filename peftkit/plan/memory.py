@@ -89,8 +89,9 @@ def device_bytes(shape: Shape, method: str, s: Settings, base_bytes: int = 2) ->
 
 
 def train_flops(shape: Shape, method: str, tokens: float) -> float:
-    """FLOPs to train on `tokens` tokens (DoRA counted as LoRA: its extra norms are O(d·k))."""
-    return FLOPS_PER_TOKEN["lora" if method == "dora" else method] * shape.params * tokens
+    """FLOPs to train on `tokens` tokens (DoRA counted as LoRA: its extra norms are O(d·k));
+    a mixture of experts computes with the parameters a token is routed through."""
+    return FLOPS_PER_TOKEN["lora" if method == "dora" else method] * shape.active * tokens
 
 
 def sequential_seconds(load_seconds: float, tenant_flops: list[float],
@@ -122,13 +123,18 @@ def estimate(shape: Shape, method: str, s: Settings, gpu: dict, gpus: int, token
             if mem > floor else 0
     else:
         needed = 1 if per_gpu(1) <= mem else 0
+    # Time and cost on the GPUs the row runs on: the ones given, or as many as FSDP needs to
+    # hold it (the same per-GPU memory is then shown); a row that fits nowhere keeps the given.
+    runs_on = needed if strategy == "fsdp" and needed > gpus else gpus
+    per = per_gpu(runs_on)
     flops = train_flops(shape, method, tokens)
-    hours = flops / (gpus * gpu["bf16_tflops"] * 1e12 * UTILISATION[method]) / 3600
+    hours = flops / (runs_on * gpu["bf16_tflops"] * 1e12 * UTILISATION[method]) / 3600
     return {"strategy": strategy, "weights_gb": state["weights"] / GB,
             "grads_gb": state["grads"] / GB, "optimizer_gb": state["optimizer"] / GB,
             "activations_gb": act / GB, "overhead_gb": (total - sum(state.values()) / (
                 gpus if strategy == "fsdp" else 1) - act) / GB,
             "total_gb": total / GB, "per_gpu_gb": total / GB,
             "parameter_state_gb": sum(state.values()) / GB, "fits": total <= mem,
-            "gpus_needed": needed, "hours": hours, "cost": hours * gpus * price,
+            "gpus_needed": needed, "runs_on_gpus": runs_on, "per_gpu_gb_when_run": per / GB,
+            "hours": hours, "gpu_hours": hours * runs_on, "cost": hours * runs_on * price,
             "utilisation": UTILISATION[method]}

@@ -1,9 +1,7 @@
 """Model shapes for planning: exact parameter and linear-layer counts from a config, built on
-the meta device (no weights), or documented defaults for a bare size such as `70B`.
-
-A size string means N = exactly that many parameters (so 70B is 70e9, as in the seed's
-arithmetic); layers, hidden size, heads and vocabulary come from the nearest documented
-architecture below, and only activations, embeddings and adapter sizes use them.
+the meta device (no weights); from the offline catalog for the models users name (hub ids such
+as Qwen/Qwen2.5-32B-Instruct); or, for a bare size such as `70B` or `8x7B`, a shape scaled
+continuously from real architectures whose parts sum to exactly that size (catalog.py).
 """
 
 import re
@@ -11,20 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.plan.catalog import Arch, counts, lookup, parse_size as parse_spec, sized
 
-# name: (params, layers, hidden, ffn, heads, kv_heads, vocab, tied) — public configs
-SIZE_DEFAULTS = {
-    "135M": (135e6, 30, 576, 1536, 9, 3, 49152, True),        # SmolLM2-135M
-    "1B": (1.24e9, 16, 2048, 8192, 32, 8, 128256, True),       # Llama-3.2-1B
-    "3B": (3.21e9, 28, 3072, 8192, 24, 8, 128256, True),       # Llama-3.2-3B
-    "7B": (6.74e9, 32, 4096, 11008, 32, 32, 32000, False),     # Llama-2-7B
-    "8B": (8.03e9, 32, 4096, 14336, 32, 8, 128256, False),     # Llama-3-8B
-    "13B": (13.0e9, 40, 5120, 13824, 40, 40, 32000, False),    # Llama-2-13B
-    "70B": (69.0e9, 80, 8192, 28672, 64, 8, 32000, False),     # Llama-2-70B
-    "405B": (405e9, 126, 16384, 53248, 128, 8, 128256, False),  # Llama-3.1-405B
-}
-SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMBT])$", re.IGNORECASE)
-UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 BLOCK_LISTS = ("layers", "layer", "h", "blocks")  # a model's list of blocks: Llama, BERT, GPT-2
 FIRST_BLOCK = re.compile(rf"(^|\.)({'|'.join(BLOCK_LISTS)})\.0\.")
 
@@ -41,11 +27,19 @@ class Shape:
     embedding_params: float  # input embeddings (+ an untied output head)
     linear: list[tuple[str, int, int]]  # (leaf name, in, out) of the linear layers of ONE block
     model_type: str = "llama"
+    active_params: float | None = None  # mixture-of-experts: parameters a token uses
+    other_linear: float = 0.0  # linear weights outside `linear` (MoE experts): quantized, frozen
+    assumed: str = ""  # what a bare size or a catalog name was taken to be
+    context: int | None = None  # max positions, where the config says
+
+    @property
+    def active(self) -> float:
+        return self.params if self.active_params is None else self.active_params
 
     @property
     def quantizable_params(self) -> float:
         """Parameters in linear layers of the blocks (what NF4 quantizes)."""
-        return self.layers * sum(i * o for _, i, o in self.linear)
+        return self.layers * sum(i * o for _, i, o in self.linear) + self.other_linear
 
     def targeted(self, targets="all-linear") -> list[tuple[str, int, int]]:
         """The block's linear layers an adapter with these targets wraps."""
@@ -71,37 +65,87 @@ class Shape:
 
 
 def parse_size(text: str) -> float | None:
-    m = SIZE_RE.match(text.strip())
-    return float(m.group(1)) * UNITS[m.group(2).upper()] if m else None
+    """The parameter count a bare size names (`70B`; `8x7B` per expert), else None."""
+    spec = parse_spec(text)
+    return spec[0] if spec else None
 
 
 def shape_for(spec: str) -> Shape:
-    """An alias, HF directory, config.json, or a size such as 70B / 7B / 135M."""
-    n = parse_size(spec)
-    if n is not None:
-        return _from_size(spec.upper(), n)
+    """A size (70B, 135M, 8x7B), a catalog name or hub id, a tiny alias, an HF directory or a
+    config.json; a hub id not in the catalog is read from the hub (a clear error offline)."""
+    size = parse_spec(spec)
+    if size is not None:
+        return _from_size(spec.strip(), *size)
     if re.match(r"^\d", spec) and not Path(spec).exists():
-        raise PeftkitError(f"malformed model size '{spec}' (use e.g. 70B, 7B, 135M)")
+        raise PeftkitError(f"malformed model size '{spec}' (use e.g. 70B, 7B, 135M, 8x7B)")
+    from peftkit.models import ALIASES, TINY, resolve_model_dir
+    found = lookup(spec) if spec not in TINY and not Path(spec).exists() else None
+    if found is not None and (spec not in ALIASES or ALIASES[spec].wheel is None
+                              or not _cached(spec)):
+        return _from_arch(spec, *found)
     from transformers import AutoConfig
-
-    from peftkit.models import TINY, resolve_model_dir
     if spec in TINY:
         config = TINY[spec][0]()
-    else:
+    elif spec in ALIASES or Path(spec).exists():
         path = Path(spec)
         path = path.parent if path.name == "config.json" else resolve_model_dir(spec)
         config = AutoConfig.from_pretrained(path)
+    elif "/" in spec:  # a hub id outside the catalog: its config.json, when there is a network
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as e:
+            raise PeftkitError(f"--model {spec}: not in the offline catalog, and its config.json "
+                               f"could not be read from the hub ({str(e).splitlines()[0][:120]}); "
+                               "give a local directory or config.json, or a size such as 8B") \
+                from None
+    else:
+        raise PeftkitError(f"--model {spec}: not a size (70B, 8x7B), a catalog name or hub id, "
+                           "an alias (peftkit models), a directory nor a config.json")
     return shape_from_config(spec, config)
 
 
-def _from_size(name: str, n: float) -> Shape:
-    key = min(SIZE_DEFAULTS, key=lambda k: abs(SIZE_DEFAULTS[k][0] - n) / SIZE_DEFAULTS[k][0])
-    _, layers, d, ffn, heads, kv, vocab, tied = SIZE_DEFAULTS[key]
-    hd = d // heads
-    linear = [("q_proj", d, heads * hd), ("k_proj", d, kv * hd), ("v_proj", d, kv * hd),
-              ("o_proj", heads * hd, d), ("gate_proj", d, ffn), ("up_proj", d, ffn),
-              ("down_proj", ffn, d)]
-    return Shape(name, n, layers, d, heads, kv, vocab, vocab * d * (1 if tied else 2), linear)
+def _cached(alias: str) -> bool:
+    from peftkit.models import cache_dir
+    return (cache_dir() / alias / "config.json").exists()
+
+
+def _from_size(name: str, n: float, experts: int) -> Shape:
+    """A bare size: catalog.sized's continuous dense (or Mixtral-style MoE) shape."""
+    d = sized(n, experts)
+    h, kv, f = d["hidden"], d["kv_heads"] * 128, d["ffn"]
+    linear = [("q_proj", h, h), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", h, h)]
+    moe = experts > 1
+    if not moe:
+        linear += [("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)]
+    what = (f"{experts} experts of a {n / 1e9:.3g}B-wide dense shape, 2 active per token"
+            if moe else "a Llama-3-style dense shape")
+    assumed = (f"{name}: {what}, scaled to {d['total'] / 1e9:.4g}B parameters "
+               f"({d['layers']:.1f} layers x {h:,.0f} wide, {d['vocab']:,.0f} vocabulary)")
+    return Shape(name, d["total"], d["layers"], h, d["heads"], d["kv_heads"],
+                 d["vocab"], d["embeddings"], linear, "mixtral" if moe else "llama",
+                 active_params=d["active"], other_linear=d["mlp"] * experts if moe else 0.0,
+                 assumed=assumed)
+
+
+def _from_arch(spec: str, key: str, a: Arch) -> Shape:
+    """A catalog entry: its attention (and dense MLP) linears per block; experts and any other
+    linear weights counted apart (quantized by QLoRA, not adapted by default)."""
+    c = counts(a)
+    hd = a.head_dim or a.hidden // a.heads
+    q, kv = a.heads * hd, a.kv_heads * hd
+    linear = [("q_proj", a.hidden, q), ("k_proj", a.hidden, kv), ("v_proj", a.hidden, kv),
+              ("o_proj", q, a.hidden)]
+    if not a.experts:
+        linear += [("gate_proj", a.hidden, a.ffn), ("up_proj", a.hidden, a.ffn),
+                   ("down_proj", a.ffn, a.hidden)]
+    listed = a.layers * sum(i * o for _, i, o in linear)
+    other = c["attention_mlp"] + c["experts"] - listed
+    moe = f", {a.experts} experts ({a.active_experts} active)" if a.experts else ""
+    return Shape(spec, float(c["total"]), a.layers, a.hidden, a.heads, a.kv_heads, a.vocab,
+                 float(c["embeddings"]), linear, a.family,
+                 active_params=float(c["active"]), other_linear=float(max(other, 0)),
+                 assumed=f"{spec}: {key} from the offline catalog ({c['total'] / 1e9:.3g}B "
+                         f"parameters{moe})")
 
 
 def shape_from_config(name: str, config) -> Shape:
@@ -130,4 +174,5 @@ def shape_from_config(name: str, config) -> Shape:
     heads = config.num_attention_heads
     return Shape(name, float(params), layers, config.hidden_size, heads,
                  getattr(config, "num_key_value_heads", None) or heads,
-                 config.vocab_size, float(emb), linear, config.model_type)
+                 config.vocab_size, float(emb), linear, config.model_type,
+                 context=getattr(config, "max_position_embeddings", None))

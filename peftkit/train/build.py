@@ -63,6 +63,10 @@ def build(cfg: TrainConfig, task: str, label_names: list[str], device=None) -> T
 
 def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
     task = "causal-lm"
+    if cfg.method == "probe" and cfg.probe_head != "linear":  # before any weight loads
+        raise PeftkitError(f"--probe-head {cfg.probe_head}: a causal-LM probe trains the output "
+                           "head itself (linear, the vocabulary projection); mlp heads are for "
+                           "classifiers")
     base = load_base(cfg.model, task=task, quantize=quant, **where)
     model = base.model
     if cfg.grad_checkpointing:
@@ -88,8 +92,11 @@ def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
     return Trainee(cfg, task, base, adapted, adapted.adapter_parameters(), adapted=adapted)
 
 
+CAUSAL_ONLY = ("prompt", "prefix")  # virtual tokens need a causal LM's cache
+
+
 def _build_classifier(cfg: TrainConfig, label_names: list[str], quant, where: dict) -> Trainee:
-    if cfg.method in ("prompt", "prefix"):
+    if cfg.method in CAUSAL_ONLY:
         raise PeftkitError(f"--method {cfg.method} trains a causal LM; use --task causal-lm")
     base = load_base(cfg.model, task="encoder", quantize=quant, **where)  # backbone, no head
     backbone = base.model

@@ -28,10 +28,13 @@ def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, stat
     so the checkpoint loads at any world size); only the `write` rank writes."""
     tensors = {f"param.{i}": full(p.detach()).contiguous() for i, p in enumerate(params)}
     opt = optimizer.state_dict()
+    scalars = {}  # non-tensor state (bitsandbytes' int step) keeps its Python type, in JSON
     for i, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{i}.{k}"] = (full(v.detach()).contiguous() if torch.is_tensor(v)
-                                         else torch.tensor(v))
+        for k, v in _flat(st):
+            if torch.is_tensor(v):
+                tensors[f"optim.{i}.{k}"] = full(v.detach()).contiguous()
+            else:
+                scalars.setdefault(str(i), {})[k] = v
     final = out / NAME
     if not write:
         return final
@@ -45,7 +48,8 @@ def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, stat
             for i in range(torch.cuda.device_count()):
                 tensors[f"rng.cuda.{i}"] = torch.cuda.get_rng_state(i)
         save_file(tensors, tmp / TENSORS)
-        meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params)}
+        meta = {**state, "param_groups": opt["param_groups"], "n_params": len(params),
+                "optim_scalars": scalars}
         (tmp / META).write_text(json.dumps(meta, indent=2))  # written last: marks it complete
         _sync(tmp / TENSORS, tmp / META, tmp)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as its own
@@ -114,7 +118,11 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
             p = params[int(i)]  # moments laid out as their parameter (an FSDP shard, a GPU)
-            state.setdefault(int(i), {})[k] = shard_like(v, p) if v.shape == p.shape else v
+            _nest(state.setdefault(int(i), {}), k,
+                  shard_like(v, p) if v.shape == p.shape else v)  # load_state_dict places it
+    for i, values in meta.pop("optim_scalars", {}).items():
+        for k, v in values.items():
+            _nest(state.setdefault(int(i), {}), k, v)
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     torch.set_rng_state(tensors["rng.torch"])
     for key, state in tensors.items():
@@ -153,6 +161,23 @@ def check_state(meta, where: Path) -> dict:
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise bad("param_groups", "a list of objects", groups)
     return meta
+
+
+def _flat(state: dict, prefix: str = ""):
+    """(key, value) of an optimizer's per-parameter state, nested dicts (bitsandbytes' 8-bit
+    quantization state) flattened to `outer/inner` keys."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _nest(state: dict, key: str, value) -> None:
+    *outer, last = key.split("/")
+    for k in outer:
+        state = state.setdefault(k, {})
+    state[last] = value
 
 
 def _sync(*paths: Path) -> None:

@@ -21,13 +21,38 @@ def quality(report: dict) -> tuple[str, float]:
     return "perplexity", m.get("perplexity", float("nan"))
 
 
+def check_methods(methods: list[str], data: str, task: str = "auto") -> list[str]:
+    """The methods named (spaces trimmed, each once), every one checked before the first
+    trains: known, and able to train on this data's task."""
+    from peftkit.data import load_dataset
+    from peftkit.train.build import CAUSAL_ONLY
+    from peftkit.train.config import METHODS
+    names = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    if not names:
+        raise PeftkitError("--methods: name at least one method")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise PeftkitError(f"--methods: unknown method '{unknown[0]}' (choose from "
+                           f"{', '.join(METHODS)})")
+    if task == "auto":
+        task = "classify" if load_dataset(data).kind == "classification" else "causal-lm"
+    if task == "classify":
+        wrong = [m for m in names if m in CAUSAL_ONLY]
+        if wrong:
+            raise PeftkitError(f"--methods: {', '.join(wrong)} train a causal LM; {data} is "
+                               "classification data (drop them, or compare on causal-LM data)")
+    return names
+
+
 def compare(model: str, data: str, methods: list[str], output: str, extra: list[str]) -> list[dict]:
+    task = extra[extra.index("--task") + 1] if "--task" in extra[:-1] else "auto"
+    methods = check_methods(methods, data, task)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for method in methods:
         cmd = [sys.executable, "-m", "peftkit.cli", "train", "--model", model, "--data", data,
-               "--method", method, "--output", str(out / method), *extra]
+               "--method", method, "--output", str(out / method), "--overwrite", *extra]
         print(f"== {method}: {' '.join(cmd[3:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise PeftkitError(f"compare: method '{method}' failed (see its output above)")

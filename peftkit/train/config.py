@@ -63,12 +63,15 @@ class TrainConfig:
     skip_invalid: bool = False  # drop bad records (each reported as FILE:LINE) instead of failing
     max_record_mb: float = 16.0  # a record (JSONL line, CSV field) over this is a bad record
     resume: bool = False  # continue from the run directory's checkpoint, exactly
+    overwrite: bool = False  # replace the run already in --output (default: refuse it)
 
     def load_data(self, path: str):
         """One of this run's data files, read with its field names, skipping and size limit."""
-        from peftkit.data import load_dataset
-        return load_dataset(path, self.text_field, self.label_field, self.skip_invalid,
-                            max_record_mb=self.max_record_mb)
+        from peftkit.data.records import load_dataset, report_skipped
+        ds = load_dataset(path, self.text_field, self.label_field, self.skip_invalid,
+                          max_record_mb=self.max_record_mb)
+        report_skipped(ds)
+        return ds
 
     def validate(self) -> "TrainConfig":
         """Every option typed and in range (RANGES, CHOICES), named by its flag."""

@@ -53,8 +53,10 @@ def evaluate_lm_loss(loss_fn, examples, pad_id: int, batch_size: int, device=Non
         if n:
             total += loss_fn(batch).item() * n
             tokens += n
-    loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if not tokens:  # every answer token cut off (or none given): no score, never a perfect one
+        return {"loss": math.nan, "perplexity": math.nan, "scored_tokens": 0}
+    loss = total / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "scored_tokens": tokens}
 
 
 def reference(record: Record) -> tuple[list[dict] | str, str] | None:
@@ -70,19 +72,28 @@ def reference(record: Record) -> tuple[list[dict] | str, str] | None:
 
 @torch.no_grad()
 def exact_match(model, tokenizer, records: list[Record], limit: int, head=None,
-                batch: int = 16) -> float | None:
-    """Share of records whose greedy answer equals the reference (whitespace-trimmed); the
+                batch: int = 16) -> dict:
+    """{"exact_match": share of records whose greedy answer equals the reference (whitespace-
+    trimmed), "exact_match_rows": how many were scored, "exact_match_skipped": how many did
+    not fit the model's context with their answer} ({} when no record has a reference); the
     prompts decode `batch` at a time."""
     pairs = [p for p in (reference(r) for r in records) if p is not None][:limit]
     if not pairs:
-        return None
+        return {}
     prompts = [chat_ids(p, tokenizer) if isinstance(p, list) else tokenizer(p).input_ids
                for p, _ in pairs]
     longest = max(len(tokenizer(want, add_special_tokens=False).input_ids) for _, want in pairs)
-    answers = generate_ids(model, tokenizer, prompts, longest + 4, head, batch=batch)
-    hits = sum(tokenizer.decode(new, skip_special_tokens=True).strip() == want.strip()
-               for new, (_, want) in zip(answers, pairs))
-    return hits / len(pairs)
+    inner = getattr(model, "model", model)  # an AdaptedModel wraps the transformers model
+    context = getattr(inner.config, "max_position_embeddings", None) or float("inf")
+    fits = [i for i, ids in enumerate(prompts) if len(ids) + longest + 4 <= context]
+    out = {"exact_match_rows": len(fits), "exact_match_skipped": len(pairs) - len(fits)}
+    if not fits:
+        return out
+    answers = generate_ids(model, tokenizer, [prompts[i] for i in fits], longest + 4, head,
+                           batch=batch)
+    hits = sum(tokenizer.decode(new, skip_special_tokens=True).strip() == pairs[i][1].strip()
+               for new, i in zip(answers, fits))
+    return {"exact_match": hits / len(fits), **out}
 
 
 def evaluate_run(module, task: str, tokenizer, examples, records, *, n_classes: int = 0,
@@ -99,15 +110,20 @@ def evaluate_run(module, task: str, tokenizer, examples, records, *, n_classes: 
                                            attention_mask=b["attention_mask"],
                                            labels=b["labels"]).loss)
     metrics = evaluate_lm_loss(loss_fn, examples, tokenizer.pad_token_id, batch_size, device)
-    em = exact_match(module, tokenizer, records, exact_match_max, head=head)
-    return metrics if em is None else {**metrics, "exact_match": em}
+    return {**metrics, **exact_match(module, tokenizer, records, exact_match_max, head=head)}
 
 
-def evaluate_file(loaded, data: str, max_length: int = 256, batch_size: int = 8,
+def evaluate_file(loaded, data, max_length: int = 256, batch_size: int = 8,
                   exact_match_max: int = 64, text_field="text", label_field="label") -> dict:
-    """`peftkit eval`: a loaded run (train/run_dir.load_run) on a data file."""
-    ds = load_dataset(data, text_field, label_field)
+    """`peftkit eval`: a loaded run (train/run_dir.load_run) on a data file (or a Dataset
+    already read)."""
+    ds = data if hasattr(data, "records") else load_dataset(data, text_field, label_field)
+    data = str(ds.path)
     tok = loaded.base.tokenizer
+    context = getattr(loaded.base.model.config, "max_position_embeddings", None)
+    if context and max_length > context:
+        raise PeftkitError(f"--max-length {max_length}: over the model's {context}-token "
+                           "context")
     device = module_device(loaded.base.model)
     if loaded.task == "classify":
         if ds.kind != "classification":

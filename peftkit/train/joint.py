@@ -42,7 +42,7 @@ from peftkit.train.evaluate import evaluate_run
 from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
                                 total_steps)
 from peftkit.train.report import peak_rss_bytes
-from peftkit.train.run_dir import ADAPTER, write_config
+from peftkit.train.run_dir import ADAPTER, claim, write_config
 
 JOINT_METHODS = ("lora", "qlora", "dora")
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
@@ -104,6 +104,8 @@ def check_outputs(tenants: list[tuple[str, TrainConfig]], origins: dict[str, str
 class JointTrainer:
     def __init__(self, tenants: list[tuple[str, TrainConfig]], origins: dict[str, str] = None):
         check_outputs(tenants, origins or {})
+        for name, cfg in tenants:  # each tenant's output has one owner, as a single run's
+            claim(Path(cfg.output), cfg, f"tenant '{name}': ")
         self.names = [n for n, _ in tenants]
         self.cfgs = [c for _, c in tenants]
         first = self.cfgs[0]

@@ -6,6 +6,7 @@ exact `--resume`; report.json / report.md with measured memory, time and quality
 """
 
 import math
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no
 from peftkit.train.evaluate import evaluate_run
 from peftkit.train.probe import FeatureCache
 from peftkit.train.report import Meter, write_report
-from peftkit.train.run_dir import save_run, write_config
+from peftkit.train.run_dir import claim, resume_changes, save_run, write_config
 
 
 class TrainingInterrupted(PeftkitError):
@@ -62,17 +63,47 @@ def examples_for(cfg: TrainConfig, ds, tok, task: str):
     else:
         train, val = split(pairs, cfg.val_split, cfg.seed)
     if task == "causal-lm":  # an example truncated down to its prompt teaches nothing
-        train = [p for p in train if any(t != IGNORE for t in p[0].labels[1:])]
+        kept = [p for p in train if any(t != IGNORE for t in p[0].labels[1:])]
+        if train and not kept:
+            raise PeftkitError(f"{cfg.data}: every example's answer is cut off at --max-length "
+                               f"{cfg.max_length} (its prompt fills it); raise --max-length")
+        train = kept
     if not train:
         raise PeftkitError(f"{cfg.data}: no training examples left after the split")
     truncated = sum(len(e.input_ids) >= cfg.max_length for e, _ in pairs)
     return [e for e, _ in train], [e for e, _ in val], [r for _, r in val], truncated
 
 
+def check_val_data(cfg: TrainConfig, ds) -> None:
+    """--val-data holds the training data's kind of records and, for a classifier, only
+    labels the training data has (a head has no output for the others)."""
+    vds = cfg.load_data(cfg.val_data)
+    if vds.kind != ds.kind:
+        raise PeftkitError(f"--val-data {cfg.val_data}: {vds.kind} records, but the training "
+                           f"data's are {ds.kind}")
+    unseen = sorted(set(vds.label_names) - set(ds.label_names))
+    if unseen:
+        raise PeftkitError(f"--val-data {cfg.val_data}: labels {unseen} never occur in "
+                           f"{cfg.data} (its labels: {', '.join(map(str, ds.label_names))})")
+
+
+def check_context(cfg: TrainConfig, config) -> None:
+    """Rows the model cannot hold are refused before training, not at its final evaluation."""
+    context = getattr(config, "max_position_embeddings", None)
+    virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
+    if context and cfg.max_length + virtual > context:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise PeftkitError(f"--max-length {cfg.max_length}{extra}: over {cfg.model}'s "
+                           f"{context}-token context; give --max-length {context - virtual} "
+                           "or less")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         self.out = Path(cfg.output)
+        if int(os.environ.get("RANK", "0")) == 0:  # one owner; under torchrun rank 0 checks
+            claim(self.out, cfg)
         self.stop_signal = None
         self.meter = Meter()
 
@@ -84,9 +115,15 @@ class Trainer:
             "classify" if ds.kind == "classification" else "causal-lm")
         if task == "classify" and ds.kind != "classification":
             raise PeftkitError(f"{cfg.data}: --task classify needs text+label records, got {ds.kind}")
+        if task == "causal-lm" and ds.kind == "classification":
+            raise PeftkitError(f"{cfg.data}: --task causal-lm, but its records are text+label "
+                               "(classification); drop --task, or give causal-LM records")
+        if cfg.val_data:  # the validation file is checked before any model loads
+            check_val_data(cfg, ds)
         self.dataset = ds
         torch.manual_seed(cfg.seed)
         self.trainee: Trainee = build(cfg, task, ds.label_names, self.device)
+        check_context(cfg, self.trainee.base.model.config)
         self.train_ex, self.val_ex, self.val_records, self.truncated = examples_for(
             cfg, ds, self.trainee.base.tokenizer, task)
         self.task = task
@@ -222,7 +259,7 @@ class Trainer:
         # that evaluation then kills (memory, a bad reference) keeps what it trained
         paths = save_run(t, self.out, world.main)
         data = {"train_examples": len(self.train_ex), "val_examples": len(self.val_ex),
-                "truncated_examples": self.truncated}
+                "truncated_examples": self.truncated, "skipped_records": self.dataset.skipped}
         if self.probe is not None:
             data["backbone_forward_examples"] = self.probe.backbone_rows
         if losses and (not history or history[-1]["step"] != step):
@@ -271,8 +308,10 @@ class Trainer:
         if not complete(self.out / "checkpoint"):  # killed before its first: nothing to lose
             self._say(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
             return 0, [], [], cfg.grad_accum
+        changes = resume_changes(self.out, cfg)
         meta = load_checkpoint(self.out, t.params, opt)
-        self._say(f"resuming from step {meta['step']}")
+        self._say(f"resuming from step {meta['step']}" + (
+            f" ({', '.join(changes)}: the schedule now spans the new length)" if changes else ""))
         return (meta["step"], meta["history"], meta["losses"],
                 self._accum_for(meta.get("global_batch")))
 

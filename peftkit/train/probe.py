@@ -93,6 +93,5 @@ class FeatureCache:
         if self.task == "classify":
             return {"loss": loss, **class_metrics(pred, gold, len(self.trainee.label_names))}
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        em = exact_match(self.trainee.base.model, self.trainee.base.tokenizer, val_records,
-                         cfg.exact_match_max, head=self.head)
-        return metrics if em is None else {**metrics, "exact_match": em}
+        return {**metrics, **exact_match(self.trainee.base.model, self.trainee.base.tokenizer,
+                                         val_records, cfg.exact_match_max, head=self.head)}

@@ -10,7 +10,7 @@ import psutil
 import torch
 
 from peftkit.device import peak_device_bytes
-from peftkit.quant import model_bytes
+from peftkit.quant import logical_numel, model_bytes
 
 
 class Meter:
@@ -95,8 +95,8 @@ def write_report(out: Path, t, meter: Meter, history: list[dict], losses: list[f
     facts (train/val/truncated example counts, a probe's backbone passes)."""
     cfg = t.config
     trainable = sum(p.numel() for p in t.params)
-    total = sum(p.numel() for p in {id(p): p for p in list(t.base.model.parameters())
-                                    + list(t.params)}.values())
+    total = sum(logical_numel(p) for p in {id(p): p for p in list(t.base.model.parameters())
+                                           + list(t.params)}.values())
     report = {
         "method": cfg.method, "task": t.task, "model": cfg.model, "data": cfg.data,
         "trainable_params": trainable, "total_params": total,
@@ -134,5 +134,7 @@ def report_markdown(r: dict) -> str:
              f"{r['predicted_peak_rss']['total'] / mib:.1f} MiB) |",
              f"| wall time | {r['wall_seconds']:.1f} s |",
              f"| tokens/s | {r['tokens_per_second']:.0f} |"]
-    lines += [f"| val {k} | {v:.4g} |" for k, v in r["metrics"].items() if isinstance(v, float)]
+    shown = {"train_loss": "last training batch's loss"}  # not a validation figure
+    lines += [f"| {shown.get(k, 'val ' + k)} | {v:.4g} |" for k, v in r["metrics"].items()
+              if isinstance(v, float)]
     return "\n".join(lines) + "\n"

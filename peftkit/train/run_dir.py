@@ -10,6 +10,7 @@ written by one function and read by its twin (as PEFT's save_pretrained / from_p
 """
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,61 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.heads import Head, SequenceClassifier
 
 CONFIG, ADAPTER, MODEL, HEAD = "config.json", "adapter", "model", "head.json"
+# everything a run writes into its directory (claim clears these, never other files)
+RUN_OUTPUTS = (CONFIG, ADAPTER, MODEL, HEAD, "head.safetensors", "report.json", "report.md",
+               "checkpoint", ".checkpoint-tmp", ".checkpoint-old", "joint_summary.json")
+
+
+# what a resumed run must share with the run it continues (its length may change: a run is
+# often continued for longer; `resume_changes` says so)
+SAME_ON_RESUME = ("model", "data", "val_data", "method", "task", "batch_size", "grad_accum",
+                  "rank", "alpha", "targets", "seed", "max_length")
+LENGTH = ("steps", "epochs")
+
+
+def resume_changes(out: Path, cfg: TrainConfig) -> list[str]:
+    """The run-length options a resume changes from the saved run, worded for the log."""
+    saved = _saved_config(out) or {}
+    return [f"--{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in LENGTH
+            if k in saved and saved[k] != getattr(cfg, k)]
+
+
+def claim(out: Path, cfg: TrainConfig, who: str = "") -> None:
+    """A run directory has one owner. An --output that holds a run's outputs is refused unless
+    --overwrite (which removes those outputs, and only those) or --resume (which must continue
+    the same run: the options in SAME_ON_RESUME as saved). Checked before anything loads, so a
+    second run never leaves the first's head or model beside its own adapter."""
+    held = [out / name for name in RUN_OUTPUTS if (out / name).exists()] if out.is_dir() else []
+    if not held:
+        return
+    where = f"{who}--output {out}"
+    saved = _saved_config(out)
+    if cfg.resume:
+        differ = [k for k in SAME_ON_RESUME if saved and k in saved
+                  and saved[k] != getattr(cfg, k)]
+        if differ:
+            k = differ[0]
+            raise PeftkitError(f"{where}: --resume continues the saved run, whose {k} is "
+                               f"{saved[k]!r}, not {getattr(cfg, k)!r}; give the same options, "
+                               "or --overwrite to start over")
+        return
+    if not cfg.overwrite:
+        what = f"a {saved['method']} run" if saved else f"a run's {held[0].name}"
+        raise PeftkitError(f"{where}: holds {what} already; give --overwrite to replace it, "
+                           "--resume to continue it, or another --output")
+    for path in held:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _saved_config(out: Path) -> dict | None:
+    try:
+        saved = json.loads((out / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "method" in saved else None
 
 
 def write_config(out: Path, cfg: TrainConfig, dtype: torch.dtype) -> None:
@@ -59,6 +115,23 @@ def save_run(t: Trainee, out: Path, write: bool = True) -> dict[str, str]:
     return paths
 
 
+def recorded_base(path: str | Path | None, default: str = "smollm2-135m") -> str:
+    """The base a run or adapter directory was trained on (its config.json, head.json or
+    adapter_config.json), so `eval` and `generate` need no --model; else `default`."""
+    if path is None:
+        return default
+    path = Path(path)
+    for file, key in ((path / CONFIG, "model"), (path / HEAD, "base"),
+                      (adapter_dir(path) / CONFIG_NAME, "base_model_name_or_path")):
+        try:
+            value = json.loads(file.read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return default
+
+
 @dataclass
 class Loaded:
     base: Base
@@ -79,6 +152,8 @@ def load_run(model: str, path: str | Path | None, device="cpu",
     path = Path(path)
     if not path.is_dir():
         raise PeftkitError(f"adapter or run directory not found: {path}")
+    if path.name == ADAPTER and ((path.parent / HEAD).exists() or (path.parent / CONFIG).exists()):
+        path = path.parent  # a run's adapter/ given: the run (its head, its base) is meant
     adapter = adapter_dir(path)
     has_adapter = (adapter / CONFIG_NAME).exists()
     head_meta = json.loads((path / HEAD).read_text()) if (path / HEAD).exists() else None
