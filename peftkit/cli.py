@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080, help="port to listen on")
     s.set_defaults(func=cmd_gateway)
 
+    s = sub.add_parser("inspect", help="a model's family, layers by role, and each method's "
+                                       "default targets or why it is refused")
+    s.add_argument("model", help="alias, HF directory, .gguf file or config.json's directory")
+    s.add_argument("--json", action="store_true", help="print it as JSON")
+    s.set_defaults(func=cmd_inspect)
+
     s = sub.add_parser("data", help="dataset tools")
     s.set_defaults(func=lambda _args, help=s.print_help: help() or 2)  # `peftkit data` alone
     dsub = s.add_subparsers(title="data commands", metavar="ACTION")
@@ -335,6 +341,14 @@ def cmd_compare(args) -> None:
     where = ["--device", args.device, "--dtype", args.dtype, "--attn", args.attn]
     compare(args.model, args.data, args.methods.split(","), args.output,
             extra=where + (args.extra or []))
+
+
+def cmd_inspect(args) -> None:
+    import json
+
+    from peftkit.inspect_model import format_inspection, inspect_model
+    report = inspect_model(args.model)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 
 
 def cmd_data_check(args) -> int:

@@ -8,7 +8,8 @@ def add_placement(s) -> None:
     s.add_argument("--dtype", default="auto",
                    help="the base's precision: auto (bf16 on a GPU, else fp32) | float32 | "
                         "bfloat16 | float16")
-    s.add_argument("--attn", default="sdpa", help="sdpa | eager | flash_attention_2")
+    s.add_argument("--attn", default="auto",
+                   help="auto (the model's own choice) | sdpa | eager | flash_attention_2")
 
 
 def placement(args):

@@ -15,7 +15,7 @@ import torch
 from peftkit.errors import PeftkitError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")  # auto: transformers' choice
 
 
 def available_devices() -> list[str]:
@@ -66,14 +66,16 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device,
     return dtype
 
 
-def resolve_attn(spec: str | None) -> str:
-    spec = spec or "sdpa"
+def resolve_attn(spec: str | None) -> str | None:
+    """The attention implementation to set, or None for the model's own choice (transformers
+    picks sdpa where the architecture supports it, else eager)."""
+    spec = spec or "auto"
     if spec not in ATTENTION:
         raise PeftkitError(f"--attn {spec}: choose {', '.join(ATTENTION)}")
     if spec == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise PeftkitError("--attn flash_attention_2: the flash-attn package is not installed "
                            "(pip install flash-attn, CUDA only); use sdpa")
-    return spec
+    return None if spec == "auto" else spec
 
 
 def placement(device="auto", dtype="auto", attn=None, training: bool = False):

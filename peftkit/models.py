@@ -79,7 +79,7 @@ def load_base(spec: str, task: str | None = None, num_labels: int = 2,
               attn: str | None = None) -> Base:
     """Load `spec` for `task` (default: the model's own: causal-lm for decoders, else encoder),
     in `dtype`, on `device` ("auto", "cpu", "cuda:1", a torch.device), with attention `attn`
-    (sdpa, eager, flash_attention_2; None = transformers' default).
+    (sdpa, eager, flash_attention_2; None or auto = transformers' choice for the model).
 
     `quantize` (a `peftkit.quant.QuantConfig`) gives an NF4 base; it is quantized once and kept
     under `$PEFTKIT_CACHE/nf4/`, so later loads read the 4-bit weights and never hold an fp32 copy.
@@ -90,7 +90,12 @@ def load_base(spec: str, task: str | None = None, num_labels: int = 2,
     attn = resolve_attn(attn) if attn is not None else None
     base = _load(spec, task, num_labels, dtype, quantize)
     if attn is not None:
-        base.model.set_attn_implementation(attn)
+        try:
+            base.model.set_attn_implementation(attn)
+        except (ValueError, ImportError) as e:  # the architecture lacks it
+            raise PeftkitError(f"--attn {attn}: {spec} ({base.model.config.model_type}) cannot "
+                               f"use it ({str(e).splitlines()[0][:100]}); use --attn auto") \
+                from None
     if target.type != "cpu":
         from peftkit.quant import place
         place(base.model, target)
@@ -167,7 +172,11 @@ def _load_nf4(spec: str, task: str | None, num_labels: int, config) -> Base:
         base = _load(spec, task, num_labels, torch.float32, None)
         base.quant_report = quantize_model(base.model, config)
         return base
-    key = hashlib.sha256(json.dumps([str(resolve_model_dir(spec).resolve()), asdict(config), task],
+    source = resolve_model_dir(spec).resolve()
+    # the files' sizes and times too: a directory whose weights were replaced is quantized anew
+    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir()
+                   if f.suffix in (".json", ".safetensors"))
+    key = hashlib.sha256(json.dumps([str(source), asdict(config), task, stamp],
                                     sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "nf4" / f"{Path(spec).name}-{key}"
     if not (target / "config.json").exists():
@@ -210,6 +219,13 @@ def check_task(spec: str, config, task: str | None) -> None:
         raise PeftkitError(f"{spec} is an encoder ({config.model_type}): it classifies (text + "
                            "label data) but does not generate; use a causal LM such as "
                            "smollm2-135m for prompt/completion, chat or text data")
+
+
+def peek_config(spec: str):
+    """A model's config without its weights (what a run can check before loading them)."""
+    if spec in TINY:
+        return TINY[spec][0]()
+    return AutoConfig.from_pretrained(resolve_model_dir(spec))
 
 
 def _default_task(config) -> str:

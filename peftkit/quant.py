@@ -114,8 +114,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> Quant
     config = config or QuantConfig()
     config.validate()
     before = model_bytes(model)
+    done = (UpcastLinear, bnb().nn.Linear4bit)  # Falcon's FalconLinear is an nn.Linear too
     targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and n.split(".")[-1] not in config.skip]
+               if isinstance(m, nn.Linear) and not isinstance(m, done)
+               and n.split(".")[-1] not in config.skip]
     if not targets:
         raise PeftkitError(f"{type(model).__name__} has no linear layers to quantize")
     n_params, n_bits = 0, 0

@@ -122,15 +122,16 @@ def test_ordinary_mistakes_are_one_line_each(write, tmp_path, capsys):
     train = ["train", "--model", "tiny-llama", "--steps", "1", "--val-split", "0"]
     _fails(train + ["--data", str(lm), "--val-data", str(chat)], capsys,
            "chat records, but the training data's are prompt_completion")
-    _fails(train[:3] + ["tiny-bert"] + train[4:] + ["--data", str(clf), "--val-data",
+    _fails(train[:2] + ["tiny-bert"] + train[3:] + ["--data", str(clf), "--val-data",
                                                      str(unseen)], capsys,
            "labels ['mixed'] never occur in")
     _fails(train + ["--data", str(clf), "--task", "causal-lm"], capsys,
            "--task causal-lm, but its records are text+label")
-    _fails(train[:3] + ["tiny-bert"] + train[4:] + ["--data", str(lm)], capsys,
+    _fails(train[:2] + ["tiny-bert"] + train[3:] + ["--data", str(lm)], capsys,
            "tiny-bert is an encoder (bert)")
-    _fails(train + ["--data", str(lm), "--max-length", "4096"], capsys,
-           "--max-length 4096: over tiny-llama's")
+    long = write("long.jsonl", [{"prompt": "word " * 300, "completion": "yes"}] * 4)
+    _fails(train + ["--data", str(long), "--max-length", "4096"], capsys,
+           "over tiny-llama's 512-token context")
     _fails(["eval", "--model", "tiny-bert", "--data", str(clf)], capsys,
            "need a trained classifier (--adapter RUN)")
     _fails(["eval", "--model", "tiny-llama", "--data", str(lm), "--batch-size", "0"], capsys,

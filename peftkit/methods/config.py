@@ -25,6 +25,49 @@ IA3_TARGETS = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
                "bert": (["key", "value", "output.dense"], ["output.dense"])}
 BOTTLENECK_TARGETS = {"llama": ["o_proj", "down_proj"], "bert": ["output.dense"]}
 
+# Roles of linear layers by their names across transformers' families, for placing IA³ (the
+# attention's keys and values, the MLP's output; Liu et al. 2022) and bottleneck adapters (each
+# sublayer's output; Houlsby et al. 2019) on an architecture without a table entry. A fused
+# projection (q, k and v in one layer) stands for keys and values, as in PEFT's own defaults.
+KEY_VALUE = {"k_proj", "v_proj", "key", "value", "k_lin", "v_lin", "key_proj", "value_proj",
+             "query_key_value", "qkv_proj", "Wqkv", "W_pack", "c_attn"}
+MLP_OUT = {"down_proj", "dense_4h_to_h", "fc2", "lin2", "w2", "fc_out", "c_proj", "Wo",
+           "dense"}
+ATTN_OUT = {"o_proj", "out_proj", "out_lin", "dense", "c_proj", "Wo"}
+ATTENTION_PARENTS = {"attn", "self_attn", "attention", "self_attention", "mixer"}
+MLP_PARENTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "output", "experts"}
+
+
+def roles(linear: list[str]) -> dict[str, list[str]]:
+    """{"key_value", "mlp_out", "attn_out"} -> the full names among `linear` with that role
+    (full names: BERT's attention output and MLP output are both `...output.dense`)."""
+    found = {"key_value": [], "mlp_out": [], "attn_out": []}
+    for name in linear:
+        parts = name.split(".")
+        leaf, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
+        in_attention = "attention.output" in name or parent in ATTENTION_PARENTS
+        if leaf in KEY_VALUE:
+            found["key_value"].append(name)
+        elif leaf in ATTN_OUT and in_attention:
+            found["attn_out"].append(name)
+        elif leaf in MLP_OUT and not in_attention and (parent in MLP_PARENTS
+                                                       or leaf not in ATTN_OUT):
+            found["mlp_out"].append(name)
+    return found
+
+
+def _placement(model_type: str, linear, table: dict, need: tuple[str, ...], method: str):
+    if model_type in table:
+        return table[model_type]
+    if not linear:  # no model to read the structure from: the Llama names
+        return table["llama"]
+    found = roles(list(linear))
+    missing = [r for r in need if not found[r]]
+    if missing:
+        raise PeftkitError(f"--method {method}: cannot tell the {missing[0].replace('_', ' ')} "
+                           f"layers of this {model_type} model by their names; give --targets")
+    return found
+
 
 @dataclass
 class LoraConfig:
@@ -51,7 +94,7 @@ class LoraConfig:
                 "modules_to_save": None, "task_type": None}
 
     @classmethod
-    def from_run(cls, run, model_type: str) -> "LoraConfig":
+    def from_run(cls, run, model_type: str, linear=()) -> "LoraConfig":
         """From a training run's settings (train/config.TrainConfig): its flags."""
         return cls(r=run.rank, alpha=run.alpha, dropout=run.dropout, targets=run.target_list(),
                    use_dora=run.method == "dora", use_rslora=run.rslora)
@@ -83,10 +126,13 @@ class IA3Config:
                 "init_ia3_weights": True, "modules_to_save": None, "task_type": None}
 
     @classmethod
-    def from_run(cls, run, model_type: str) -> "IA3Config":
-        """The paper's placement for the architecture, or the run's own targets (its
-        feed-forward scales on the ones among them that are feed-forward)."""
-        default, ff = IA3_TARGETS.get(model_type, IA3_TARGETS["llama"])
+    def from_run(cls, run, model_type: str, linear=()) -> "IA3Config":
+        """The paper's placement for the architecture (a table entry, else found from the
+        model's layer names), or the run's own targets (its feed-forward scales on the ones
+        among them that are feed-forward)."""
+        placed = _placement(model_type, linear, IA3_TARGETS, ("key_value", "mlp_out"), "ia3")
+        default, ff = (placed if isinstance(placed, tuple) else
+                       (placed["key_value"] + placed["mlp_out"], placed["mlp_out"]))
         targets = run.target_list()
         if targets == "all-linear":
             return cls(targets=default, feedforward=ff)
@@ -113,10 +159,13 @@ class BottleneckConfig:
                 "task_type": None}
 
     @classmethod
-    def from_run(cls, run, model_type: str) -> "BottleneckConfig":
+    def from_run(cls, run, model_type: str, linear=()) -> "BottleneckConfig":
         targets = run.target_list()
         if targets == "all-linear":  # Houlsby et al.'s placement for the architecture
-            targets = BOTTLENECK_TARGETS.get(model_type, BOTTLENECK_TARGETS["llama"])
+            placed = _placement(model_type, linear, BOTTLENECK_TARGETS,
+                                ("attn_out", "mlp_out"), "bottleneck")
+            targets = placed if isinstance(placed, list) else \
+                placed["attn_out"] + placed["mlp_out"]
         return cls(size=run.bottleneck_size, targets=targets)
 
     @classmethod
@@ -143,7 +192,7 @@ class PromptTuningConfig:
                 "prompt_tuning_init_text": self.init_text}
 
     @classmethod
-    def from_run(cls, run, model_type: str) -> "PromptTuningConfig":
+    def from_run(cls, run, model_type: str, linear=()) -> "PromptTuningConfig":
         return cls(num_virtual_tokens=run.num_virtual_tokens)
 
     @classmethod
@@ -169,7 +218,7 @@ class PrefixTuningConfig:
                 "num_transformer_submodules": 1, "prefix_projection": False}
 
     @classmethod
-    def from_run(cls, run, model_type: str) -> "PrefixTuningConfig":
+    def from_run(cls, run, model_type: str, linear=()) -> "PrefixTuningConfig":
         return cls(num_virtual_tokens=run.num_virtual_tokens)
 
     @classmethod

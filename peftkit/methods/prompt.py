@@ -18,6 +18,9 @@ def kv_geometry(config) -> tuple[int, int, int]:
     """(layers, kv_heads, head_dim) of a decoder config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if config.model_type == "falcon":  # multi-query unless the new architecture's kv heads
+        kv_heads = config.num_kv_heads if (config.new_decoder_architecture
+                                           or not config.multi_query) else 1
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
 
@@ -27,7 +30,8 @@ class VirtualTokens(nn.Module):
 
     def __init__(self, model, kind: str, n: int, slots: int):
         super().__init__()
-        if not getattr(model.config, "is_decoder", True) or model.config.model_type == "bert":
+        from peftkit.models import ENCODERS
+        if model.config.model_type in ENCODERS:
             raise PeftkitError(f"{kind} tuning needs a causal LM; {model.config.model_type} is an "
                                "encoder")
         self.kind, self.n = kind, n

@@ -21,7 +21,7 @@ class ServeConfig:
     device: str = "auto"  # where the base, the slot stack and the KV cache live
     dtype: str = "auto"  # the base's precision (auto: bf16 on a GPU that has it, else fp32)
     adapter_dtype: str = "auto"  # the slots' precision, as vLLM's --lora-dtype (auto: the base's)
-    attn: str = "sdpa"  # attention implementation: sdpa, eager, flash_attention_2
+    attn: str = "auto"  # attention: auto (the model's own choice), sdpa, eager, flash_attention_2
     # Abuse limits: every request ends within request_timeout_s; bodies over max_body_mb get 413;
     # a tenant with tenant_max_inflight requests queued or running gets 429 (0 = no limit);
     # a request for a cold adapter waits up to slot_wait_s for a slot before its 429.

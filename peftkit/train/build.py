@@ -7,8 +7,9 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import add_adapter
+from peftkit.methods.inject import find_targets
 from peftkit.methods.registry import ADAPTER_METHODS
-from peftkit.models import Base, load_base
+from peftkit.models import Base, load_base, peek_config
 from peftkit.quant import QuantConfig
 from peftkit.train.config import TrainConfig
 from peftkit.train.heads import Head, SequenceClassifier, pooling_for
@@ -28,10 +29,13 @@ class Trainee:
     dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
 
 
-def adapter_config(cfg: TrainConfig, model_type: str = "llama"):
-    """The method's adapter config from the run's flags (each config class's `from_run`)."""
+def adapter_config(cfg: TrainConfig, model=None):
+    """The method's adapter config from the run's flags (each config class's `from_run`), its
+    default placement read from `model`'s architecture."""
     name = "lora" if cfg.method == "qlora" else cfg.method  # QLoRA: LoRA on an NF4 base
-    return ADAPTER_METHODS[name].config.from_run(cfg, model_type)
+    model_type = model.config.model_type if model is not None else "llama"
+    linear = find_targets(model, "all-linear") if model is not None else ()
+    return ADAPTER_METHODS[name].config.from_run(cfg, model_type, linear)
 
 
 def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
@@ -42,8 +46,40 @@ def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
     return QuantConfig(compute_dtype=str(dtype).removeprefix("torch."))
 
 
+# Families whose projections are transformers' Conv1D (weights stored transposed) rather than
+# nn.Linear: peftkit's layer adapters wrap nn.Linear only (PEFT's fan_in_fan_out is not built).
+CONV1D_FAMILIES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
+LAYER_METHODS = ("lora", "qlora", "dora", "ia3", "bottleneck")
+SEQ2SEQ_FAMILIES = ("t5", "mt5", "bart", "mbart", "pegasus", "marian", "umt5", "longt5")
+
+
+def check_family(cfg: TrainConfig, task: str) -> None:
+    """What a model family cannot do with a method, said from its config before any weight
+    loads, in one line with what to use instead."""
+    config = peek_config(cfg.model)
+    kind = config.model_type
+    if task == "classify" and cfg.method in CAUSAL_ONLY:
+        raise PeftkitError(f"--method {cfg.method}: virtual tokens train a causal LM's "
+                           f"generation; a {kind} classifier trains with lora, dora, qlora, ia3, "
+                           "bottleneck, full or probe")
+    if kind in SEQ2SEQ_FAMILIES:
+        raise PeftkitError(f"--model {cfg.model}: {kind} is an encoder-decoder (seq2seq) model, "
+                           "which peftkit does not train; use a decoder (llama, qwen2, ...) or "
+                           "an encoder for classification")
+    if kind in CONV1D_FAMILIES and cfg.method in LAYER_METHODS:
+        raise PeftkitError(f"--method {cfg.method}: {kind} keeps its projections in Conv1D "
+                           "layers (transposed weights), which peftkit's adapters do not wrap "
+                           "yet; use --method full, probe, prompt or prefix")
+    if cfg.method in ("ia3", "bottleneck") and cfg.targets == "all-linear" and (
+            getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)):
+        raise PeftkitError(f"--method {cfg.method}: {kind}'s MLP is a mixture of experts, whose "
+                           "weights are not linear layers here; name attention layers with "
+                           "--targets, or use --method lora (attention)")
+
+
 def build(cfg: TrainConfig, task: str, label_names: list[str], device=None) -> Trainee:
     """`device` overrides the config's (a distributed rank's own GPU)."""
+    check_family(cfg, task)
     placed, dtype, attn = cfg.placement()
     device = device or placed
     quant = quant_for(cfg.method, dtype)
@@ -85,7 +121,7 @@ def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
             head.net.bias.zero_()
         return Trainee(cfg, task, base, model, list(head.parameters()), head=head)
     torch.manual_seed(cfg.seed)  # the adapter's init depends on the seed alone (joint.py too)
-    adapted = add_adapter(model, adapter_config(cfg, model.config.model_type),
+    adapted = add_adapter(model, adapter_config(cfg, model),
                           tokenizer=base.tokenizer)
     if cfg.grad_checkpointing:
         model.enable_input_require_grads()
@@ -96,8 +132,6 @@ CAUSAL_ONLY = ("prompt", "prefix")  # virtual tokens need a causal LM's cache
 
 
 def _build_classifier(cfg: TrainConfig, label_names: list[str], quant, where: dict) -> Trainee:
-    if cfg.method in CAUSAL_ONLY:
-        raise PeftkitError(f"--method {cfg.method} trains a causal LM; use --task causal-lm")
     base = load_base(cfg.model, task="encoder", quantize=quant, **where)  # backbone, no head
     backbone = base.model
     if cfg.grad_checkpointing:
@@ -114,7 +148,7 @@ def _build_classifier(cfg: TrainConfig, label_names: list[str], quant, where: di
             p.requires_grad_(False)
         body_params = []
     else:
-        adapted = add_adapter(backbone, adapter_config(cfg, backbone.config.model_type))
+        adapted = add_adapter(backbone, adapter_config(cfg, backbone))
         backbone, body_params = adapted, adapted.adapter_parameters()
     clf = SequenceClassifier(backbone, head, pooling_for(base.model.config))
     return Trainee(cfg, "classify", base, clf, body_params + list(head.parameters()),

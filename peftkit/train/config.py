@@ -49,7 +49,7 @@ class TrainConfig:
     # where and how: the names transformers / accelerate users know (peftkit.device)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; auto = CUDA when available
     dtype: str = "auto"  # frozen base precision and autocast dtype; auto = bf16 on GPU, fp32 on CPU
-    attn: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn: str = "auto"  # auto (the model's own choice) | sdpa | eager | flash_attention_2
     # adamw (torch) | adamw8bit | paged_adamw8bit: bitsandbytes' 8-bit states (Dettmers et al.
     # 2022, arXiv:2110.02861) and, paged, the optimizer states QLoRA pages to the CPU (§3)
     optim: str = "adamw"  # optimizer; 8-bit states need bitsandbytes
@@ -122,7 +122,7 @@ CLASSIFY_LR = {**DEFAULT_LR, "full": 5e-5, "lora": 5e-4, "qlora": 5e-4, "dora": 
 CHOICES = {"method": METHODS, "task": ("auto", "causal-lm", "classify"),
            "schedule": ("cosine", "linear", "constant"), "optim": OPTIMIZERS,
            "strategy": ("auto", "ddp", "fsdp"), "probe_head": ("linear", "mlp"),
-           "attn": ("sdpa", "eager", "flash_attention_2")}
+           "attn": ("auto", "sdpa", "eager", "flash_attention_2")}
 
 
 # Ranges, declared once: checked on flags (naming the flag), config files and tenant files

@@ -87,15 +87,17 @@ def check_val_data(cfg: TrainConfig, ds) -> None:
                            f"{cfg.data} (its labels: {', '.join(map(str, ds.label_names))})")
 
 
-def check_context(cfg: TrainConfig, config) -> None:
-    """Rows the model cannot hold are refused before training, not at its final evaluation."""
+def check_context(cfg: TrainConfig, config, examples) -> None:
+    """Rows the model cannot hold (after truncation to --max-length, with prompt tuning's
+    virtual tokens) are refused before training, not at its final evaluation."""
     context = getattr(config, "max_position_embeddings", None)
     virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
-    if context and cfg.max_length + virtual > context:
+    longest = max((len(e.input_ids) for e in examples), default=0)
+    if context and longest + virtual > context:
         extra = f" + {virtual} virtual tokens" if virtual else ""
-        raise PeftkitError(f"--max-length {cfg.max_length}{extra}: over {cfg.model}'s "
-                           f"{context}-token context; give --max-length {context - virtual} "
-                           "or less")
+        raise PeftkitError(f"--max-length {cfg.max_length}: rows of {longest} tokens{extra} are "
+                           f"over {cfg.model}'s {context}-token context; give --max-length "
+                           f"{context - virtual} or less")
 
 
 class Trainer:
@@ -123,9 +125,9 @@ class Trainer:
         self.dataset = ds
         torch.manual_seed(cfg.seed)
         self.trainee: Trainee = build(cfg, task, ds.label_names, self.device)
-        check_context(cfg, self.trainee.base.model.config)
         self.train_ex, self.val_ex, self.val_records, self.truncated = examples_for(
             cfg, ds, self.trainee.base.tokenizer, task)
+        check_context(cfg, self.trainee.base.model.config, self.train_ex + self.val_ex)
         self.task = task
 
     def _param_groups(self, peak: float) -> list[dict]:
