@@ -5,6 +5,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -54,6 +55,10 @@ def adapters(runs, tmp_path_factory):
                 p.mul_(5)
         save_adapter(a, root / f"rand{r}")
     return root
+
+
+def tokenize(server, text: str) -> list[int]:
+    return server.base.tokenizer(text).input_ids
 
 
 def make_server(adapters, **kw) -> Server:
@@ -347,6 +352,37 @@ def test_openai_client_completions_chat_and_stream(adapters):
                                                  stream_options={"include_usage": True}))
         assert chunks[-1].choices == [] and 1 <= chunks[-1].usage.completion_tokens <= 3
         assert all(c.usage is None for c in chunks[:-1])
+        # issue 33: OpenAI's request shapes and defaults
+        said = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, temperature=0)
+        by_ids = oa.completions.create(model="alpha", prompt=tokenize(server, PROMPT),
+                                       max_tokens=8, temperature=0)
+        assert by_ids.choices[0].text == said.choices[0].text == "aaaa"
+        parts = [{"type": "text", "text": "say "}, {"type": "text", "text": "one:"}]
+        plain = oa.chat.completions.create(model="alpha", temperature=0, max_tokens=6,
+                                           messages=[{"role": "developer", "content": "Be brief."},
+                                                     {"role": "user", "content": "say one:"}])
+        joined = oa.chat.completions.create(model="alpha", temperature=0, max_tokens=6,
+                                            messages=[{"role": "system", "content": "Be brief."},
+                                                      {"role": "user", "content": parts}])
+        assert plain.choices[0].message.content == joined.choices[0].message.content
+        assert plain.choices[0].logprobs is None
+        free = oa.chat.completions.create(model="tiny-llama", messages=hi, temperature=0,
+                                          extra_body={"top_p": None})  # no max_tokens: no 16 cap
+        assert free.choices[0].finish_reason == "stop" or free.usage.completion_tokens > 16
+        for bad, param in (({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+                ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+                 "messages"), ({"messages": hi, "max_tokens": "5"}, "max_tokens")):
+            with pytest.raises(openai.BadRequestError) as e:
+                oa.chat.completions.create(model="alpha", **bad)
+            assert e.value.body["param"] == param, e.value.body
+        assert oa.models.retrieve("alpha").id == "alpha"
+        with pytest.raises(openai.NotFoundError) as e:
+            oa.models.retrieve("nope")
+        assert e.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.completions.create(model="alpha", prompt="x " * 600, max_tokens=4)
+        assert e.value.body["code"] == "context_length_exceeded"
         assert chunks[-1].usage.total_tokens == (chunks[-1].usage.prompt_tokens
                                                  + chunks[-1].usage.completion_tokens)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -415,3 +451,39 @@ def test_pins_never_take_the_last_free_slot_and_refusals_hide_server_paths(adapt
     message = str(err.value)
     assert message.startswith("adapter 'broken' cannot be served: ") and "corrupt" in message
     assert str(tmp_path) not in message and "base_model.model" not in message
+
+
+def test_a_key_is_checked_before_the_body_and_errors_keep_openais_shape(live):
+    """A keyless request with a bad body got 422 before 401; unknown routes and wrong methods
+    answered FastAPI's {"detail"}; another tenant's adapter card is a 404 like a missing one."""
+    async def go():
+        async with client(live, key="sk-wrong-000") as c:
+            nokey = await c.post("/v1/completions", json={"prompt": 5, "max_tokens": "x"})
+        async with client(live) as c:
+            route = await c.get("/v1/nothing")
+            method = await c.get("/v1/completions")
+            theirs = await c.get("/v1/models/beta")
+            mine = await c.get("/v1/models/alpha")
+        return nokey, route, method, theirs, mine
+    nokey, route, method, theirs, mine = asyncio.run(go())
+    assert nokey.status_code == 401 and nokey.json()["error"]["code"] == "invalid_api_key"
+    assert route.status_code == 404 and set(route.json()) == {"error"}
+    assert method.status_code == 405 and set(method.json()) == {"error"}
+    assert theirs.status_code == 404 and mine.json()["id"] == "alpha"
+
+
+@pytest.mark.parametrize("params,body", [
+    ("openai.types.chat.completion_create_params", "ChatBody"),
+    ("openai.types.completion_create_params", "CompletionBody")])
+def test_every_openai_request_field_is_supported_or_refused_by_name(params, body):
+    """The conformance table (docs/openai-conformance.md) stays true: every field the official
+    client can send is a field here (honoured, accepted as changing nothing, or refused by
+    name unless neutral); none gets 'Unrecognized request argument'."""
+    import importlib
+    from peftkit.serve import api
+    sent = set(importlib.import_module(params).CompletionCreateParamsBase.__annotations__)
+    ours = set(getattr(api, body).model_fields)
+    assert sent | {"stream"} <= ours, sorted(sent - ours)
+    table = (Path(__file__).parents[1] / "docs" / "openai-conformance.md").read_text()
+    assert all(f"`{field}`" in table for field in sent), sorted(
+        f for f in sent if f"`{field}`" not in table)

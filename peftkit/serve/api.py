@@ -17,10 +17,18 @@ from peftkit.serve.server import TenantBusy
 from peftkit.serve.store import AdapterNotFound, StoreFull
 
 
+# OpenAI's string error codes (typed clients cannot decode an integer there)
+CODES = {401: "invalid_api_key", 403: "insufficient_permissions", 404: "model_not_found",
+         429: "rate_limit_exceeded"}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None,
+                 param: str | None = None):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
+        self.code = code or CODES.get(status)
+        self.param = param
 
 
 def busy(e: Exception) -> ApiError:
@@ -49,6 +57,7 @@ NOT_IMPLEMENTED = {
     "echo": _off, "suffix": _off, "best_of": lambda v: v in (None, 1),
     "audio": _off, "modalities": lambda v: _off(v) or v == ["text"], "prediction": _off,
     "guided_json": _off, "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
+    "reasoning_effort": _off, "verbosity": _off, "web_search_options": _off,
 }
 
 
@@ -56,8 +65,13 @@ class OpenAIBody(BaseModel):
     """A request body as OpenAI checks one: an unknown field is 400 `Unrecognized request
     argument supplied: NAME`, an unimplemented one set to anything but its neutral value is a
     400 naming it; fields clients send that change no answer are accepted."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "5" is not a number here
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # caching hints: nothing to change in an answer
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict | None = None
+    moderation: Any = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -83,6 +97,16 @@ class OpenAIBody(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        """`"temperature": null` (as frameworks send it) means the field's default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) \
+            else data
 
     @model_validator(mode="after")
     def _implemented(self):
@@ -96,10 +120,13 @@ class OpenAIBody(BaseModel):
 
 class SamplingParams(OpenAIBody):
     model: str = ""  # any length: an unknown id is a 404 like any other
-    max_tokens: int = Field(16, ge=1)  # and prompt + max_tokens within the context (400)
+    # None: chat generates until a stop, EOS or the context (OpenAI's chat has no default
+    # limit); completions default to 16 (OpenAI's legacy default). Prompt + max_tokens must fit
+    # the context (400).
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # chat's newer name; wins if both
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: only the likeliest token (greedy)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stream: bool = False
@@ -113,13 +140,55 @@ class SamplingParams(OpenAIBody):
 
 
 class CompletionBody(SamplingParams):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    @model_validator(mode="after")
+    def _legacy_default(self):
+        if self.max_tokens is None:
+            self.max_tokens = 16
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A chat turn: content as a string or as parts (text parts are joined; any other part is
+    refused by name); `developer` is OpenAI's newer name for `system`; tool turns and tool
+    calls are refused until tools are implemented."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart | dict]
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _roles(cls, data):
+        if isinstance(data, dict):
+            role = data.get("role")
+            if role in ("tool", "function") or data.get("tool_calls") or data.get(
+                    "function_call"):
+                raise PydanticCustomError("not_implemented", "{param}: tool and function "
+                                          "turns are not supported by this server yet",
+                                          {"param": "messages"})
+        return data
+
+    @model_validator(mode="after")
+    def _plain(self):
+        if isinstance(self.content, list):
+            other = [p for p in self.content if not isinstance(p, TextPart)]
+            if other:
+                kind = other[0].get("type", "?") if isinstance(other[0], dict) else "?"
+                raise PydanticCustomError("not_implemented", "{param}: content parts of type "
+                                          "'" + str(kind)[:40] + "' are not supported (text "
+                                          "only)", {"param": "messages"})
+            self.content = "".join(p.text for p in self.content)
+        if self.role == "developer":
+            self.role = "system"
+        return self
 
 
 class ChatBody(SamplingParams):
@@ -127,7 +196,11 @@ class ChatBody(SamplingParams):
 
 
 class AdapterBody(BaseModel):
+    """vLLM's admin body. `lora_path` is refused by name, not ignored: adapters load from the
+    server's --adapters directory by id (a client's path is not trusted)."""
+    model_config = ConfigDict(extra="forbid")
     lora_name: str
+    lora_path: None = None
     pin: bool = False
     tier: Literal["device", "host"] = "device"  # load: into a slot, or prefetch to host memory
 
@@ -136,7 +209,8 @@ def install_errors(app: FastAPI) -> None:
     """OpenAI's error body for ApiError and for request validation (400, as OpenAI's)."""
     @app.exception_handler(ApiError)
     async def api_error(_req, e: ApiError):
-        return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}},
+        return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
+                                       "code": e.code}},
                             status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -147,7 +221,7 @@ def install_errors(app: FastAPI) -> None:
         if e.status_code == 400:
             detail = f"the body is not valid JSON ({detail})"
         return JSONResponse({"error": {"message": detail, "type": kind, "param": None,
-                                       "code": e.status_code}},
+                                       "code": CODES.get(e.status_code)}},
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -156,7 +230,7 @@ def install_errors(app: FastAPI) -> None:
         return JSONResponse({"error": {"message": "; ".join(m for m, _ in problems)[:1000],
                                        "type": "invalid_request_error",
                                        "param": problems[0][1] if problems else None,
-                                       "code": 400}}, status_code=400)
+                                       "code": None}}, status_code=400)
 
 
 def _problem(err: dict) -> tuple[str, str | None]:
@@ -191,5 +265,6 @@ def api_error(e: PeftkitError, model: str | None = None) -> ApiError:
         return ApiError(404, missing(model) if model else str(e), "not_found_error")
     if isinstance(e, (StoreFull, QueueFull, TenantBusy)):
         return busy(e)
-    return ApiError(400, str(e))
+    over = "context" in str(e) and ("prompt" in str(e) or "max_tokens" in str(e))
+    return ApiError(400, str(e), code="context_length_exceeded" if over else None)
 

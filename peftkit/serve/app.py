@@ -5,7 +5,7 @@ admin endpoints /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_lora_
 names). The contract (bodies, errors, keys) is api.py's; a request's path, completions.py's.
 """
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -31,18 +31,44 @@ def create_app(server: Server):
             raise ApiError(404, missing(model), "not_found_error")
         return who, model
 
-    @app.post("/v1/completions")
-    async def complete(body: CompletionBody, http: HTTPRequest):
-        prompt = body.prompt if isinstance(body.prompt, str) else (
-            body.prompt[0] if len(body.prompt) == 1 else None)
-        if prompt is None:
-            raise ApiError(400, "prompt: give one string (batched prompts are not supported)")
-        return await completions.handle(http, *visible(http, body.model), body, prompt=prompt)
+    def keyed(http: HTTPRequest):
+        """A caller's key is checked before its body (401 before any 400)."""
+        authenticate(server.tenancy, http)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/completions", dependencies=[Depends(keyed)])
+    async def complete(body: CompletionBody, http: HTTPRequest):
+        prompt = body.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+            prompt = prompt[0]  # one prompt in a list: a string or a list of token ids
+        ids = prompt if isinstance(prompt, list) and prompt and \
+            all(isinstance(t, int) for t in prompt) else None
+        if ids is None and not isinstance(prompt, str):
+            raise ApiError(400, "prompt: give one string or one list of token ids (batched "
+                                "prompts are not supported)", param="prompt")
+        vocab = len(server.base.tokenizer)
+        if ids is not None and not all(0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        return await completions.handle(http, *visible(http, body.model), body,
+                                        prompt=None if ids else prompt, ids=ids)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(keyed)])
     async def chat(body: ChatBody, http: HTTPRequest):
         return await completions.handle(http, *visible(http, body.model), body,
-                                        messages=[m.model_dump() for m in body.messages])
+                                        messages=[m.model_dump(exclude_none=True)
+                                                  for m in body.messages])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, http: HTTPRequest):
+        """One model's card (`client.models.retrieve`); what the caller cannot use is 404."""
+        who = authenticate(server.tenancy, http)
+        if model_id == server.name:
+            return {"id": server.name, "object": "model", "created": 0, "owned_by": "peftkit",
+                    "parent": None, "root": server.name}
+        listed = await run_in_threadpool(server.store.available)
+        if model_id not in listed or not who.may_use(model_id):
+            raise ApiError(404, missing(model_id), "not_found_error")
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "peftkit",
+                "parent": server.name, "root": server.name}
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest):

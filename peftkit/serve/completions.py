@@ -23,8 +23,10 @@ class Completions:
         self.waiting_for_slot = 0  # requests polling for an adapter slot (event-loop state)
 
     async def handle(self, http: HTTPRequest, who, model: str, body: SamplingParams,
-                     prompt: str | None = None, messages: list[dict] | None = None):
-        """`who` may use `model` (checked by the caller); the response or the stream."""
+                     prompt: str | None = None, messages: list[dict] | None = None,
+                     ids: list[int] | None = None):
+        """`who` may use `model` (checked by the caller); the response or the stream. The
+        prompt is text, chat messages, or token ids already."""
         server = self.server
         try:
             server.admit(who.tenant)
@@ -32,11 +34,14 @@ class Completions:
             raise api_error(e) from None
         submitted = False
         try:
-            ids = await run_in_threadpool(server.prompt_ids, prompt, messages)
-            server.engine.check(len(ids), body.max_tokens)
+            if ids is None:
+                ids = await run_in_threadpool(server.prompt_ids, prompt, messages)
+            # chat with no limit: until a stop, EOS or the context (the engine's own bound)
+            max_tokens = body.max_tokens or max(server.engine.max_len - len(ids), 1)
+            server.engine.check(len(ids), max_tokens)
             slot = await self.slot_for(model)
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-            sampling = Sampling(body.max_tokens, body.temperature, body.top_p, stop, body.seed)
+            sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, body.seed)
             sink = asyncio.Queue()
             req = server.submit(model, ids, sampling, asyncio.get_running_loop(), sink,
                                 slot=slot, tenant=who.tenant, admitted=True,

@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import httpx
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as Total
@@ -358,12 +358,16 @@ def create_gateway_app(gw: Gateway):
             raise ApiError(404, missing(model), "not_found_error")
         return who, model
 
-    @app.post("/v1/completions")
+    def keyed(http: HTTPRequest):
+        """The caller's key before its body: 401 before any 400, as OpenAI answers."""
+        authenticate(gw.tenancy, http)
+
+    @app.post("/v1/completions", dependencies=[Depends(keyed)])
     async def completions(body: CompletionBody, http: HTTPRequest):
         who, model = visible(http, body.model)
         return await gw.forward("/v1/completions", model, await http.json(), body.stream, who)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=[Depends(keyed)])
     async def chat(body: ChatBody, http: HTTPRequest):
         who, model = visible(http, body.model)
         return await gw.forward("/v1/chat/completions", model, await http.json(), body.stream,
