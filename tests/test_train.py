@@ -87,11 +87,10 @@ def test_probe_runs_the_backbone_once_per_example(clf_data, tmp_path, monkeypatc
     assert rows["n"] == 4 + 3
 
 
-def test_resume_reproduces_the_uninterrupted_loss_sequence(lm_data, tmp_path, monkeypatch):
-    kw = dict(steps=8, batch_size=3, dropout=0.1, eval_every=4, schedule="cosine", warmup=0.25,
-              exact_match_max=0)
-    whole = train(_cfg(lm_data, tmp_path / "whole", "lora", **kw))["train_losses"]
-
+def _whole_and_resumed(data, tmp_path, monkeypatch, stop_at: str, **kw):
+    """(losses of an uninterrupted run, losses of the same run stopped by a real SIGTERM at
+    its first evaluation and resumed)."""
+    whole = train(_cfg(data, tmp_path / "whole", "lora", **kw))["train_losses"]
     real_eval = Trainer._evaluate
 
     def eval_then_signal(self):
@@ -99,10 +98,16 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(lm_data, tmp_path, mo
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler must checkpoint
         return metrics
     monkeypatch.setattr(Trainer, "_evaluate", eval_then_signal)
-    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 4/8"):
-        train(_cfg(lm_data, tmp_path / "cut", "lora", **kw))
+    with pytest.raises(TrainingInterrupted, match=f"stopped by SIGTERM at step {stop_at}"):
+        train(_cfg(data, tmp_path / "cut", "lora", **kw))
     monkeypatch.setattr(Trainer, "_evaluate", real_eval)
-    resumed = train(_cfg(lm_data, tmp_path / "cut", "lora", resume=True, **kw))["train_losses"]
+    return whole, train(_cfg(data, tmp_path / "cut", "lora", resume=True, **kw))["train_losses"]
+
+
+def test_resume_reproduces_the_uninterrupted_loss_sequence(lm_data, tmp_path, monkeypatch):
+    whole, resumed = _whole_and_resumed(lm_data, tmp_path, monkeypatch, "4/8", steps=8,
+                                        batch_size=3, dropout=0.1, eval_every=4,
+                                        schedule="cosine", warmup=0.25, exact_match_max=0)
     assert len(resumed) == 8
     assert max(abs(a - b) for a, b in zip(whole, resumed)) <= 1e-6
 
@@ -303,20 +308,9 @@ def test_a_run_directory_has_one_owner(lm_data, clf_data, tmp_path, capsys):
 def test_8bit_adam_saves_and_resumes_exactly(lm_data, tmp_path, monkeypatch):
     """--optim adamw8bit ran every step, then died saving its checkpoint (bitsandbytes keeps
     its quantization state as a nested dict)."""
-    kw = dict(steps=6, batch_size=3, dropout=0.0, eval_every=3, exact_match_max=0,
-              optim="adamw8bit")
-    whole = train(_cfg(lm_data, tmp_path / "whole", "lora", **kw))["train_losses"]
-    real_eval = Trainer._evaluate
-
-    def eval_then_signal(self):
-        metrics = real_eval(self)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-    monkeypatch.setattr(Trainer, "_evaluate", eval_then_signal)
-    with pytest.raises(TrainingInterrupted, match="at step 3/6"):
-        train(_cfg(lm_data, tmp_path / "cut", "lora", **kw))
-    monkeypatch.setattr(Trainer, "_evaluate", real_eval)
-    resumed = train(_cfg(lm_data, tmp_path / "cut", "lora", resume=True, **kw))["train_losses"]
+    whole, resumed = _whole_and_resumed(lm_data, tmp_path, monkeypatch, "3/6", steps=6,
+                                        batch_size=3, dropout=0.0, eval_every=3,
+                                        exact_match_max=0, optim="adamw8bit")
     assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(whole, resumed)) <= 1e-6
 
 
