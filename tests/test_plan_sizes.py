@@ -191,3 +191,15 @@ def test_seq_len_follows_the_models_context():
     assert make_plan("tiny-llama")["settings"]["seq_len"] <= 2048
     with pytest.raises(PeftkitError, match="--seq-len 4096: over tiny-llama's"):
         make_plan("tiny-llama", seq_len=4096)
+
+
+def test_lora_where_it_fits_qlora_where_only_4_bit_does():
+    """70B on 8 H100s with FSDP was told QLoRA, where LoRA fits at a quarter of the time."""
+    sharded = make_plan("70B", "H100", gpus=8, strategy="fsdp")
+    assert sharded["approaches"]["lora"]["fits"]
+    assert sharded["recommendation"]["approach"] == "lora"
+    assert sharded["approaches"]["lora"]["hours"] < sharded["approaches"]["qlora"]["hours"] / 3
+    assert make_plan("70B", "H100")["recommendation"]["approach"] == "qlora"
+    assert make_plan("70B", "H100", gpus=8)["recommendation"]["approach"] == "qlora"  # DDP
+    assert "command" not in sharded  # peftkit's trainer shards only full fine-tuning
+    assert any("FSDP for adapters is not built" in r for r in sharded["recommendation"]["reasons"])

@@ -105,9 +105,15 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int | None 
             "memory_figures": memory_figures(shape, tenants, rank)}
     if tenants > 1 or budget_days is not None:
         plan["tenants"] = tenant_plan(approaches, rec, tenants, budget_days, shape, rank)
-    if rec["approach"] in approaches:
-        plan["command"] = train_command(model, rec["approach"], approaches[rec["approach"]],
-                                        gpus, seq_len, batch, rank)
+    chosen = approaches.get(rec["approach"])
+    if chosen is not None and chosen["strategy"] == "fsdp" and rec["approach"] in ("lora",
+                                                                                   "qlora"):
+        rec["reasons"].append("peftkit trains adapters with DDP (FSDP for adapters is not "
+                              "built): run this sharded with torchtune or accelerate, or take "
+                              "QLoRA with peftkit (--strategy ddp)")
+    elif chosen is not None:
+        plan["command"] = train_command(model, rec["approach"], chosen, gpus, seq_len, batch,
+                                        rank)
     return plan
 
 

@@ -3,7 +3,7 @@
 Rules are checked in order; the first that matches decides (the seed's table):
   1. in-context learning is enough            -> no fine-tuning (prompting)
   2. embeddings / a classification head       -> feature extraction (frozen backbone + head)
-  3. 70B+ or one GPU that cannot hold bf16 LoRA -> QLoRA (per-tenant adapters when tenants > 1)
+  3. bf16 LoRA does not fit the GPUs (70B+ on one) -> QLoRA (per-tenant adapters when tenants > 1)
   4. several tasks or tenants to serve         -> one LoRA adapter per task on a shared base
   5. maximum quality, budget, and it fits      -> full fine-tuning
   6. far from pretraining / a new language     -> LoRA with a higher rank (r >= 32)
@@ -38,7 +38,9 @@ def advise(profile: TaskProfile, fits: dict[str, bool]) -> dict:
             "a small head usually suffice (e.g. sentiment on movie reviews)",
             "forward pass only, features cached once: about 1x model memory, minutes of compute"])
     big = p.params >= 65e9
-    if big or (not fits.get("lora", True) and fits.get("qlora", False)):
+    # QLoRA when bf16 LoRA does not fit the GPUs given (and 4-bit does, or the model is
+    # 70B-class anyway); where LoRA fits (several GPUs, FSDP) it is faster (no dequantization)
+    if not fits.get("lora", True) and (fits.get("qlora", False) or big):
         why = ["70B-class model: full fine-tuning needs about 16 bytes/param "
                f"({16 * p.params / 1e9:,.0f} GB)" if big else
                "bf16 LoRA does not fit the given GPUs"]
