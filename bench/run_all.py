@@ -2,7 +2,8 @@
 
 import importlib
 
-for name in ("methods", "qlora", "train", "plan", "serve", "load", "dist", "joint"):
+for name in ("methods", "qlora", "train", "plan", "serve", "load", "dist", "joint",
+             "gateway_memory"):
     mod = importlib.import_module(f"bench.{name}")  # a benchmark that cannot import fails here
     print(f"\n=== bench.{name}", flush=True)
     mod.main()
