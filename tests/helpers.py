@@ -55,3 +55,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def generate_direct(server, model: str, prompt_ids: list[int], sampling):
+    """Run one request to completion in the calling thread through a Server (no HTTP)."""
+    req = server.submit(model, prompt_ids, sampling)
+    server.engine.run_until_idle()  # the engine's on_finish releases the slot
+    return req

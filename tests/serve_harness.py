@@ -13,8 +13,8 @@ from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
 from peftkit.engine import Sampling
-from peftkit.serve.server import Server, generate_direct
-from tests.helpers import free_port, randomize, tiny_llama
+from peftkit.serve.server import Server
+from tests.helpers import free_port, generate_direct, randomize, tiny_llama
 
 N_ADAPTERS = 20
 ADMIN, ACME, BOLT, GREEDY = "sk-admin-0001", "sk-acme-0001", "sk-bolt-0001", "sk-greedy-001"

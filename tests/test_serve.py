@@ -16,10 +16,10 @@ from peftkit.formats import load_adapter, save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.serve.app import create_app
 from peftkit.engine import Request, Sampling
-from peftkit.serve.server import ServeConfig, Server, generate_direct
+from peftkit.serve.server import ServeConfig, Server
 from peftkit.serve.store import AdapterInvalid, AdapterNotFound
 from peftkit.train import TrainConfig, train
-from tests.helpers import free_port, randomize, tiny_llama
+from tests.helpers import free_port, generate_direct, randomize, tiny_llama
 
 ANSWERS = {"alpha": "aaaa", "beta": "bbbb"}
 PROMPT = "say one:"

@@ -22,7 +22,6 @@ from pathlib import Path
 from peftkit.errors import DataError, PeftkitError
 
 ROLES = ("system", "user", "assistant")
-KINDS = ("chat", "prompt_completion", "text", "classification")
 # Integer labels are class ids only below this; beyond, they are names (a stray 99999999999
 # must not ask for a head of 10^11 classes).
 MAX_CLASS_ID = 10_000

@@ -5,8 +5,9 @@
 
 Slots share one stack `A: (S, r, in)`, `B: (S, out, r)`; adapters of lower rank are zero-padded.
 Rows on different adapters are computed with batched matmuls, never a Python loop over adapters:
-a decode step lays its rows out by slot and multiplies each slot's block against the stack in
-place (Punica's SGMV idea: every adapter read once), longer inputs gather per-row A and B (BGMV).
+every forward on many slots (decode, prefill, joint training) lays its rows out by slot and
+multiplies each slot's block against the stack in place (Punica's SGMV idea: every adapter read
+once; layers.Grid).
 """
 
 import math

@@ -130,9 +130,3 @@ class Server:
         if req.t_first is not None:
             self.metrics.ttft.observe(req.t_first - req.t_submit)
 
-
-def generate_direct(server: Server, model: str, prompt_ids: list[int], sampling: Sampling) -> Request:
-    """Run one request to completion in the calling thread (no HTTP; tests and benchmarks)."""
-    req = server.submit(model, prompt_ids, sampling)
-    server.engine.run_until_idle()  # the engine's on_finish releases the slot
-    return req

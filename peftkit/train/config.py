@@ -10,7 +10,6 @@ import yaml
 from peftkit.errors import PeftkitError
 
 METHODS = ("full", "probe", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "bottleneck")
-PEFT_METHODS = METHODS[2:]
 
 
 @dataclass
