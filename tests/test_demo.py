@@ -1,10 +1,13 @@
 """The main job, quick mode, on the real default model: each adapter must beat the base on its
 own customer's task by a wide margin, and served answers must show their own customer's format."""
 
+import pytest
+
 from peftkit.demo import DemoConfig, run_demo
 from peftkit.demo.tasks import TASKS
 
 
+@pytest.mark.slow  # 4.6 min; CI runs the full demo after `make test` and checks its output
 def test_demo_quick_end_to_end(tmp_path):
     result = run_demo(DemoConfig(output=str(tmp_path), quick=True))
     gaps = {c: acc["adapter"] - acc["base"] for c, acc in result["accuracy"].items()}
