@@ -206,10 +206,12 @@ def format_plan(plan: dict) -> str:
                      f"{a['runs_on_gpus'] if a['gpus_needed'] else '-':>6}"
                      f"{_num(a['hours']):>9}{a['cost']:>10,.2f}")
     s = plan["memory_figures"]
-    lines += ["", f"fp16 weights {s['fp16_inference_gb']:.0f} GB; 4-bit {s['int4_inference_gb']:.0f} GB"
-              f" + {s['nf4_constants_gb']:.1f} GB quantization constants; full-FT parameter state "
-              f"{s['full_ft_parameter_state_gb']:.0f} GB (~{s['full_ft_h100s_for_parameter_state']:.0f}"
-              f" H100s just for that)",
+    h100s = s["full_ft_h100s_for_parameter_state"]
+    lines += ["", f"fp16 weights {_gb(s['fp16_inference_gb'])}; 4-bit "
+              f"{_gb(s['int4_inference_gb'])} + {_gb(s['nf4_constants_gb'])} quantization "
+              f"constants; full-FT parameter state {_gb(s['full_ft_parameter_state_gb'])} ("
+              + (f"~{h100s:.0f} H100s just for that)" if h100s >= 1.5 else
+                 f"{h100s:.0%} of one H100)"),
               f"{s['tenants_compared']} separate 4-bit model{'s' * (s['tenants_compared'] > 1)} "
               f"{_gb(s['separate_4bit_models_gb'])} vs one shared base + "
               f"{s['tenants_compared']} adapter{'s' * (s['tenants_compared'] > 1)} "
