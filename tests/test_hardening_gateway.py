@@ -239,3 +239,12 @@ def test_a_stream_that_goes_silent_ends_with_one_error_event(tmp_path):
             seconds = time.perf_counter() - start
     assert events[-1] == "[DONE]" and "error" in events[-2] and "par" in events[0]
     assert seconds < 5 and not gw.inflight
+
+
+def test_gateway_answers_a_model_card_as_serve_does(gateway):
+    gw, url, _ = gateway
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    assert httpx.get(f"{url}/v1/models/a-one", headers=auth).json()["id"] == "a-one"
+    assert httpx.get(f"{url}/v1/models/tiny", headers=auth).json()["id"] == "tiny"
+    hidden = httpx.get(f"{url}/v1/models/b-secret", headers=auth)
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"

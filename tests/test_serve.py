@@ -487,3 +487,17 @@ def test_every_openai_request_field_is_supported_or_refused_by_name(params, body
     table = (Path(__file__).parents[1] / "docs" / "openai-conformance.md").read_text()
     assert all(f"`{field}`" in table for field in sent), sorted(
         f for f in sent if f"`{field}`" not in table)
+
+
+def test_models_lists_exactly_what_can_be_served(adapters, tmp_path):
+    """An adapter reached through a link out of the adapters directory was listed, and every
+    request for it answered 404."""
+    root = tmp_path / "ads"
+    shutil.copytree(adapters / "alpha", root / "alpha")
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(adapters / "beta", outside)
+    (root / "linked").symlink_to(outside)
+    server = make_server(root)
+    assert server.store.available() == ["alpha"]
+    with pytest.raises(AdapterNotFound):
+        server.store.acquire("linked")

@@ -385,6 +385,16 @@ def create_gateway_app(gw: Gateway):
                     return {"object": "list", "data": data}
         raise ApiError(503, "no backend is available", "server_error")
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, http: HTTPRequest):
+        """One model's card, as `serve` answers it: what the caller may not use is a 404."""
+        who = authenticate(gw.tenancy, http)
+        listed = await models(http)
+        for card in listed["data"]:
+            if card["id"] == model_id and (gw.base_for(who, model_id) or who.may_use(model_id)):
+                return card
+        raise ApiError(404, missing(model_id), "not_found_error")
+
     @app.get("/health")
     async def health(http: HTTPRequest):
         who = gw.tenancy.caller(http.headers.get("authorization"))

@@ -119,8 +119,11 @@ class AdapterStore:
         return found
 
     def available(self) -> list[str]:
+        """The ids a request can be served for: `path_of`'s rule exactly (a link that leads
+        out of the adapters directory is not listed, since every request for it is a 404)."""
         return sorted(p.name for p in self.root.iterdir()
                       if ID_RE.fullmatch(p.name) and p.is_dir()
+                      and p.resolve().parent == self.root
                       and (adapter_dir(p) / CONFIG_NAME).exists())
 
     # -- acquire / release (one per request) --------------------------------------------------
