@@ -36,6 +36,7 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -348,6 +349,10 @@ class Engine:
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         s = req.sampling
+        if s.logit_bias:  # this row's own copy: the batch's logits are shared
+            ids = torch.tensor(list(s.logit_bias), device=logits.device)
+            logits = logits.float().index_add(
+                0, ids, torch.tensor(list(s.logit_bias.values()), device=logits.device))
         if s.temperature < GREEDY_BELOW:  # as vLLM: a temperature this small is greedy (and
             return int(logits.argmax())  # 5e-324 is 0 in float32: 0/0 would be NaN)
         # On the CPU, where the request's seeded generator lives, whatever the model's device.

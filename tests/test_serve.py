@@ -328,15 +328,29 @@ def test_openai_client_completions_chat_and_stream(adapters):
         refused = {"response_format": {"response_format": {"type": "json_object"}},
                    "logprobs": {"logprobs": True, "top_logprobs": 2},
                    "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
-                   "logit_bias": {"logit_bias": {"5": 10}},
                    "presence_penalty": {"presence_penalty": 1.0}}
         for field, kw in refused.items():
             with pytest.raises(openai.BadRequestError) as e:
                 oa.chat.completions.create(model="alpha", messages=hi, max_tokens=4, **kw)
             assert e.value.status_code == 400 and f"{field}: not supported" in str(e.value)
+        # echo and logit_bias are honoured: the prompt first; a banned token never appears
+        echoed = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=8,
+                                       temperature=0, echo=True)
+        assert echoed.choices[0].text == PROMPT + "aaaa"
+        streamed = "".join(c.choices[0].text for c in oa.completions.create(
+            model="alpha", prompt=PROMPT, max_tokens=8, temperature=0, echo=True, stream=True))
+        assert streamed == PROMPT + "aaaa"
+        a_id = tokenize(server, "a")[-1]
+        banned = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=6,
+                                       temperature=0, logit_bias={str(a_id): -100})
+        assert "a" not in banned.choices[0].text
+        forced = oa.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=3,
+                                       temperature=0.7, seed=1, logit_bias={str(a_id): 100})
+        assert forced.choices[0].text == "aaa"
         with pytest.raises(openai.BadRequestError) as e:
-            oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=4, echo=True)
-        assert "echo: not supported" in str(e.value)
+            oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=2,
+                                  logit_bias={"999999": 5})
+        assert e.value.body["param"] == "logit_bias"
         with pytest.raises(openai.BadRequestError) as e:
             oa.chat.completions.create(model="alpha", messages=hi, extra_body={"bogus": 1})
         assert "Unrecognized request argument supplied: bogus" in str(e.value)

@@ -2,7 +2,7 @@
 OpenAI's body ({"error": {"message", "type", "code"}}), one mapping from peftkit's errors to
 HTTP statuses, and key checks."""
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -108,10 +108,12 @@ class OpenAIBody(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) \
             else data
 
+    IMPLEMENTED: ClassVar[frozenset] = frozenset()  # fields a body type implements itself
+
     @model_validator(mode="after")
     def _implemented(self):
         for name, neutral in NOT_IMPLEMENTED.items():
-            if not neutral(getattr(self, name)):
+            if name not in self.IMPLEMENTED and not neutral(getattr(self, name)):
                 raise PydanticCustomError(
                     "not_implemented", "{param}: not supported by this server (it would change "
                     "the answer, so it is refused rather than ignored)", {"param": name})
@@ -119,7 +121,11 @@ class OpenAIBody(BaseModel):
 
 
 class SamplingParams(OpenAIBody):
+    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias"})
     model: str = ""  # any length: an unknown id is a 404 like any other
+    # token id (as a string, OpenAI's JSON) -> bias added to its logit before sampling, as
+    # OpenAI: -100 bans a token, 100 all but forces it; ids are checked against the vocabulary
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # None: chat generates until a stop, EOS or the context (OpenAI's chat has no default
     # limit); completions default to 16 (OpenAI's legacy default). Prompt + max_tokens must fit
     # the context (400).
@@ -140,7 +146,9 @@ class SamplingParams(OpenAIBody):
 
 
 class CompletionBody(SamplingParams):
+    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias", "echo"})
     prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False  # the prompt's text before the completion's, in the choice's text
 
     @model_validator(mode="after")
     def _legacy_default(self):

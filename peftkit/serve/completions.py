@@ -39,9 +39,10 @@ class Completions:
             # chat with no limit: until a stop, EOS or the context (the engine's own bound)
             max_tokens = body.max_tokens or max(server.engine.max_len - len(ids), 1)
             server.engine.check(len(ids), max_tokens)
+            bias = logit_bias(body.logit_bias, len(server.base.tokenizer))  # before a slot
             slot = await self.slot_for(model)
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-            sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, body.seed)
+            sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, body.seed, bias)
             sink = asyncio.Queue()
             req = server.submit(model, ids, sampling, asyncio.get_running_loop(), sink,
                                 slot=slot, tenant=who.tenant, admitted=True,
@@ -55,15 +56,17 @@ class Completions:
         chat = messages is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": model or server.name}
+        echo = "" if chat or not getattr(body, "echo", False) else (
+            prompt if prompt is not None else server.base.tokenizer.decode(ids))
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self.stream(req, sink, meta, chat, usage),
+            return StreamingResponse(self.stream(req, sink, meta, chat, usage, echo),
                                      media_type="text/event-stream")
         item = await self.finished(http, req, sink)
         if item.error:
             status = 503 if item.finish_reason == "timeout" else 500
             raise ApiError(status, item.error, "server_error")
-        return answer(item, len(ids), meta, chat)
+        return answer(item, len(ids), meta, chat, echo)
 
     async def slot_for(self, model: str) -> int:
         """The adapter's slot, waiting (bounded in time and in waiters) while every slot is
@@ -107,11 +110,14 @@ class Completions:
 
     @staticmethod
     async def stream(req: Request, sink: asyncio.Queue, meta: dict, chat: bool,
-                     include_usage: bool = False):
+                     include_usage: bool = False, echo: str = ""):
         """SSE chunks; with `stream_options.include_usage`, every chunk carries `usage: null`
         and one last chunk with no choices carries the counts (OpenAI's shape)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
+        if echo:  # completions' `echo`: the prompt comes first
+            choice = {"index": 0, "text": echo, "logprobs": None, "finish_reason": None}
+            yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
         first = True
         try:
             while True:
@@ -144,15 +150,27 @@ class Completions:
             req.cancel()
 
 
-def answer(item: Request, prompt_tokens: int, meta: dict, chat: bool) -> dict:
-    """OpenAI's non-streamed body for a finished request."""
+def answer(item: Request, prompt_tokens: int, meta: dict, chat: bool, echo: str = "") -> dict:
+    """OpenAI's non-streamed body for a finished request (`echo`: the prompt, first)."""
     counts = usage(item, prompt_tokens)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": item.text},
                   "logprobs": None, "finish_reason": item.finish_reason}
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": counts}
-    choice = {"index": 0, "text": item.text, "logprobs": None, "finish_reason": item.finish_reason}
+    choice = {"index": 0, "text": echo + item.text, "logprobs": None,
+              "finish_reason": item.finish_reason}
     return {**meta, "object": "text_completion", "choices": [choice], "usage": counts}
+
+
+def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    """OpenAI's `logit_bias` (token ids as JSON strings) as the engine's, each id checked."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise ApiError(400, f"logit_bias: '{key[:20]}' is not a token id in [0, {vocab})",
+                           param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def usage(item: Request, prompt_tokens: int) -> dict:
