@@ -20,23 +20,11 @@ from transformers import DynamicCache
 
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
-
-
-GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
+from peftkit.sampling import Sampling, sample  # noqa: F401 (Sampling: re-exported)
 
 
 class QueueFull(PeftkitError):
     """Too many waiting requests: HTTP 429."""
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -321,7 +309,7 @@ class Engine:
         if not finite:
             return self._fail(req, "the model produced non-finite logits for this request")
         try:
-            token = self._sample(req, logits)
+            token = sample(req.sampling, logits, req.generator)
         except RuntimeError as e:
             return self._fail(req, f"sampling failed: {e}")
         if req.t_first is None:
@@ -346,25 +334,6 @@ class Engine:
         if req.text.endswith("\ufffd"):
             ready = min(ready, len(req.text) - 1)
         self._emit(req, ready)
-
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        s = req.sampling
-        if s.logit_bias:  # this row's own copy: the batch's logits are shared
-            ids = torch.tensor(list(s.logit_bias), device=logits.device)
-            logits = logits.float().index_add(
-                0, ids, torch.tensor(list(s.logit_bias.values()), device=logits.device))
-        if s.temperature < GREEDY_BELOW:  # as vLLM: a temperature this small is greedy (and
-            return int(logits.argmax())  # 5e-324 is 0 in float32: 0/0 would be NaN)
-        # On the CPU, where the request's seeded generator lives, whatever the model's device.
-        # Shift before dividing: a temperature of 1e-45 then gives 0 and -inf, never inf - inf.
-        logits = logits.float().cpu()
-        probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.top_p
-            keep[0] = True  # the likeliest token always (a top_p of 1e-300 is 0 in float32)
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=req.generator))
 
     def _emit(self, req: Request, upto: int) -> None:
         if req.on_delta is not None and upto > req.sent:

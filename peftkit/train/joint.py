@@ -39,8 +39,8 @@ from peftkit.train.build import adapter_config, quant_for
 from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
 from peftkit.train.config import TrainConfig, default_lr, typed_options
 from peftkit.train.evaluate import evaluate_run
-from peftkit.train.loop import (TrainingInterrupted, examples_for, lr_at, make_optimizer,
-                                total_steps)
+from peftkit.train.examples import examples_for
+from peftkit.train.loop import TrainingInterrupted, lr_at, make_optimizer, total_steps
 from peftkit.train.report import peak_rss_bytes
 from peftkit.train.run_dir import ADAPTER, claim, write_config
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from peftkit.data import IGNORE, split, tokenize
+from peftkit.data import IGNORE
 from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
@@ -25,6 +25,7 @@ from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_ch
 from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.distributed import any_rank, choose_strategy, join, leave, no_sync, wrap
 from peftkit.train.evaluate import evaluate_run
+from peftkit.train.examples import check_context, check_val_data, examples_for
 from peftkit.train.probe import FeatureCache
 from peftkit.train.report import Meter, write_report
 from peftkit.train.run_dir import claim, resume_changes, save_run, write_config
@@ -48,56 +49,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
 def total_steps(cfg: TrainConfig, examples: int, global_batch: int) -> int:
     """--steps, or --epochs over the examples in global batches."""
     return cfg.steps or max(1, math.ceil(cfg.epochs * math.ceil(examples / global_batch)))
-
-
-def examples_for(cfg: TrainConfig, ds, tok, task: str):
-    """(train examples, validation examples, validation records, truncated count) of a run:
-    its --val-data or a seeded split, less causal-LM examples truncated down to their prompt."""
-    pairs = list(zip(tokenize(ds, tok, cfg.max_length).examples, ds.records))
-    if cfg.val_data:
-        vds = cfg.load_data(cfg.val_data)
-        if task == "classify":
-            vds.label_names = ds.label_names
-        val = list(zip(tokenize(vds, tok, cfg.max_length).examples, vds.records))
-        train = pairs
-    else:
-        train, val = split(pairs, cfg.val_split, cfg.seed)
-    if task == "causal-lm":  # an example truncated down to its prompt teaches nothing
-        kept = [p for p in train if any(t != IGNORE for t in p[0].labels[1:])]
-        if train and not kept:
-            raise PeftkitError(f"{cfg.data}: every example's answer is cut off at --max-length "
-                               f"{cfg.max_length} (its prompt fills it); raise --max-length")
-        train = kept
-    if not train:
-        raise PeftkitError(f"{cfg.data}: no training examples left after the split")
-    truncated = sum(len(e.input_ids) >= cfg.max_length for e, _ in pairs)
-    return [e for e, _ in train], [e for e, _ in val], [r for _, r in val], truncated
-
-
-def check_val_data(cfg: TrainConfig, ds) -> None:
-    """--val-data holds the training data's kind of records and, for a classifier, only
-    labels the training data has (a head has no output for the others)."""
-    vds = cfg.load_data(cfg.val_data)
-    if vds.kind != ds.kind:
-        raise PeftkitError(f"--val-data {cfg.val_data}: {vds.kind} records, but the training "
-                           f"data's are {ds.kind}")
-    unseen = sorted(set(vds.label_names) - set(ds.label_names))
-    if unseen:
-        raise PeftkitError(f"--val-data {cfg.val_data}: labels {unseen} never occur in "
-                           f"{cfg.data} (its labels: {', '.join(map(str, ds.label_names))})")
-
-
-def check_context(cfg: TrainConfig, config, examples) -> None:
-    """Rows the model cannot hold (after truncation to --max-length, with prompt tuning's
-    virtual tokens) are refused before training, not at its final evaluation."""
-    context = getattr(config, "max_position_embeddings", None)
-    virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
-    longest = max((len(e.input_ids) for e in examples), default=0)
-    if context and longest + virtual > context:
-        extra = f" + {virtual} virtual tokens" if virtual else ""
-        raise PeftkitError(f"--max-length {cfg.max_length}: rows of {longest} tokens{extra} are "
-                           f"over {cfg.model}'s {context}-token context; give --max-length "
-                           f"{context - virtual} or less")
 
 
 class Trainer:
