@@ -42,19 +42,24 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str =
     config = adapted.slot_configs[k]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors, written = {}, []
     if adapted.virtual is not None:
         tensors[VIRTUAL_KEY] = adapted.virtual.prompt_embeddings[k]
     for name, layer in adapted.adapted_layers().items():
         if modules is not None and name not in modules:
             continue
         local = layer.read_slot(k, config)
+        written.append(name)
         tensors.update({f"{PREFIX}{name}.{key}": v for key, v in local.items()})
     tensors = {key: v.detach().to(torch.float32).contiguous().clone() for key, v in tensors.items()}
     if isinstance(config, PrefixTuningConfig):
         peft = config.to_peft(*kv_geometry(adapted.model.config))
     else:
         peft = config.to_peft()
+    if peft.get("target_modules") == "all-linear":  # written resolved, as PEFT writes it
+        peft["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in written})
+    if any(layer.conv1d for layer in adapted.adapted_layers().values()):
+        peft["fan_in_fan_out"] = True  # GPT-2's Conv1D: PEFT transposes these when merging
     peft["base_model_name_or_path"] = base_name
     peft["inference_mode"] = True
     (directory / CONFIG_NAME).write_text(json.dumps(peft, indent=2, sort_keys=True) + "\n")
@@ -333,7 +338,8 @@ def export_merged(adapted: AdaptedModel, directory: str | Path, tokenizer=None,
     model = adapted.model
     dense = dequantized_state_dict(model)
     for name, layer in adapted.adapted_layers().items():
-        dense.update({f"{name}.{k}": v for k, v in layer.merged_params(slot).items()})
+        dense.update({f"{name}.{k}": layer.stored(v) if k == "weight" else v
+                      for k, v in layer.merged_params(slot).items()})
     config = type(model.config).from_dict(model.config.to_dict())
     if hasattr(config, "peftkit_quantization"):
         del config.peftkit_quantization

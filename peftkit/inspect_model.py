@@ -15,7 +15,7 @@ def inspect_model(spec: str) -> dict:
 
     from peftkit.export import VLLM_TARGETS
     from peftkit.methods.config import roles
-    from peftkit.methods.inject import find_targets
+    from peftkit.methods.inject import find_targets, in_block, not_adapted_note
     from peftkit.models import ENCODERS, peek_config
     from peftkit.plan.shapes import shape_from_config
     from peftkit.train.build import adapter_config, check_family
@@ -30,7 +30,7 @@ def inspect_model(spec: str) -> dict:
         raise PeftkitError(f"{spec}: transformers cannot build a {config.model_type} model for "
                            f"{task} ({str(e).splitlines()[0][:120]})") from None
     linear = find_targets(model, "all-linear")
-    leaves = sorted({n.split(".")[-1] for n in linear})
+    leaves = sorted({in_block(n) for n in linear})
     methods = {}
     for method in METHODS:
         run = TrainConfig(model=spec, method=method, data="-")
@@ -42,7 +42,7 @@ def inspect_model(spec: str) -> dict:
                 continue
             adapter = adapter_config(run, model)
             targets = getattr(adapter, "targets", None)
-            shown = (sorted({t.split(".")[-1] for t in targets}) if isinstance(targets, list)
+            shown = (sorted({in_block(t) for t in targets}) if isinstance(targets, list)
                      else leaves if targets == "all-linear" else "virtual tokens")
             methods[method] = {"supported": True, "targets": shown}
         except PeftkitError as e:
@@ -50,19 +50,23 @@ def inspect_model(spec: str) -> dict:
     shape = shape_from_config(spec, config)
     return {"model": spec, "family": config.model_type, "task": task,
             "params": shape.params, "layers": config.num_hidden_layers,
-            "linear_layers": len(linear), "roles": {k: sorted({n.split(".")[-1] for n in v})
+            "linear_layers": len(linear), "roles": {k: sorted({in_block(n) for n in v})
                                                    for k, v in roles(linear).items()},
+            "not_adapted": not_adapted_note(model),
             "methods": methods,
             "vllm_lora": methods["lora"]["supported"] and task != ENCODER_TASK
-            and set(leaves) <= set(VLLM_TARGETS),
-            "vllm_lora_targets": sorted(set(leaves) & set(VLLM_TARGETS))}
+            and {n.split(".")[-1] for n in leaves} <= set(VLLM_TARGETS),
+            "vllm_lora_targets": sorted({n.split(".")[-1] for n in leaves} & set(VLLM_TARGETS))}
 
 
 def format_inspection(r: dict) -> str:
     lines = [f"{r['model']}: {r['family']} ({r['task']}), {r['params'] / 1e6:,.1f}M parameters, "
              f"{r['layers']} blocks, {r['linear_layers']} linear layers",
              "roles: " + "; ".join(f"{k.replace('_', ' ')} {', '.join(v) or '-'}"
-                                   for k, v in r["roles"].items()), "", "methods:"]
+                                   for k, v in r["roles"].items())]
+    if r.get("not_adapted"):
+        lines.append(r["not_adapted"] + " (full fine-tuning trains them)")
+    lines += ["", "methods:"]
     for method, m in r["methods"].items():
         if m["supported"]:
             targets = m["targets"] if isinstance(m["targets"], str) else ", ".join(m["targets"])

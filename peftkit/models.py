@@ -116,12 +116,12 @@ def _load(spec: str, task: str | None, num_labels: int, dtype: torch.dtype, quan
     from peftkit.quant import is_quantized_dir, load_quantized  # bitsandbytes only if quantized
     if is_quantized_dir(path):
         config = AutoConfig.from_pretrained(path)
-        task = task or _default_task(config)
+        task = task or default_task(config)
         model = load_quantized(path, _AUTO_CLASS[task]._model_mapping[type(config)])
         return Base(model, AutoTokenizer.from_pretrained(path), spec, path, task)
     config = AutoConfig.from_pretrained(path)
     check_task(spec, config, task)
-    task = task or _default_task(config)
+    task = task or default_task(config)
     extra = {"num_labels": num_labels} if task == "classify" else {}
     _check_safetensors(path)
     try:
@@ -228,9 +228,15 @@ def peek_config(spec: str):
     return AutoConfig.from_pretrained(resolve_model_dir(spec))
 
 
-def _default_task(config) -> str:
+def default_task(config) -> str:
+    """causal-lm when the config's architecture is a causal LM (Llama's *ForCausalLM, GPT-2's
+    GPT2LMHeadModel: transformers' own table), else encoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+    return "causal-lm" if any(a in causal or a.endswith("ForCausalLM") for a in archs) \
+        else "encoder"
 
 
 def _ensure_pad(model, tokenizer) -> None:

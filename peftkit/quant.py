@@ -111,20 +111,24 @@ def model_bytes(model: nn.Module) -> int:
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> QuantReport:
     """Replace every nn.Linear (except `config.skip` heads) by an NF4 Linear4bit, in place."""
+    from peftkit.methods.layers import is_conv1d
+
     config = config or QuantConfig()
     config.validate()
     before = model_bytes(model)
     done = (UpcastLinear, bnb().nn.Linear4bit)  # Falcon's FalconLinear is an nn.Linear too
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, done)
+               if (isinstance(m, nn.Linear) or is_conv1d(m)) and not isinstance(m, done)
                and n.split(".")[-1] not in config.skip]
     if not targets:
         raise PeftkitError(f"{type(model).__name__} has no linear layers to quantize")
     n_params, n_bits = 0, 0
     for name, lin in targets:
-        packed, state = quantize_tensor(lin.weight, config)
-        model.set_submodule(name, _linear4bit(lin.in_features, lin.out_features, lin.bias, packed,
-                                          state, config))
+        conv1d = is_conv1d(lin)  # GPT-2's Conv1D stores (in, out): quantized as (out, in)
+        weight = lin.weight.t().contiguous() if conv1d else lin.weight
+        packed, state = quantize_tensor(weight, config)
+        model.set_submodule(name, _linear4bit(weight.shape[1], weight.shape[0], lin.bias, packed,
+                                              state, config, conv1d))
         n_params += lin.weight.numel()
         n_bits += quantized_bits(packed, state)
     store_embeddings(model, config)
@@ -162,7 +166,7 @@ def store_embeddings(model: nn.Module, config: QuantConfig) -> None:
         model.set_output_embeddings(up)
 
 
-def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig):
+def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig, conv1d: bool = False):
     layer = bnb().nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=DTYPES[config.compute_dtype],
                        compress_statistics=config.double_quant, quant_type="nf4", device="meta")
     layer.weight = bnb().nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
@@ -174,6 +178,7 @@ def _linear4bit(in_f, out_f, bias, packed, state, config: QuantConfig):
     # before and after, per machine, and FrozenLinear's matmul_4bit would read the new layout
     # with the old quant state. One layout, everywhere.
     layer.support_avx512bf16_for_cpu = False
+    layer.conv1d = conv1d  # a checkpoint stores it (in, out): export transposes it back
     return layer
 
 
@@ -185,7 +190,8 @@ def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             module = model.get_submodule(name[: -len(".weight")])
             qs = getattr(getattr(module, "weight", None), "quant_state", None)
             if qs is not None:
-                out[name] = bnb().functional.dequantize_4bit(module.weight.data, qs).float()
+                w = bnb().functional.dequantize_4bit(module.weight.data, qs).float()
+                out[name] = w.t() if getattr(module, "conv1d", False) else w  # Conv1D: (in, out)
                 continue
         if "weight." in name and any(name.endswith(s) for s in ("absmax", "quant_map",
                                                                    "bitsandbytes__nf4")):
@@ -215,7 +221,8 @@ def save_quantized(model: nn.Module, tokenizer, directory: str | Path) -> Path:
         tensors[name] = t.detach().contiguous()
     for name, m in model.named_modules():
         if isinstance(m, bnb().nn.Linear4bit):
-            layers[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+            layers[name] = {"in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                            "conv1d": getattr(m, "conv1d", False)}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     (directory / QUANT_FILE).write_text(json.dumps({"config": cfg, "layers": layers}, indent=2))
     return directory
@@ -272,7 +279,8 @@ def load_quantized(directory: str | Path, model_cls):
                 del tensors[k]
         state = bnb().functional.QuantState.from_dict(stats, device=torch.device("cpu"))
         bias = tensors.pop(f"{name}.bias") if spec["bias"] else None
-        model.set_submodule(name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config))
+        model.set_submodule(name, _linear4bit(spec["in"], spec["out"], bias, packed, state, config,
+                                              spec.get("conv1d", False)))
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if unexpected:
         raise PeftkitError(f"{directory / WEIGHTS_FILE}: unexpected tensors {unexpected[:3]}")

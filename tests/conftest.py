@@ -24,3 +24,21 @@ def write(tmp_path):
             path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         return path
     return _write
+
+
+class _FamilyModels(dict):
+    """family -> its saved tiny random model directory, built on first use (tests/families.py)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> Path:
+        from tests.families import build_family
+        self[family] = build_family(family, self.root / family)
+        return self[family]
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    return _FamilyModels(tmp_path_factory.mktemp("families"))

@@ -6,37 +6,14 @@ import json
 import os
 
 import pytest
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from peftkit.cli import main
 from peftkit.tiny import tiny_llama_tokenizer
+from tests.families import DECODERS, ENCODERS, OUTSIDE
 
-DECODERS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-            "phi", "phi3", "gpt2", "gpt_neox", "gptj", "falcon", "mixtral", "olmo2",
-            "starcoder2", "opt", "bloom", "gpt_bigcode", "granite"]
-ENCODERS = ["bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "electra",
-            "modernbert"]
-OUTSIDE = ["stablelm"]  # not in the issue's list: structure detection has to find its layers
 METHODS = ["full", "probe", "lora", "dora", "qlora", "ia3", "bottleneck", "prompt", "prefix"]
-GQA = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-       "phi3", "mixtral", "olmo2", "starcoder2", "granite", "stablelm"}
-SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             vocab_size=320, max_position_embeddings=256)
-OWN_NAMES = {  # families whose configs name the sizes their own way
-    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
-    "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8),
-    "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
-    "bloom": dict(n_layer=2, n_head=4), "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
-    "falcon": dict(new_decoder_architecture=False),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                      head_dim=16),
-    "gemma": dict(head_dim=16), "gemma2": dict(head_dim=16), "gemma3_text": dict(head_dim=16),
-    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128),
-}
 REFUSED = {  # (family, method) -> what the one-line refusal must say
-    **{(f, m): "Conv1D" for f in ("gpt2",) for m in ("lora", "dora", "qlora", "ia3",
-                                                     "bottleneck")},
     **{(f, m): "mixture of experts" for f in ("mixtral", "qwen3_moe")
        for m in ("ia3", "bottleneck")},
     **{(f, m): "virtual tokens train a causal LM" for f in ENCODERS for m in ("prompt",
@@ -45,22 +22,8 @@ REFUSED = {  # (family, method) -> what the one-line refusal must say
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """family -> a saved random-weight model directory with the tiny byte-level tokenizer."""
-    root = tmp_path_factory.mktemp("families")
-    tok = tiny_llama_tokenizer()
-    out = {}
-    for family in DECODERS + ENCODERS + OUTSIDE:
-        kw = {**SIZES, **({"num_key_value_heads": 2} if family in GQA else {}),
-              **OWN_NAMES.get(family, {})}
-        config = AutoConfig.for_model(family, **kw)
-        config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
-        config.bos_token_id = tok.bos_token_id
-        auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
-        auto.from_config(config).save_pretrained(root / family)
-        tok.save_pretrained(root / family)
-        out[family] = root / family
-    return out
+def models(family_models):
+    return family_models
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +106,34 @@ def test_a_seq2seq_model_is_refused_in_one_line(tmp_path, data, capsys):
 def test_inspect_says_what_each_method_would_do(models, capsys):
     assert main(["inspect", str(models["phi3"]), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["family"] == "phi3" and report["roles"]["key_value"] == ["qkv_proj"]
-    assert report["methods"]["ia3"]["targets"] == ["down_proj", "qkv_proj"]
+    assert report["family"] == "phi3" and report["roles"]["key_value"] == ["self_attn.qkv_proj"]
+    assert report["methods"]["ia3"]["targets"] == ["mlp.down_proj", "self_attn.qkv_proj"]
     assert report["vllm_lora"] is False  # fused projections: not among export's names
     assert main(["inspect", str(models["gpt2"])]) == 0
     out = capsys.readouterr().out
-    assert "lora        no    --method lora: gpt2 keeps its projections in Conv1D" in out
+    # Conv1D: the attention's c_proj and the MLP's are told apart by their block-relative names
+    assert "ia3         yes   attn.c_attn, mlp.c_proj\n" in out
+    assert "bottleneck  yes   attn.c_proj, mlp.c_proj\n" in out
     assert "prompt      yes   virtual tokens" in out
     assert main(["inspect", "tiny-llama", "--json"]) == 0
     llama = json.loads(capsys.readouterr().out)
     assert llama["vllm_lora"] and all(m["supported"] for m in llama["methods"].values())
+
+
+def test_experts_left_out_are_named(models, data, tmp_path, capsys):
+    """Mixtral's experts are fused 3-D weights that no layer adapter wraps: inspect, the run's
+    log and its report say so instead of leaving the user to find out."""
+    assert main(["inspect", str(models["mixtral"]), "--json"]) == 0
+    note = json.loads(capsys.readouterr().out)["not_adapted"]
+    assert note.startswith("not adapted: mlp.experts.gate_up_proj, mlp.experts.down_proj (")
+    assert main(["train", "--model", str(models["mixtral"]), "--data", str(data / "lm.jsonl"),
+                 "--method", "lora", "--steps", "1", "--val-split", "0", "--exact-match-max", "0",
+                 "--output", str(tmp_path / "run")]) == 0
+    assert note in capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["not_adapted"] == note
+    assert "| not adapted | mlp.experts.gate_up_proj" in (tmp_path / "run" / "report.md").read_text()
+    assert main(["train", "--model", str(models["llama"]), "--data", str(data / "lm.jsonl"),
+                 "--method", "lora", "--steps", "1", "--val-split", "0", "--exact-match-max", "0",
+                 "--output", str(tmp_path / "dense")]) == 0
+    assert json.loads((tmp_path / "dense" / "report.json").read_text())["not_adapted"] is None

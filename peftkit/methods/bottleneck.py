@@ -60,15 +60,16 @@ class BottleneckLinear(FrozenLinear):
     def _slot_params(self):
         return self.down, self.down_bias, self.up, self.up_bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         if not self.active():
             return y
         h = y.to(self.down.dtype)  # the adapter runs in its own (float32) precision
         idx, keep = self.route()
         if idx is None:
-            z = self.act(h @ self.down[0].t() + self.down_bias[0])
-            return y + (z @ self.up[0].t() + self.up_bias[0]).to(y.dtype)
+            k = self.router.pinned
+            z = self.act(h @ self.down[k].t() + self.down_bias[k])
+            return y + (z @ self.up[k].t() + self.up_bias[k]).to(y.dtype)
         shape = (-1,) + (1,) * (h.dim() - 1)
         hs = h if h.dim() > 2 else h.unsqueeze(1)
         z = self.act(torch.bmm(hs, self.down[idx].transpose(1, 2)) + self.down_bias[idx][:, None])

@@ -44,11 +44,11 @@ class IA3Linear(FrozenLinear):
     def _scales(self, x: torch.Tensor) -> torch.Tensor:
         idx, keep = self.route()
         if idx is None:
-            return self.ia3_l[0]
+            return self.ia3_l[self.router.pinned]
         l = torch.where(keep.unsqueeze(-1), self.ia3_l[idx], torch.ones_like(self.ia3_l[idx]))
         return l.view(l.shape[0], *[1] * (x.dim() - 2), l.shape[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return self.base_forward(x)
         if self.feedforward:  # scales in float32, applied in the base's precision

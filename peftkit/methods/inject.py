@@ -47,6 +47,39 @@ def find_targets(model: nn.Module, targets) -> list[str]:
     return sorted(set(chosen), key=linear.index)
 
 
+BLOCK = re.compile(r"^(.*?\.)?\d+\.")  # "model.layers.3." -> the rest is block-relative
+
+
+def in_block(name: str) -> str:
+    """A module's name within its block ("model.layers.3.mlp.c_proj" -> "mlp.c_proj"): what
+    tells GPT-2's attention c_proj from its MLP c_proj."""
+    return BLOCK.sub("", name, count=1)
+
+
+def fused_weights(model: nn.Module) -> dict[str, int]:
+    """Weights no adapter here wraps, by block-relative name -> parameters over all blocks:
+    the 3-D stacks in which transformers keeps a mixture of experts (Mixtral, Qwen3-MoE).
+    They stay frozen (and unquantized by QLoRA); reports and `inspect` name them."""
+    found: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (FrozenLinear, VirtualTokens)):  # adapters' own stacks are 3-D
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3:
+                key = in_block(f"{module_name}.{name}")
+                found[key] = found.get(key, 0) + p.numel()
+    return found
+
+
+def not_adapted_note(model: nn.Module) -> str | None:
+    """One line naming the fused expert weights a layer adapter leaves out, or None."""
+    fused = fused_weights(model)
+    if not fused:
+        return None
+    return (f"not adapted: {', '.join(fused)} ({sum(fused.values()):,d} parameters of fused "
+            "3-D expert weights stay frozen; the adapter covers the linear layers)")
+
+
 class AdaptedModel(nn.Module):
     """A transformers model with one adapter method in S slots.
 

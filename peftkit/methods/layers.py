@@ -108,8 +108,14 @@ class SlotRouter:
         self.rows = None if slots is None else Rows(slots)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored (in, out)."""
+    conv = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv is not None and isinstance(module, conv)
+
+
 def is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     loaded = sys.modules.get("bitsandbytes")  # no 4-bit layer can exist before it is imported
     return loaded is not None and isinstance(module, loaded.nn.Linear4bit)
@@ -118,7 +124,14 @@ def is_linear(module: nn.Module) -> bool:
 class FrozenLinear(nn.Module):
     def __init__(self, base: nn.Module, router: SlotRouter, slots: int):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        # `conv1d`: the checkpoint stores this weight (in, out) (PEFT's fan_in_fan_out). A dense
+        # Conv1D keeps that layout in memory (`transposed`); an NF4 one was quantized as (out, in).
+        self.transposed = is_conv1d(base)
+        self.conv1d = self.transposed or getattr(base, "conv1d", False)
+        if self.transposed:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -137,7 +150,7 @@ class FrozenLinear(nn.Module):
     # -- base computation -------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_state is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, self.dense_weight(), self.bias)
         dtype = x.dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         out = bnb().matmul_4bit(x.to(self.compute_dtype), self.weight.t(), bias=bias,
@@ -147,19 +160,35 @@ class FrozenLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The base weight in full precision (dequantized for NF4 bases)."""
         if self.quant_state is None:
-            return self.weight
+            return self.weight.t() if self.transposed else self.weight
         return bnb().functional.dequantize_4bit(self.weight.data, self.quant_state).float()
 
     def set_dense_weight(self, w: torch.Tensor) -> None:
         from peftkit.errors import PeftkitError
         if self.quant_state is not None:
             raise PeftkitError("cannot merge into a 4-bit base in place; export a dense copy with formats.export_merged()")
-        self.weight.data.copy_(w)
+        self.weight.data.copy_(w.t() if self.transposed else w)
+
+    def stored(self, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the checkpoint's layout (a merged export)."""
+        return w.t() if self.conv1d else w
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")]
 
-    # -- routing helpers --------------------------------------------------------------------
+    # -- routing --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.router.rows
+        if rows is not None and x.dim() == 2 and x.shape[0] != len(rows.idx):
+            # (batch * tokens, features): OPT flattens its rows before the MLP; the slot of each
+            # batch row needs them back as (batch, tokens, features)
+            return self.routed_forward(x.view(len(rows.idx), -1, x.shape[-1])).flatten(0, 1)
+        return self.routed_forward(x)
+
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's forward, `x`'s first dimension being the batch's rows."""
+        raise NotImplementedError
+
     def active(self) -> bool:
         return self.router.enabled and not self.merged and self.n_slots > 0
 

@@ -110,7 +110,7 @@ class LoraLinear(FrozenLinear):
         return {key: v.detach().clone().contiguous() for key, v in out.items()}
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def routed_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         if not self.active():
             return y

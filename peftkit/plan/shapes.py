@@ -154,8 +154,10 @@ def shape_from_config(name: str, config) -> Shape:
     from torch import nn
     from transformers import AutoModel, AutoModelForCausalLM
 
-    archs = getattr(config, "architectures", None) or []
-    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    from peftkit.methods.layers import is_conv1d
+    from peftkit.models import default_task
+
+    auto = AutoModelForCausalLM if default_task(config) == "causal-lm" else AutoModel
     with init_empty_weights():
         model = auto.from_config(config)
     model.tie_weights()
@@ -168,11 +170,18 @@ def shape_from_config(name: str, config) -> Shape:
     block = {}
     for n, m in model.named_modules():
         first = FIRST_BLOCK.search(n)  # a bare backbone's names have no "model." prefix
-        if isinstance(m, nn.Linear) and first:
+        if first and isinstance(m, nn.Linear):
             block[n[first.end():]] = (m.in_features, m.out_features)
+        elif first and is_conv1d(m):  # GPT-2's Conv1D: weight (in, out)
+            block[n[first.end():]] = tuple(m.weight.shape)
     linear = [(k.split(".")[-1], i, o) for k, (i, o) in block.items()]
+    fused = sum(p.numel() for _, p in model.named_parameters() if p.dim() >= 3)  # MoE experts
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
+    per_token = getattr(config, "num_experts_per_tok", None)
+    active = params - fused * (1 - per_token / experts) if fused and per_token else None
     heads = config.num_attention_heads
     return Shape(name, float(params), layers, config.hidden_size, heads,
                  getattr(config, "num_key_value_heads", None) or heads,
                  config.vocab_size, float(emb), linear, config.model_type,
+                 active_params=active, other_linear=float(fused),
                  context=getattr(config, "max_position_embeddings", None))

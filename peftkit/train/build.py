@@ -7,7 +7,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import add_adapter
-from peftkit.methods.inject import find_targets
+from peftkit.methods.inject import find_targets, not_adapted_note
 from peftkit.methods.registry import ADAPTER_METHODS
 from peftkit.models import Base, load_base, peek_config
 from peftkit.quant import QuantConfig
@@ -27,6 +27,7 @@ class Trainee:
     label_names: list[str] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
+    not_adapted: str | None = None  # weights a layer adapter leaves out (MoE experts), said
 
 
 def adapter_config(cfg: TrainConfig, model=None):
@@ -46,10 +47,6 @@ def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
     return QuantConfig(compute_dtype=str(dtype).removeprefix("torch."))
 
 
-# Families whose projections are transformers' Conv1D (weights stored transposed) rather than
-# nn.Linear: peftkit's layer adapters wrap nn.Linear only (PEFT's fan_in_fan_out is not built).
-CONV1D_FAMILIES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
-LAYER_METHODS = ("lora", "qlora", "dora", "ia3", "bottleneck")
 SEQ2SEQ_FAMILIES = ("t5", "mt5", "bart", "mbart", "pegasus", "marian", "umt5", "longt5")
 
 
@@ -66,10 +63,6 @@ def check_family(cfg: TrainConfig, task: str) -> None:
         raise PeftkitError(f"--model {cfg.model}: {kind} is an encoder-decoder (seq2seq) model, "
                            "which peftkit does not train; use a decoder (llama, qwen2, ...) or "
                            "an encoder for classification")
-    if kind in CONV1D_FAMILIES and cfg.method in LAYER_METHODS:
-        raise PeftkitError(f"--method {cfg.method}: {kind} keeps its projections in Conv1D "
-                           "layers (transposed weights), which peftkit's adapters do not wrap "
-                           "yet; use --method full, probe, prompt or prefix")
     if cfg.method in ("ia3", "bottleneck") and cfg.targets == "all-linear" and (
             getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0)):
         raise PeftkitError(f"--method {cfg.method}: {kind}'s MLP is a mixture of experts, whose "
@@ -93,6 +86,8 @@ def build(cfg: TrainConfig, task: str, label_names: list[str], device=None) -> T
         trainee = _build_lm(cfg, quant, where)
     if trainee.head is not None:
         trainee.head.to(device)
+    if trainee.adapted is not None and trainee.adapted.virtual is None:
+        trainee.not_adapted = not_adapted_note(trainee.base.model)
     trainee.device, trainee.dtype = device, dtype
     return trainee
 

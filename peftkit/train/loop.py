@@ -162,6 +162,8 @@ class Trainer:
         t = self.trainee
         trim_hooks = trim_between_layers(t.base.model)  # the probe's feature pass too
         forward, examples = self._setup()
+        if t.not_adapted:
+            self._say(t.not_adapted)
         peak = cfg.lr or default_lr(cfg.method, self.task)
         opt = make_optimizer(cfg.optim, self._param_groups(peak), peak, cfg.weight_decay)
         reset_peak(t.device)

@@ -101,6 +101,7 @@ def write_report(out: Path, t, meter: Meter, history: list[dict], losses: list[f
         "method": cfg.method, "task": t.task, "model": cfg.model, "data": cfg.data,
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
+        "not_adapted": t.not_adapted,
         "peak_rss_bytes": peak_rss_bytes(),
         "device": str(t.device), "dtype": str(t.dtype).removeprefix("torch."),
         "peak_device_bytes": peak_device_bytes(t.device),  # None off CUDA
@@ -134,6 +135,8 @@ def report_markdown(r: dict) -> str:
              f"{r['predicted_peak_rss']['total'] / mib:.1f} MiB) |",
              f"| wall time | {r['wall_seconds']:.1f} s |",
              f"| tokens/s | {r['tokens_per_second']:.0f} |"]
+    if r.get("not_adapted"):
+        lines.append(f"| not adapted | {r['not_adapted'].removeprefix('not adapted: ')} |")
     shown = {"train_loss": "last training batch's loss"}  # not a validation figure
     lines += [f"| {shown.get(k, 'val ' + k)} | {v:.4g} |" for k, v in r["metrics"].items()
               if isinstance(v, float)]
