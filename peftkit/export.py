@@ -7,8 +7,10 @@ vLLM (0.10+; `vllm/config/lora.py`, `vllm/lora/peft_helper.py`) serves PEFT LoRA
   - no `modules_to_save` (whole copied modules) and no adapter bias (`bias: none`);
   - a rank at most the server's --max-lora-rank, which must be one of 1, 8, 16, 32, 64, 128,
     256, 320, 512;
-  - targets among the decoder's linear projections (vLLM packs q/k/v into qkv_proj and
-    gate/up into gate_up_proj and adapts those).
+  - a base whose vLLM model class supports LoRA, and targets among the names that class
+    accepts: its linear layers, a packed one (qkv_proj, gate_up_proj) named by the parts it
+    packs (`packed_modules_mapping`: Llama's q/k/v_proj), or by itself where the checkpoint
+    is already fused (Phi-3's qkv_proj and gate_up_proj).
 """
 
 import json
@@ -23,11 +25,47 @@ from peftkit.methods import LoraConfig
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# model_type -> the module names vLLM's LoRA loader accepts for it (vllm/model_executor/models:
+# the classes that are SupportsLoRA, their packed_modules_mapping expanded). A family missing
+# here (GPT-2, GPT-NeoX, GPT-J, Falcon, OPT, BLOOM, StarCoder2, StableLM) has no LoRA in vLLM.
+VLLM_LORA = {
+    **{kind: VLLM_TARGETS for kind in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                       "gemma3_text", "granite", "olmo2", "mixtral",
+                                       "qwen3_moe")},
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused in the checkpoint
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "gpt_bigcode": ("c_attn", "c_proj", "c_fc"),
+}
 
 
-def check_vllm(path: Path) -> tuple[Path, dict]:
-    """(adapter directory, its adapter_config.json) when vLLM can serve it; else a one-line
-    PeftkitError naming the adapter and the reason."""
+def vllm_targets(model_type: str | None) -> tuple[str, ...]:
+    """What vLLM adapts on a base of this family; an unknown family (a base that cannot be
+    read here) is taken to be Llama-like, the names nearly every LoRA-capable class uses."""
+    if model_type is None:
+        return VLLM_TARGETS
+    if model_type not in VLLM_LORA:
+        raise PeftkitError(f"vLLM serves no LoRA adapters on {model_type} models (LoRA-capable "
+                           f"families: {', '.join(sorted(VLLM_LORA))}); serve it with "
+                           "`peftkit serve` (one base, many adapters)")
+    return VLLM_LORA[model_type]
+
+
+def base_family(base: str | None) -> str | None:
+    """The base's model_type where its config can be read here (a directory, an alias, a
+    cached download); None for a hub id not on this machine."""
+    from peftkit.models import peek_config
+    if not base:
+        return None
+    try:
+        return peek_config(base).model_type
+    except Exception:  # offline hub id, missing directory: the Llama-like rule applies
+        return None
+
+
+def check_vllm(path: Path, family: str | None = None) -> tuple[Path, dict]:
+    """(adapter directory, its adapter_config.json) when vLLM can serve it on a base of
+    `family` (a model_type; None: Llama-like); else a one-line PeftkitError naming the
+    adapter and the reason."""
     directory = adapter_dir(path)
     where = f"{path}: vLLM cannot serve this adapter"
     if not (directory / CONFIG_NAME).is_file():
@@ -49,11 +87,15 @@ def check_vllm(path: Path) -> tuple[Path, dict]:
     if config.r > VLLM_MAX_RANKS[-1]:
         raise PeftkitError(f"{where}: rank {config.r} is over vLLM's largest --max-lora-rank "
                            f"({VLLM_MAX_RANKS[-1]})")
+    try:
+        allowed = vllm_targets(family)
+    except PeftkitError as e:
+        raise PeftkitError(f"{where}: {e}") from None
     modules = sorted({key.split(".")[-3] for key in tensors})
-    unsupported = [m for m in modules if m not in VLLM_TARGETS]
+    unsupported = [m for m in modules if m not in allowed]
     if unsupported:
         raise PeftkitError(f"{where}: target modules {unsupported} are not among vLLM's LoRA "
-                           f"targets ({', '.join(VLLM_TARGETS)})")
+                           f"targets for {family or 'a Llama-like base'} ({', '.join(allowed)})")
     return directory, {**raw, "target_modules": modules, "modules_to_save": None, "bias": "none",
                        "use_dora": False}
 
@@ -63,20 +105,21 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
     """Check every source first, then write each as `out/<name>/` and return the command.
     An existing `out/<name>` is refused unless `overwrite`; nothing is written through a link
     (each adapter is written to a fresh directory in OUT and renamed into place)."""
-    checked = []
-    for source in sources:
-        path = Path(source)
+    paths = [Path(source) for source in sources]
+    for path in paths:
         if not path.is_dir():
             raise PeftkitError(f"{path}: not a directory (give an adapter or a run directory)")
-        checked.append((path.resolve().name, *check_vllm(path)))
+    if not base:
+        bases = {_named_base(path) for path in paths}
+        base = bases.pop() if len(bases) == 1 else None
+        if not base:
+            raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))})"
+                               "; give the one to serve with --base")
+    family = base_family(base)
+    checked = [(path.resolve().name, *check_vllm(path, family)) for path in paths]
     names = [name for name, *_ in checked]
     if len(set(names)) != len(names):
         raise PeftkitError(f"two sources share a name: {names}; rename one directory")
-    bases = {cfg.get("base_model_name_or_path") for *_, cfg in checked}
-    base = base or (bases.pop() if len(bases) == 1 else None)
-    if not base:
-        raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))}); "
-                           "give the one to serve with --base")
     target = Path(out)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise PeftkitError(f"{target}: OUT must be a directory, not a link or a file")
@@ -100,6 +143,16 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
     return shlex.join(["vllm", "serve", vllm_model(base), "--enable-lora", "--lora-modules",
                        *modules, "--max-lora-rank", str(max_rank), "--max-loras",
                        str(len(names))])
+
+
+def _named_base(path: Path) -> str | None:
+    """The base an adapter's config names (None when it names none or cannot be read: the
+    checks that follow say why)."""
+    try:
+        raw = json.loads((adapter_dir(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
 
 
 def _replace(fresh: Path, dst: Path) -> None:

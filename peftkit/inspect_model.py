@@ -13,7 +13,7 @@ def inspect_model(spec: str) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from peftkit.export import VLLM_TARGETS
+    from peftkit.export import vllm_targets
     from peftkit.methods.config import roles
     from peftkit.methods.inject import find_targets, in_block, not_adapted_note
     from peftkit.models import ENCODERS, peek_config
@@ -48,6 +48,15 @@ def inspect_model(spec: str) -> dict:
         except PeftkitError as e:
             methods[method] = {"supported": False, "why": str(e)}
     shape = shape_from_config(spec, config)
+    names = {n.split(".")[-1] for n in leaves}  # what vLLM's loader compares
+    try:
+        allowed = vllm_targets(config.model_type) if task != ENCODER_TASK else ()
+        vllm_why = None if names <= set(allowed) else (
+            "vLLM's LoRA loader takes " + ", ".join(allowed) + f" on {config.model_type}")
+    except PeftkitError as e:
+        allowed, vllm_why = (), str(e)
+    if task == ENCODER_TASK:
+        vllm_why = "vLLM serves LoRA adapters of decoders"
     return {"model": spec, "family": config.model_type, "task": task,
             "params": shape.params, "layers": config.num_hidden_layers,
             "linear_layers": len(linear), "roles": {k: sorted({in_block(n) for n in v})
@@ -55,8 +64,8 @@ def inspect_model(spec: str) -> dict:
             "not_adapted": not_adapted_note(model),
             "methods": methods,
             "vllm_lora": methods["lora"]["supported"] and task != ENCODER_TASK
-            and {n.split(".")[-1] for n in leaves} <= set(VLLM_TARGETS),
-            "vllm_lora_targets": sorted({n.split(".")[-1] for n in leaves} & set(VLLM_TARGETS))}
+            and names <= set(allowed), "vllm_lora_targets": sorted(names & set(allowed)),
+            "vllm_why": vllm_why}
 
 
 def format_inspection(r: dict) -> str:
@@ -76,5 +85,5 @@ def format_inspection(r: dict) -> str:
     lines.append("")
     lines.append("export --for vllm: " + (
         "yes (LoRA on " + ", ".join(r["vllm_lora_targets"]) + ")" if r["vllm_lora"] else
-        "no: vLLM's LoRA loader takes q/k/v/o and gate/up/down projections of decoders"))
+        "no: " + r["vllm_why"]))
     return "\n".join(lines)

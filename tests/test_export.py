@@ -105,3 +105,29 @@ def test_a_weight_file_linked_to_another_adapter_is_refused(tmp_path, capsys):
     (fake / "adapter_model.safetensors").symlink_to(other / "adapter_model.safetensors")
     assert main(["export", "--for", "vllm", str(fake), str(tmp_path / "out")]) == 2
     assert "points outside" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,targets,ok", [
+    ("phi3", ["qkv_proj", "gate_up_proj"], True),  # fused in the checkpoint: vLLM adapts them
+    ("phi", ["q_proj", "dense", "fc2"], True),  # packed by vLLM from q/k/v_proj
+    ("gpt_bigcode", ["c_attn", "c_fc"], True),
+    ("gpt2", ["c_attn"], "vLLM serves no LoRA adapters on gpt2 models"),
+    ("gpt_neox", ["query_key_value"], "vLLM serves no LoRA adapters on gpt_neox models"),
+    ("qwen2", ["q_proj", "v_proj"], True),
+])
+def test_vllm_rules_follow_the_base_family(family, targets, ok, family_models, tmp_path, capsys):
+    """Export reads the base's family from its config and applies that vLLM model class's
+    module names (packed modules included), not Llama's everywhere."""
+    from peftkit.models import load_base
+    base = str(family_models[family])
+    adapter = save_adapter(add_adapter(load_base(base).model, LoraConfig(r=8, targets=targets)),
+                           tmp_path / family, base_name=base)
+    code = main(["export", "--for", "vllm", str(adapter), str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    if ok is True:
+        assert code == 0, err
+        written = json.loads((tmp_path / "out" / family / "adapter_config.json").read_text())
+        assert written["target_modules"] == sorted(targets)
+        assert shlex.split(out.strip().splitlines()[-1])[2] == base
+    else:
+        assert code == 2 and ok in err and len(err.strip().splitlines()) == 1, err

@@ -108,12 +108,14 @@ def test_inspect_says_what_each_method_would_do(models, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["family"] == "phi3" and report["roles"]["key_value"] == ["self_attn.qkv_proj"]
     assert report["methods"]["ia3"]["targets"] == ["mlp.down_proj", "self_attn.qkv_proj"]
-    assert report["vllm_lora"] is False  # fused projections: not among export's names
+    assert report["vllm_lora"] is True  # vLLM's Phi-3 adapts the fused layers themselves
+    assert report["vllm_lora_targets"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     assert main(["inspect", str(models["gpt2"])]) == 0
     out = capsys.readouterr().out
     # Conv1D: the attention's c_proj and the MLP's are told apart by their block-relative names
     assert "ia3         yes   attn.c_attn, mlp.c_proj\n" in out
     assert "bottleneck  yes   attn.c_proj, mlp.c_proj\n" in out
+    assert "export --for vllm: no: vLLM serves no LoRA adapters on gpt2 models" in out
     assert "prompt      yes   virtual tokens" in out
     assert main(["inspect", "tiny-llama", "--json"]) == 0
     llama = json.loads(capsys.readouterr().out)
