@@ -94,7 +94,7 @@ def load_base(spec: str, task: str | None = None, num_labels: int = 2,
             base.model.set_attn_implementation(attn)
         except (ValueError, ImportError) as e:  # the architecture lacks it
             raise PeftkitError(f"--attn {attn}: {spec} ({base.model.config.model_type}) cannot "
-                               f"use it ({str(e).splitlines()[0][:100]}); use --attn auto") \
+                               f"use it ({str(e).splitlines()[0].split('. ')[0][:200]}); use --attn auto") \
                 from None
     if target.type != "cpu":
         from peftkit.quant import place

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 
-from peftkit.formats import load_adapter, load_adapters, save_adapter
+from peftkit.formats import export_merged, load_adapter, load_adapters, save_adapter
 from peftkit.generation import generate_ids
 from peftkit.methods import IA3Config, LoraConfig, add_adapter
 from peftkit.models import load_base, peek_config
@@ -61,6 +61,18 @@ def test_an_adapter_survives_save_peft_and_a_mixed_batch(family, family_models, 
     assert (got[0] - other[0]).abs().max() <= 1e-5
     assert (got[1] - base[1]).abs().max() <= 1e-5
     assert (got[2] - want[2]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", DECODERS + OUTSIDE)
+def test_a_merged_export_is_a_plain_model_with_the_adapters_outputs(family, family_models,
+                                                                     tmp_path):
+    """Merge folds the adapter into the base's own layout (GPT-2's Conv1D stays (in, out)) and
+    keeps tied embeddings tied: transformers loads the directory as a model of the family."""
+    from transformers import AutoModelForCausalLM
+    adapted, want = _trained(family_models[family], LORA, 1, tmp_path / "a")
+    export_merged(adapted, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (_outputs(plain, batch()) - want).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", [f for f in DECODERS + OUTSIDE if f not in MOE])
