@@ -109,14 +109,12 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
     for path in paths:
         if not path.is_dir():
             raise PeftkitError(f"{path}: not a directory (give an adapter or a run directory)")
-    if not base:
-        bases = {_named_base(path) for path in paths}
-        base = bases.pop() if len(bases) == 1 else None
-        if not base:
-            raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))})"
-                               "; give the one to serve with --base")
-    family = base_family(base)
-    checked = [(path.resolve().name, *check_vllm(path, family)) for path in paths]
+    bases = {base} if base else {_named_base(path) for path in paths}
+    base = next(iter(bases)) if len(bases) == 1 else None
+    checked = [(path.resolve().name, *check_vllm(path, base_family(base))) for path in paths]
+    if not base:  # after each adapter's own checks, which name the adapter
+        raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))}); "
+                           "give the one to serve with --base")
     names = [name for name, *_ in checked]
     if len(set(names)) != len(names):
         raise PeftkitError(f"two sources share a name: {names}; rename one directory")
