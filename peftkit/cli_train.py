@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
             print(f"peftkit: {e}", file=sys.stderr)
             return 130
         for name, r in result["reports"].items():
-            print(f"{name}: {r['steps']} steps, loss {r['train_losses'][0]:.4g} -> "
+            print(f"{name}: {len(r['train_losses'])} steps, loss {r['train_losses'][0]:.4g} -> "
                   f"{r['train_losses'][-1]:.4g}; {r['paths']['adapter']}")
         summary = result["summary"]
         print(f"joint: {summary['wall_seconds']:.1f} s for {len(result['reports'])} tenants; "

@@ -196,3 +196,37 @@ def test_tenant_options_are_typed_like_config_files(tmp_path, write, option, rea
     spec.write_text(yaml.safe_dump({**SHARED, "method": "lora", "tenants": [good]}))
     (_, cfg), = load_tenants(str(spec))
     assert (cfg.rank, cfg.lr, cfg.targets) == (8, 1e-3, "q_proj,v_proj")
+
+
+def test_every_flag_means_what_it_means_alone(tmp_path, write):
+    """One run loop (issue 28): gradient checkpointing recomputes each tenant's rows on its own
+    slot (the routing survives until backward), evaluation runs every `eval_every` steps per
+    tenant, and each tenant writes the report a single run writes (report.md, compare's keys)."""
+    spec, _ = _setup(tmp_path, write)
+    raw = yaml.safe_load(spec.read_text())
+    plain = train_joint(str(spec))["reports"]
+    raw.update(grad_checkpointing=True, val_split=0.25, eval_every=2)
+    for t in raw["tenants"]:
+        t["output"] = t["output"].replace("joint", "ckpt")
+    spec.write_text(yaml.safe_dump(raw))
+    ckpt = train_joint(str(spec))["reports"]
+    raw.update(grad_checkpointing=False)
+    for t in raw["tenants"]:
+        t["output"] = t["output"].replace("ckpt", "again")
+    spec.write_text(yaml.safe_dump(raw))
+    again = train_joint(str(spec))["reports"]
+    for name in ckpt:
+        assert max(abs(a - b) for a, b in zip(ckpt[name]["train_losses"],
+                                              again[name]["train_losses"])) <= 1e-6
+        a = load_file(tmp_path / "ckpt" / name / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "again" / name / "adapter" / "adapter_model.safetensors")
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+        report = ckpt[name]
+        steps = len(report["train_losses"])
+        assert [h["step"] for h in report["history"]] == list(range(2, steps, 2)) + [steps]
+        assert "loss" in report["history"][0]
+        for key in ("trainable_params", "peak_rss_bytes", "wall_seconds", "metrics",
+                    "model_state_bytes", "predicted_peak_rss", "tokens_per_second"):
+            assert key in report, key
+        assert (tmp_path / "ckpt" / name / "report.md").read_text().startswith("# ")
+        assert plain[name]["joint"] is True and plain[name]["tenant"] == name

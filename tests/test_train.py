@@ -61,9 +61,9 @@ def test_each_method_learns_classification_and_reloads(method, clf_data, tmp_pat
 
 
 def test_probe_runs_the_backbone_once_per_example(clf_data, tmp_path, monkeypatch):
-    import peftkit.train.loop as loop
+    import peftkit.train.trainer as trainer
     rows = {"n": 0}
-    real_build = loop.build
+    real_build = trainer.build
 
     def counting_build(*a, **kw):
         trainee = real_build(*a, **kw)
@@ -71,7 +71,7 @@ def test_probe_runs_the_backbone_once_per_example(clf_data, tmp_path, monkeypatc
             lambda _m, args, kwargs: rows.__setitem__("n", rows["n"] + kwargs["input_ids"].shape[0]),
             with_kwargs=True)
         return trainee
-    monkeypatch.setattr(loop, "build", counting_build)
+    monkeypatch.setattr(trainer, "build", counting_build)
     cfg = _cfg(clf_data, tmp_path, "probe", model="tiny-bert", steps=0, epochs=3, batch_size=4,
                val_data="", val_split=0.25)
     report = train(cfg)
@@ -93,8 +93,8 @@ def _whole_and_resumed(data, tmp_path, monkeypatch, stop_at: str, **kw):
     whole = train(_cfg(data, tmp_path / "whole", "lora", **kw))["train_losses"]
     real_eval = Trainer._evaluate
 
-    def eval_then_signal(self):
-        metrics = real_eval(self)
+    def eval_then_signal(self, tenant):
+        metrics = real_eval(self, tenant)
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal: the handler must checkpoint
         return metrics
     monkeypatch.setattr(Trainer, "_evaluate", eval_then_signal)

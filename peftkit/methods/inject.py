@@ -124,7 +124,19 @@ class AdaptedModel(nn.Module):
                 kw["labels"] = labels
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
-            self.router.slots = None
+            if not self._recomputed():
+                self.router.slots = None
+
+    def _recomputed(self) -> bool:
+        """Whether backward will run this forward's layers again (gradient checkpointing): then
+        the routing stays until the next forward (or `train()`/`eval()`), or the recomputed
+        rows would run unrouted (PEFT keeps its forward hooks alive for the same reason)."""
+        return (self.training and torch.is_grad_enabled()
+                and getattr(self.model, "is_gradient_checkpointing", False))
+
+    def train(self, mode: bool = True):
+        self.router.slots = None  # a training forward's routing ends with training
+        return super().train(mode)
 
     @contextmanager
     def pinned(self, k: int):

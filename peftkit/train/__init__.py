@@ -9,7 +9,10 @@ __all__ = ["METHODS", "TrainConfig", "load_config", "Trainer", "TrainingInterrup
 
 
 def __getattr__(name: str):
-    if name in ("Trainer", "TrainingInterrupted", "train"):
+    if name in ("Trainer", "train"):
+        from peftkit.train import trainer
+        return getattr(trainer, name)
+    if name == "TrainingInterrupted":
         from peftkit.train import loop
-        return getattr(loop, name)
+        return loop.TrainingInterrupted
     raise AttributeError(f"module 'peftkit.train' has no attribute '{name}'")

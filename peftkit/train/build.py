@@ -28,6 +28,8 @@ class Trainee:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # forwards autocast to it (a no-op for float32)
     not_adapted: str | None = None  # weights a layer adapter leaves out (MoE experts), said
+    slot: int = 0  # its slot of the model's adapter stack (a joint run's tenant: its own)
+    modules: list[str] | None = None  # the adapted modules it saves (None: all of them)
 
 
 def adapter_config(cfg: TrainConfig, model=None):

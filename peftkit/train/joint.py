@@ -7,6 +7,8 @@ its adapter would get training alone on the same rows. Each tenant keeps what a 
 its own data order, AdamW (over its own tensors, so its state and update are a single run's),
 LR schedule, gradient clipping, step count, checkpoint and outputs; a tenant that finishes
 drops out of the batch. With dropout 0 a joint run equals the separate runs (tests: <= 1e-5).
+The loop around the steps (schedule, evaluation, checkpoints, signals, resume, reports) is the
+single run's own (loop.RunLoop); this file says how one step of all tenants runs.
 
 tenants.yaml:
     model: smollm2-135m          # shared: model, method (lora | qlora), device, dtype, seed, ...
@@ -17,34 +19,34 @@ tenants.yaml:
 """
 
 import json
-import signal
 import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from peftkit.data import IGNORE
+from peftkit.device import autocast
 from peftkit.errors import DataError, PeftkitError
-from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
-from peftkit.methods.inject import find_targets
+from peftkit.methods.inject import find_targets, not_adapted_note
 from peftkit.models import load_base
 from peftkit.plan.memory import sequential_seconds, train_flops
 from peftkit.plan.shapes import shape_from_config
 from peftkit.train.batches import batch_at, collate
-from peftkit.train.build import adapter_config, quant_for
-from peftkit.train.checkpoint import complete, load_checkpoint, save_checkpoint
-from peftkit.train.config import TrainConfig, default_lr, typed_options
+from peftkit.train.build import Trainee, adapter_config, quant_for
+from peftkit.train.config import TrainConfig, typed_options
 from peftkit.train.evaluate import evaluate_run
-from peftkit.train.examples import examples_for
-from peftkit.train.loop import TrainingInterrupted, lr_at, make_optimizer, total_steps
-from peftkit.train.report import peak_rss_bytes
-from peftkit.train.run_dir import ADAPTER, claim, write_config
+from peftkit.train.examples import check_context, examples_for
+from peftkit.train.loop import RunLoop, Tenant, loss_terms
+from peftkit.train.report import Meter, peak_rss_bytes
+from peftkit.train.run_dir import claim
 
 JOINT_METHODS = ("lora", "qlora", "dora")
+SHARED = ("model", "device", "dtype", "max_length", "attn", "grad_checkpointing")  # one base
+
+
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
     """(name, config) per tenant: the file's shared options under each tenant's own."""
     return read_tenants(path)[0]
@@ -101,7 +103,7 @@ def check_outputs(tenants: list[tuple[str, TrainConfig]], origins: dict[str, str
                     f"(output {b_out}) write {how}; give each tenant its own `output`")
 
 
-class JointTrainer:
+class JointTrainer(RunLoop):
     def __init__(self, tenants: list[tuple[str, TrainConfig]], origins: dict[str, str] = None):
         check_outputs(tenants, origins or {})
         for name, cfg in tenants:  # each tenant's output has one owner, as a single run's
@@ -117,15 +119,14 @@ class JointTrainer:
             if (cfg.method == "qlora") != (first.method == "qlora"):
                 raise PeftkitError(f"{where}: qlora quantizes the shared base; every tenant "
                                    "must then be qlora")
-            for key in ("model", "device", "dtype", "max_length", "attn"):
+            for key in SHARED:
                 if getattr(cfg, key) != getattr(first, key):
                     raise PeftkitError(f"{where}: '{key}' differs from '{self.names[0]}'; "
                                        "tenants share one base")
 
     def run(self) -> dict:
         start = time.perf_counter()
-        datasets = []
-        problems = []
+        datasets, problems = [], []
         for name, cfg in zip(self.names, self.cfgs):  # every file checked before any work
             try:
                 datasets.append(cfg.load_data(cfg.data))
@@ -137,24 +138,56 @@ class JointTrainer:
         for name, ds in zip(self.names, datasets):
             if ds.kind == "classification":
                 raise PeftkitError(f"tenant '{name}': joint training is for causal LM data")
+        meters = [Meter() for _ in self.cfgs]
+        for m in meters:
+            m.start()
         first = self.cfgs[0]
         device, dtype, attn = first.placement()
-        quant = quant_for(first.method, dtype)
         loading = time.perf_counter()
-        base = load_base(first.model, task="causal-lm", quantize=quant, device=device,
-                         dtype=dtype, attn=attn)
-        self.base, self.device, self.dtype = base, device, dtype
-        self._stack(base.model)
+        base = load_base(first.model, task="causal-lm", quantize=quant_for(first.method, dtype),
+                         device=device, dtype=dtype, attn=attn)
+        self.base, self.device = base, device
+        if first.grad_checkpointing:  # shared: the base is one model
+            base.model.gradient_checkpointing_enable()
+            base.model.enable_input_require_grads()
+        trainees = self._stack(base, dtype)
         self.load_seconds = time.perf_counter() - loading  # what each sequential run repeats
-        tok = base.tokenizer
-        self.data = [examples_for(cfg, ds, tok, "causal-lm") for cfg, ds in zip(self.cfgs, datasets)]
-        return self._train(start)
+        tenants = []
+        for name, cfg, ds, trainee, meter in zip(self.names, self.cfgs, datasets, trainees, meters):
+            train_ex, val_ex, val_records, truncated = examples_for(cfg, ds, base.tokenizer,
+                                                                    "causal-lm")
+            try:
+                check_context(cfg, base.model.config, train_ex + val_ex)
+            except PeftkitError as e:
+                raise PeftkitError(f"tenant '{name}': {e}") from None
+            t = Tenant(name, trainee, train_ex, val_ex, val_records, meter=meter)
+            t.data = {"tenant": name, "joint": True,
+                      "train_examples": len(train_ex), "val_examples": len(val_ex),
+                      "truncated_examples": truncated, "skipped_records": ds.skipped}
+            tenants.append(t)
+        if trainees[0].not_adapted:
+            self._say(trainees[0].not_adapted)
+        for t in tenants:
+            self._start(t)
+        loop_seconds = self._loop(tenants, desc="joint")
+        reports = {t.name: self._finish(t) for t in tenants}
+        wall = time.perf_counter() - start
+        summary = {"tenants": self.names, "wall_seconds": wall,
+                   "train_loop_seconds": loop_seconds, "peak_rss_bytes": peak_rss_bytes(),
+                   "steps": {t.name: t.step for t in tenants},
+                   "final_losses": {t.name: t.losses[-1] for t in tenants if t.losses},
+                   "planner": self._sequential_estimate(tenants, wall, loop_seconds)}
+        for t in tenants:
+            (t.out / "joint_summary.json").write_text(json.dumps(summary, indent=2))
+        return {"summary": summary, "reports": reports}
 
     # -- the stack ----------------------------------------------------------------------------
-    def _stack(self, model) -> None:
+    def _stack(self, base, dtype) -> list[Trainee]:
         """One LoRA stack: the largest rank, the union of targets; each tenant's slot is
-        initialised as its own run would be (same seed, same draws), others stay zero."""
-        configs = [adapter_config(c) for c in self.cfgs]
+        initialised as its own run would be (same seed, same draws), others stay zero. Each
+        tenant trains its own copy of its slot's tensors (`views` maps them back)."""
+        model = base.model
+        configs = [adapter_config(c, model) for c in self.cfgs]
         targets = [find_targets(model, c.targets) for c in configs]
         union = [n for n in find_targets(model, "all-linear") if any(n in t for t in targets)]
         stack = LoraConfig(r=max(c.r for c in configs), targets=union,
@@ -164,8 +197,8 @@ class JointTrainer:
                                    init=False)
         self.adapted.slot_configs = configs
         layers = self.adapted.adapted_layers()
-        self.targets = targets
-        self.params = []  # per tenant: (stack parameter, slice) pairs and their own tensors
+        self.views, trainees = [], []
+        note = not_adapted_note(model)
         for k, (cfg, config) in enumerate(zip(self.cfgs, configs)):
             torch.manual_seed(cfg.seed)  # as build() seeds before add_adapter
             views = []
@@ -183,142 +216,96 @@ class JointTrainer:
                 if layers[name].magnitude is not None:
                     layers[name].set_plain(k)
             own = [torch.nn.Parameter(p[idx].detach().clone()) for p, idx in views]
-            self.params.append((views, own))
+            self.views.append(views)
+            trainees.append(Trainee(cfg, "causal-lm", base, self.adapted, own,
+                                    adapted=self.adapted, device=self.device, dtype=dtype,
+                                    not_adapted=note, slot=k, modules=targets[k]))
+        return trainees
 
-    def _sync(self, k: int) -> None:
-        """Tenant k's own tensors (what its optimizer updates) back into its slot."""
-        views, own = self.params[k]
+    def _loaded(self, t: Tenant) -> None:
+        """Tenant t's own tensors (what its optimizer updates) back into its slot."""
         with torch.no_grad():
-            for (p, idx), mine in zip(views, own):
+            for (p, idx), mine in zip(self.views[t.trainee.slot], t.trainee.params):
                 p[idx] = mine
 
-    # -- the loop -----------------------------------------------------------------------------
-    def _train(self, start: float) -> dict:
-        cfgs, n = self.cfgs, len(self.cfgs)
-        outs = [Path(c.output) for c in cfgs]
-        peaks = [c.lr or default_lr(c.method, "causal-lm") for c in cfgs]
-        opts = [make_optimizer(c.optim, own, lr, c.weight_decay)
-                for c, (_, own), lr in zip(cfgs, self.params, peaks)]
-        totals = [total_steps(c, len(ex), c.batch_size * c.grad_accum)
-                  for c, (ex, *_) in zip(cfgs, self.data)]
-        steps, losses, self.tokens = [0] * n, [[] for _ in range(n)], [0] * n
-        for k, (cfg, out) in enumerate(zip(cfgs, outs)):
-            if cfg.resume and complete(out / "checkpoint"):
-                meta = load_checkpoint(out, self.params[k][1], opts[k])
-                steps[k], losses[k] = meta["step"], meta["losses"]
-                self._sync(k)
-        for cfg, out in zip(cfgs, outs):
-            write_config(out, cfg, self.dtype)
+    # -- one step of every active tenant ---------------------------------------------------------
+    def _step(self, active: list[Tenant]) -> list[float]:
+        """Micro-batch m holds every tenant's m-th micro-batch (its --batch-size rows), one
+        forward for all; a tenant's loss is its rows' summed token losses over its whole
+        step's labelled tokens, so its slot gets exactly the gradient of its own run."""
         pad = self.base.tokenizer.pad_token_id
-        bar = tqdm(total=sum(totals), initial=sum(steps), desc="joint", unit="step")
-        self.adapted.train()
-        loop_start = time.perf_counter()
-        stop = []
-        old = {sig: signal.signal(sig, lambda s, _f: stop.append(signal.Signals(s).name))
-               for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self._loop(steps, totals, losses, opts, peaks, pad, bar, stop)
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            bar.close()
-        loop_seconds = time.perf_counter() - loop_start
-        reports = {name: self._finish(k, opts[k], steps[k], losses[k])
-                   for k, name in enumerate(self.names)}
-        wall = time.perf_counter() - start
-        summary = {"tenants": self.names, "wall_seconds": wall,
-                   "train_loop_seconds": loop_seconds, "peak_rss_bytes": peak_rss_bytes(),
-                   "steps": dict(zip(self.names, steps)),
-                   "final_losses": {k: v[-1] for k, v in zip(self.names, losses) if v},
-                   "planner": self._sequential_estimate(wall, loop_seconds)}
-        for out in outs:
-            (out / "joint_summary.json").write_text(json.dumps(summary, indent=2))
-        return {"summary": summary, "reports": reports}
+        rows = {t: batch_at(t.train_ex, t.step, t.global_batch, t.cfg.seed) for t in active}
+        terms = {t: loss_terms(rows[t]) for t in active}
+        losses = {t: 0.0 for t in active}
+        for micro in range(max(t.accum for t in active)):
+            items, owners = [], []
+            for t in active:
+                size = t.cfg.batch_size
+                part = rows[t][micro * size:(micro + 1) * size] if micro < t.accum else []
+                items += part
+                owners += [t] * len(part)
+            if not items:
+                continue
+            batch = collate(items, pad, self.device)
+            slots = torch.tensor([t.trainee.slot for t in owners], device=self.device)
+            for t, n_tokens in zip(owners, batch["attention_mask"].sum(1).tolist()):
+                t.meter.tokens += n_tokens
+            for t in active:
+                t.meter.see_batch(*batch["input_ids"].shape)
+            with autocast(self.device, active[0].trainee.dtype):
+                logits = self.adapted(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"], slots=slots).logits
+            per_row, _ = _row_losses(logits, batch["labels"])
+            mine = {t: per_row[slots == t.trainee.slot].sum() / terms[t]
+                    for t in active if t in owners}
+            sum(mine.values()).backward()
+            for t, loss in mine.items():
+                losses[t] += loss.item()
+        for t in active:
+            own = t.trainee.params
+            for (p, idx), param in zip(self.views[t.trainee.slot], own):
+                param.grad = p.grad[idx].clone()
+            if t.cfg.clip:
+                torch.nn.utils.clip_grad_norm_(own, t.cfg.clip)
+            t.opt.step()
+            if not t.meter.state_bytes:
+                t.meter.measure_state(t.trainee, t.opt)
+            t.opt.zero_grad(set_to_none=True)
+            self._loaded(t)
+        self.adapted.zero_grad(set_to_none=True)
+        return [losses[t] for t in active]
 
-    def _sequential_estimate(self, wall: float, loop_seconds: float) -> dict:
+    def _metrics(self, t: Tenant) -> dict:
+        with torch.no_grad(), self.adapted.pinned(t.trainee.slot):
+            return evaluate_run(self.adapted, "causal-lm", self.base.tokenizer, t.val_ex,
+                                t.val_records, batch_size=t.cfg.batch_size, device=self.device,
+                                exact_match_max=t.cfg.exact_match_max)
+
+    def _who(self, t: Tenant) -> str:
+        return f"tenant '{t.name}': "
+
+    def _postfix(self, active: list[Tenant]) -> dict:
+        return {t.name[:8]: f"{t.losses[-1]:.3f}" for t in active}
+
+    def _stopped(self, tenants: list[Tenant]) -> str:
+        return (f"stopped by {self.stop_signal} at joint steps "
+                f"{ {t.name: t.step for t in tenants} }; continue with resume: true")
+
+    def _sequential_estimate(self, tenants: list[Tenant], wall: float,
+                             loop_seconds: float) -> dict:
         """The planner's time model (FLOPs per trained token x parameters) for the same tenants
         trained one after another, at the FLOP rate this joint loop reached: each run repeats
         the model load; the estimate leaves out what batching tenants together buys on top,
         which bench/joint.py measures."""
         shape = shape_from_config(self.cfgs[0].model, self.base.model.config)
-        flops = [train_flops(shape, c.method, t) for c, t in zip(self.cfgs, self.tokens)]
+        tokens = [t.meter.tokens for t in tenants]
+        flops = [train_flops(shape, t.cfg.method, n) for t, n in zip(tenants, tokens)]
         rate = sum(flops) / max(loop_seconds, 1e-9)
         sequential = sequential_seconds(self.load_seconds, flops, rate) + wall - loop_seconds \
             - self.load_seconds
-        return {"model_load_seconds": self.load_seconds, "trained_tokens": self.tokens,
+        return {"model_load_seconds": self.load_seconds, "trained_tokens": tokens,
                 "flops_per_second": rate, "sequential_seconds": sequential,
                 "speedup": sequential / wall}
-
-    def _loop(self, steps, totals, losses, opts, peaks, pad, bar, stop) -> None:
-        cfgs, n = self.cfgs, len(self.cfgs)
-        while any(s < t for s, t in zip(steps, totals)):
-            active = [k for k in range(n) if steps[k] < totals[k]]
-            rows, slots = [], []
-            for k in active:
-                for g in opts[k].param_groups:
-                    g["lr"] = lr_at(steps[k], totals[k], cfgs[k], peaks[k])
-                items = batch_at(self.data[k][0], steps[k], cfgs[k].batch_size * cfgs[k].grad_accum,
-                                 cfgs[k].seed)
-                rows += items
-                slots += [k] * len(items)
-            batch = collate(rows, pad, self.device)
-            slot_ids = torch.tensor(slots, device=self.device)
-            for k, n_tokens in zip(slots, batch["attention_mask"].sum(1).tolist()):
-                self.tokens[k] += n_tokens
-            logits = self.adapted(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"], slots=slot_ids).logits
-            per_row, counts = _row_losses(logits, batch["labels"])
-            tenant_loss = {k: per_row[slot_ids == k].sum() / counts[slot_ids == k].sum()
-                           for k in active}
-            sum(tenant_loss.values()).backward()
-            for k in active:
-                views, own = self.params[k]
-                for (p, idx), mine in zip(views, own):
-                    mine.grad = p.grad[idx].clone()
-                if cfgs[k].clip:
-                    torch.nn.utils.clip_grad_norm_(own, cfgs[k].clip)
-                opts[k].step()
-                opts[k].zero_grad(set_to_none=True)
-                self._sync(k)
-                steps[k] += 1
-                losses[k].append(tenant_loss[k].item())
-                if cfgs[k].save_every and steps[k] % cfgs[k].save_every == 0:
-                    self._checkpoint(k, opts[k], steps[k], losses[k])
-            self.adapted.zero_grad(set_to_none=True)
-            bar.update(len(active))
-            bar.set_postfix({self.names[k][:8]: f"{tenant_loss[k].item():.3f}" for k in active})
-            if stop:  # every tenant checkpointed, then out, as a single run does
-                for k in range(n):
-                    self._checkpoint(k, opts[k], steps[k], losses[k])
-                raise TrainingInterrupted(f"stopped by {stop[0]} at joint steps "
-                                          f"{dict(zip(self.names, steps))}; continue with "
-                                          "resume: true")
-
-    def _checkpoint(self, k: int, opt, step: int, losses: list[float]) -> None:
-        save_checkpoint(Path(self.cfgs[k].output), self.params[k][1], opt,
-                        {"step": step, "history": [], "losses": losses})
-
-    def _finish(self, k: int, opt, step: int, losses: list[float]) -> dict:
-        """Tenant k's checkpoint, adapter (its own targets and rank, PEFT layout) and report."""
-        cfg, name = self.cfgs[k], self.names[k]
-        out = Path(cfg.output)
-        self._checkpoint(k, opt, step, losses)
-        adapter = save_adapter(self.adapted, out / ADAPTER, slot=k, base_name=cfg.model,
-                               modules=self.targets[k])
-        metrics = {}
-        _, val_ex, val_records, _ = self.data[k]
-        if val_ex:
-            self.adapted.eval()
-            with torch.no_grad(), self.adapted.pinned(k):
-                metrics = evaluate_run(self.adapted, "causal-lm", self.base.tokenizer, val_ex,
-                                       val_records, batch_size=cfg.batch_size,
-                                       device=self.device, exact_match_max=cfg.exact_match_max)
-        report = {"tenant": name, "method": cfg.method, "model": cfg.model, "data": cfg.data,
-                  "joint": True, "steps": step, "train_losses": losses, "metrics": metrics,
-                  "trainable_params": sum(p.numel() for p in self.params[k][1]),
-                  "paths": {"adapter": str(adapter), "report": str(out / "report.json")}}
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        return report
 
 
 def _row_losses(logits: torch.Tensor, labels: torch.Tensor):

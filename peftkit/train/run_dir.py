@@ -95,8 +95,9 @@ def save_run(t: Trainee, out: Path, write: bool = True) -> dict[str, str]:
     if t.adapted is not None:
         with unsharded(t.adapted):
             if write:
-                paths["adapter"] = str(save_adapter(t.adapted, out / ADAPTER,
-                                                    base_name=t.config.model))
+                paths["adapter"] = str(save_adapter(t.adapted, out / ADAPTER, slot=t.slot,
+                                                    base_name=t.config.model,
+                                                    modules=t.modules))
     if t.config.method == "full":
         model = t.base.model if t.task == "causal-lm" else t.module.backbone
         first = {}  # tied weights (one parameter, two names) are written once, as HF does
