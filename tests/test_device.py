@@ -7,6 +7,7 @@ mixed-batch serving step all run that way.
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -150,9 +151,12 @@ def test_commands_that_do_not_quantize_never_import_bitsandbytes(lm_data, tmp_pa
     assert report["device"] == "cpu" and report["peak_device_bytes"] is None
 
 
-def test_probe_on_trainer_runs_under_its_device(lm_data, tmp_path):
-    report = Trainer(_cfg(lm_data, tmp_path / "p", "probe", steps=2)).run()
-    assert report["device"] == "cpu" and report["dtype"] == "float32"
+def test_probe_on_trainer_runs_under_its_device_and_dtype(lm_data, tmp_path):
+    """The probe's one backbone pass and its head steps run at the run's dtype: bfloat16
+    here is recorded, and the losses stay finite."""
+    report = Trainer(_cfg(lm_data, tmp_path / "p", "probe", steps=2, dtype="bfloat16")).run()
+    assert report["device"] == "cpu" and report["dtype"] == "bfloat16"
+    assert all(math.isfinite(x) for x in report["train_losses"])
 
 
 def test_gpu_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):

@@ -87,8 +87,8 @@ class Rows:
 class SlotRouter:
     """Per-batch routing shared by every adapted layer of one model.
 
-    `slots is None`: every row uses the pinned slot (slot 0 unless `pin` chose another;
-    single-adapter training and inference, the fast path).
+    `slots is None`: every row uses the pinned slot (slot 0 unless `AdaptedModel.pinned` chose
+    another; single-adapter training and inference, the fast path).
     Otherwise a LongTensor (B,) of slot indices, -1 meaning "no adapter" for that row; `rows`
     holds what the layers derive from it, once per forward.
     """

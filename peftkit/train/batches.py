@@ -20,12 +20,13 @@ def drawn(examples: list, rows: int, seed: int) -> list:
     return [examples[j] for j in epoch_order(len(examples), seed, 0)[:rows]]
 
 
-def batch_at(examples: list, micro: int, batch_size: int, seed: int) -> list:
-    """The `micro`-th micro-batch of the run (epochs follow each other)."""
-    per_epoch = math.ceil(len(examples) / batch_size)
-    epoch, i = divmod(micro, per_epoch)
+def batch_at(examples: list, step: int, rows: int, seed: int) -> list:
+    """The `rows` examples of the run's `step`-th batch (a step's global batch; epochs follow
+    each other in their own seeded orders)."""
+    per_epoch = math.ceil(len(examples) / rows)
+    epoch, i = divmod(step, per_epoch)
     order = epoch_order(len(examples), seed, epoch)
-    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+    return [examples[j] for j in order[i * rows:(i + 1) * rows]]
 
 
 def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torch.Tensor]:
