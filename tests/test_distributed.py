@@ -130,3 +130,21 @@ def test_sigterm_to_one_rank_stops_every_rank_after_a_checkpoint(data, tmp_path)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] >= 1 and state["global_batch"] == 6
     assert all(not k.is_running() or k.status() == psutil.STATUS_ZOMBIE for k in ranks)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_early_stopping_and_the_best_adapter_under_torchrun(data, write, tmp_path, strategy):
+    """Every rank evaluates the same validation data and so stops at the same step; the best
+    tensors (FSDP shards gathered) are the saved adapter, as in one process."""
+    other = write("other.jsonl", [{"prompt": f"Q: item {i}?", "completion": f"zz{i % 2}"}
+                                  for i in range(6)])
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--method", "lora", "--lr", "1e-2", "--steps", "12", "--val-data", str(other),
+              "--eval-every", "2", "--patience", "2", "--keep", "best", "--exact-match-max", "0"]
+    _train(data, one, *common, "--batch-size", "6")
+    _train(data, two, *common, "--batch-size", "3", "--nproc", "2", "--strategy", strategy)
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert a["stopped"].startswith("early stop at step 8") and a["kept_step"] == 4  # measured
+    assert a["kept_step"] == b["kept_step"] and a["stopped"] == b["stopped"]
+    assert len(a["train_losses"]) == len(b["train_losses"]) == 8
+    assert _max_diff(_weights(one, "adapter"), _weights(two, "adapter")) <= 1e-5

@@ -23,10 +23,12 @@ TENSORS, META = "state.safetensors", "trainer_state.json"
 
 
 def save_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer, state: dict,
-                    write: bool = True) -> Path:
+                    write: bool = True, best: list[torch.Tensor] | None = None) -> Path:
     """Every rank of a distributed run calls this (FSDP shards are gathered into whole tensors,
-    so the checkpoint loads at any world size); only the `write` rank writes."""
+    so the checkpoint loads at any world size); only the `write` rank writes. `best`: the best
+    evaluated values of `params` so far (whole tensors), kept with the state they belong to."""
     tensors = {f"param.{i}": full(p.detach()).contiguous() for i, p in enumerate(params)}
+    tensors.update({f"best.{i}": b.contiguous() for i, b in enumerate(best or [])})
     opt = optimizer.state_dict()
     scalars = {}  # non-tensor state (bitsandbytes' int step) keeps its Python type, in JSON
     for i, st in opt["state"].items():
@@ -124,6 +126,8 @@ def load_checkpoint(out: Path, params: list[torch.nn.Parameter], optimizer) -> d
         for k, v in values.items():
             _nest(state.setdefault(int(i), {}), k, v)
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    if f"best.{len(params) - 1}" in tensors:
+        meta["best_params"] = [tensors[f"best.{i}"] for i in range(len(params))]
     torch.set_rng_state(tensors["rng.torch"])
     for key, state in tensors.items():
         if key.startswith("rng.cuda.") and torch.cuda.is_available():
@@ -157,6 +161,12 @@ def check_state(meta, where: Path) -> dict:
     if not isinstance(meta.get("history"), list) or not all(
             isinstance(h, dict) for h in meta["history"]):
         raise bad("history", "a list of objects", meta.get("history"))
+    best = meta.get("best")
+    if best is not None and not (isinstance(best, dict) and count(best.get("step"))
+                                 and isinstance(best.get("value"), (int, float))):
+        raise bad("best", "null or an object with a step and a value", best)
+    if not count(meta.get("since_best", 0)):
+        raise bad("since_best", "a whole number >= 0", meta.get("since_best"))
     groups = meta.get("param_groups")
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise bad("param_groups", "a list of objects", groups)

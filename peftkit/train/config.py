@@ -35,6 +35,9 @@ class TrainConfig:
     val_split: float = 0.1  # fraction held out for validation when --val-data is empty
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch and at the end
     save_every: int = 0  # steps between checkpoints; 0 = only at the end and on a signal
+    patience: int = 0  # stop after this many evaluations without a better --metric; 0 = never
+    metric: str = "eval_loss"  # what best means: eval_loss, perplexity (lower); accuracy, macro_f1, exact_match (higher)
+    keep: str = "auto"  # the adapter saved: best (evaluated) or last; auto = best with validation data
     exact_match_max: int = 64  # validation examples scored by greedy generation (causal LM)
     # method hyperparameters (see peftkit.methods.config for their sources)
     rank: int = 8  # LoRA/DoRA rank r (Hu et al. 2021 §7.2: 1-8 often suffice)
@@ -121,7 +124,15 @@ CLASSIFY_LR = {**DEFAULT_LR, "full": 5e-5, "lora": 5e-4, "qlora": 5e-4, "dora": 
 CHOICES = {"method": METHODS, "task": ("auto", "causal-lm", "classify"),
            "schedule": ("cosine", "linear", "constant"), "optim": OPTIMIZERS,
            "strategy": ("auto", "ddp", "fsdp"), "probe_head": ("linear", "mlp"),
-           "attn": ("auto", "sdpa", "eager", "flash_attention_2")}
+           "attn": ("auto", "sdpa", "eager", "flash_attention_2"),
+           "metric": ("eval_loss", "perplexity", "accuracy", "macro_f1", "exact_match"),
+           "keep": ("auto", "best", "last")}
+# --metric -> (the evaluation's key, +1 when higher is better), and the tasks that report it
+METRICS = {"eval_loss": ("loss", -1), "perplexity": ("perplexity", -1),
+           "accuracy": ("accuracy", 1), "macro_f1": ("macro_f1", 1),
+           "exact_match": ("exact_match", 1)}
+METRIC_TASKS = {"causal-lm": ("eval_loss", "perplexity", "exact_match"),
+                "classify": ("eval_loss", "accuracy", "macro_f1")}
 
 
 # Ranges, declared once: checked on flags (naming the flag), config files and tenant files
@@ -141,6 +152,7 @@ RANGES = {
     "clip": (lambda v: v >= 0, ">= 0 (0: off)"), "max_length": (lambda v: v >= 1, ">= 1"),
     "val_split": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "eval_every": (lambda v: v >= 0, ">= 0"), "save_every": (lambda v: v >= 0, ">= 0"),
+    "patience": (lambda v: v >= 0, ">= 0 (0: never stop early)"),
     "exact_match_max": (lambda v: v >= 0, ">= 0"), "rank": (lambda v: v >= 1, ">= 1"),
     "alpha": (lambda v: v > 0, "> 0"), "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "num_virtual_tokens": (lambda v: v >= 1, ">= 1"),

@@ -24,8 +24,8 @@ from peftkit.device import autocast
 from peftkit.errors import PeftkitError
 from peftkit.train.build import Trainee
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
-from peftkit.train.config import TrainConfig, default_lr
-from peftkit.train.distributed import World, any_rank
+from peftkit.train.config import METRIC_TASKS, METRICS, TrainConfig, default_lr
+from peftkit.train.distributed import World, any_rank, full, shard_like
 from peftkit.train.report import Meter, write_report
 from peftkit.train.run_dir import resume_changes, save_run, write_config
 
@@ -88,6 +88,11 @@ class Tenant:
     step: int = 0
     history: list = field(default_factory=list)
     losses: list = field(default_factory=list)
+    keep: str = "last"  # the adapter saved: "best" (evaluated) or "last"
+    best: dict | None = None  # {"step", "value", "metric"} of the best evaluation so far
+    best_params: list | None = None  # its trainable tensors (whole, on the CPU)
+    since_best: int = 0  # evaluations since, for --patience
+    stopped: str | None = None  # why training ended before its last step (early stopping)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -99,7 +104,12 @@ class Tenant:
 
     def state(self) -> dict:
         return {"step": self.step, "history": self.history, "losses": self.losses,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "best": self.best,
+                "since_best": self.since_best, "stopped": self.stopped}
+
+    def save(self, write: bool) -> None:
+        save_checkpoint(self.out, self.trainee.params, self.opt, self.state(), write,
+                        best=self.best_params)
 
 
 class RunLoop:
@@ -117,12 +127,13 @@ class RunLoop:
     def _start(self, t: Tenant, param_groups: list[dict] | None = None) -> None:
         """Tenant t's optimizer, schedule length and eval cadence; its checkpoint with --resume."""
         cfg = t.cfg
+        self._check_selection(t)
         t.peak = cfg.lr or default_lr(cfg.method, self.task)
         t.opt = make_optimizer(cfg.optim, param_groups or [{"params": t.trainee.params}],
                                t.peak, cfg.weight_decay)
         self._resume(t)
         t.global_batch = cfg.batch_size * self.world.size * t.accum
-        t.total = total_steps(cfg, len(t.train_ex), t.global_batch)
+        t.total = t.step if t.stopped else total_steps(cfg, len(t.train_ex), t.global_batch)
         if t.step > t.total:
             raise PeftkitError(f"--resume: the checkpoint in {t.out} is at step {t.step}, past "
                                f"this run's {t.total} steps (were --steps, --epochs or the data "
@@ -130,6 +141,49 @@ class RunLoop:
         t.eval_every = cfg.eval_every or math.ceil(len(t.train_ex) / t.global_batch)
         if self.world.main:
             write_config(t.out, cfg, t.trainee.dtype)
+
+    def _check_selection(self, t: Tenant) -> None:
+        """--patience, --metric and --keep against the run's task and data, before any step."""
+        cfg, who = t.cfg, self._who(t)
+        t.keep = cfg.keep if cfg.keep != "auto" else ("best" if t.val_ex else "last")
+        if not t.val_ex and (cfg.patience or cfg.keep == "best"):
+            asked = f"--patience {cfg.patience}" if cfg.patience else "--keep best"
+            raise PeftkitError(f"{who}{asked}: needs validation data to compare evaluations "
+                               "(--val-data FILE or --val-split > 0)")
+        if not (cfg.patience or t.keep == "best"):
+            return
+        if cfg.metric not in METRIC_TASKS[self.task]:
+            raise PeftkitError(f"{who}--metric {cfg.metric}: a {self.task} run reports "
+                               f"{', '.join(METRIC_TASKS[self.task])}")
+        if cfg.metric == "exact_match" and not cfg.exact_match_max:
+            raise PeftkitError(f"{who}--metric exact_match: --exact-match-max is 0, so no "
+                               "evaluation scores it")
+
+    def _observe(self, t: Tenant, metrics: dict) -> None:
+        """After an evaluation: a better --metric becomes the best (its tensors kept); else one
+        more evaluation without improvement, and --patience of them end the tenant's run."""
+        cfg = t.cfg
+        key, sign = METRICS[cfg.metric]
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            better = False
+        else:
+            better = t.best is None or sign * (value - t.best["value"]) > 0
+        if better:
+            t.best = {"step": t.step, "value": value, "metric": cfg.metric}
+            t.since_best = 0
+            if t.keep == "best":
+                t.best_params = [full(p.detach()).to("cpu", copy=True)
+                                 for p in t.trainee.params]
+            return
+        t.since_best += 1
+        if cfg.patience and t.since_best >= cfg.patience and t.step < t.total:
+            t.stopped = (f"early stop at step {t.step}: {cfg.metric} did not improve on "
+                         f"{t.best['value']:.4g} (step {t.best['step']}) in {cfg.patience} "
+                         "evaluations" if t.best else
+                         f"early stop at step {t.step}: {cfg.metric} was never finite")
+            t.total = t.step  # the tenant leaves the batch; the others go on
+            self._say(f"{self._who(t)}{t.stopped}")
 
     def _resume(self, t: Tenant) -> None:
         cfg, world = t.cfg, self.world
@@ -150,6 +204,8 @@ class RunLoop:
         self._say(f"{self._who(t)}resuming from step {meta['step']}" + (
             f" ({', '.join(changes)}: the schedule now spans the new length)" if changes else ""))
         t.step, t.history, t.losses = meta["step"], meta["history"], meta["losses"]
+        t.best, t.since_best = meta.get("best"), meta.get("since_best", 0)
+        t.best_params, t.stopped = meta.get("best_params"), meta.get("stopped")
         t.accum = self._accum_for(t, meta.get("global_batch"))
 
     def _loaded(self, t: Tenant) -> None:
@@ -191,9 +247,10 @@ class RunLoop:
                 for t, loss in zip(active, losses):
                     t.step += 1
                     t.losses.append(loss)
-                    if t.step % t.eval_every == 0 and t.step != t.total:  # the last after saving
+                    if t.step % t.eval_every == 0 and t.step < t.total:  # the last after saving
                         t.history.append({"step": t.step, "train_loss": loss,
                                           **self._evaluate(t)})
+                        self._observe(t, t.history[-1])
                         if self.world.main:
                             bar.write(f"{self._who(t)}step {t.step}: " + ", ".join(
                                 f"{k}={v:.4g}" for k, v in t.history[-1].items() if k != "step"))
@@ -227,11 +284,11 @@ class RunLoop:
         first = tenants[0].trainee
         if any_rank(self.stop_signal is not None, self.world, first.device):
             for t in tenants:
-                save_checkpoint(t.out, t.trainee.params, t.opt, t.state(), self.world.main)
+                t.save(self.world.main)
             raise TrainingInterrupted(self._stopped(tenants))
         for t in tenants:
             if t.cfg.save_every and t.step % t.cfg.save_every == 0 and 0 < t.step < t.total:
-                save_checkpoint(t.out, t.trainee.params, t.opt, t.state(), self.world.main)
+                t.save(self.world.main)
 
     def _stopped(self, tenants: list[Tenant]) -> str:
         t = tenants[0]
@@ -255,16 +312,34 @@ class RunLoop:
         raise NotImplementedError
 
     def _finish(self, t: Tenant) -> dict | None:
-        """Checkpoint, outputs and report (rank 0), then the final evaluation. The adapter or
-        head, and a report, are on disk before that evaluation: a run that evaluation then
-        kills (memory, a bad reference) keeps what it trained."""
+        """Checkpoint, outputs and report (rank 0), then the final evaluation; with --keep best
+        the best evaluated tensors replace the last ones in the outputs. The adapter or head,
+        and a report, are on disk before that evaluation: a run that evaluation then kills
+        (memory, a bad reference) keeps what it trained."""
         main = self.world.main
-        save_checkpoint(t.out, t.trainee.params, t.opt, t.state(), main)
+        t.save(main)
         paths = save_run(t.trainee, t.out, main)
         if t.losses and (not t.history or t.history[-1]["step"] != t.step):
             if main:
-                write_report(t.out, t.trainee, t.meter, t.history, t.losses, paths, t.data)
+                write_report(t.out, t.trainee, t.meter, t.history, t.losses, paths, self._facts(t))
             t.history.append({"step": t.step, "train_loss": t.losses[-1], **self._evaluate(t)})
+            if t.val_ex:
+                self._observe(t, t.history[-1])
+        if t.keep == "best" and t.best_params is not None and t.best["step"] != t.step:
+            with torch.no_grad():
+                for p, b in zip(t.trainee.params, t.best_params):
+                    p.copy_(shard_like(b.to(p.device), p))
+            self._loaded(t)
+            paths = save_run(t.trainee, t.out, main)
         if not main:
             return None
-        return write_report(t.out, t.trainee, t.meter, t.history, t.losses, paths, t.data)
+        return write_report(t.out, t.trainee, t.meter, t.history, t.losses, paths, self._facts(t))
+
+    def _facts(self, t: Tenant) -> dict:
+        """The run's data facts and which evaluation its outputs hold (report.json)."""
+        kept = t.best["step"] if t.keep == "best" and t.best else t.step
+        metrics = next((h for h in t.history if h["step"] == kept), None)
+        return {**t.data, "kept": t.keep, "kept_step": kept, "best": t.best,
+                "stopped": t.stopped,
+                **({"kept_metrics": {k: v for k, v in metrics.items() if k != "step"}}
+                   if metrics else {})}

@@ -114,8 +114,10 @@ def write_report(out: Path, t, meter: Meter, history: list[dict], losses: list[f
         "feature_seconds": meter.feature_seconds,
         "train_loop_seconds": meter.loop_seconds,
         "tokens_per_second": meter.tokens_per_second(),
-        **data,
-        "metrics": {k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
+        **{k: v for k, v in data.items() if k != "kept_metrics"},
+        # what the saved outputs score: the kept (best) evaluation, else the last one
+        "metrics": data.get("kept_metrics") or {k: v for k, v in (history[-1] if history
+                                                                  else {}).items() if k != "step"},
         "history": history, "train_losses": losses,
         "paths": {**paths, "report": str(out / "report.json")},
     }
@@ -135,6 +137,12 @@ def report_markdown(r: dict) -> str:
              f"{r['predicted_peak_rss']['total'] / mib:.1f} MiB) |",
              f"| wall time | {r['wall_seconds']:.1f} s |",
              f"| tokens/s | {r['tokens_per_second']:.0f} |"]
+    if r.get("best"):
+        b = r["best"]
+        lines.append(f"| best {b['metric']} | {b['value']:.4g} at step {b['step']} "
+                     f"(saved: {r['kept']}, step {r['kept_step']}) |")
+    if r.get("stopped"):
+        lines.append(f"| stopped | {r['stopped']} |")
     if r.get("not_adapted"):
         lines.append(f"| not adapted | {r['not_adapted'].removeprefix('not adapted: ')} |")
     shown = {"train_loss": "last training batch's loss"}  # not a validation figure
