@@ -172,10 +172,17 @@ def test_config_file_and_overrides(tmp_path, lm_data):
 def test_compare_writes_table_and_plot(clf_data, tmp_path):
     from peftkit.train.compare import compare
     rows = compare("tiny-bert", str(clf_data), ["probe", "lora"], str(tmp_path),
-                   ["--steps", "2", "--batch-size", "4"])
+                   ["--steps", "6", "--batch-size", "4", "--eval-every", "1", "--patience",
+                    "1", "--val-split", "0.25", "--val-data", ""])
     assert [r["method"] for r in rows] == ["probe", "lora"]
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| lora | accuracy" in (tmp_path / "compare.md").read_text()
+    table = (tmp_path / "compare.md").read_text()
+    assert "| lora | accuracy" in table and "| saved adapter | stopped |" in table
+    for r in rows:  # each method's best evaluated adapter, and where it stopped
+        report = json.loads((tmp_path / r["method"] / "report.json").read_text())
+        assert r["kept"] == "best" and r["kept_step"] == report["best"]["step"]
+        assert f"| best: step {r['kept_step']} |" in table
+        assert (r["stopped"] is None) == (r["steps"] == 6)
 
 
 def test_a_qlora_run_loads_back_on_the_base_it_trained_on(tmp_path, lm_data):

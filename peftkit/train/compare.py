@@ -74,16 +74,20 @@ def summary_row(r: dict) -> dict:
             "trainable_percent": r["trainable_percent"], "trainable_params": r["trainable_params"],
             "model_state_mib": r["model_state_bytes"] / MIB, "peak_rss_mib": r["peak_rss_bytes"] / MIB,
             "predicted_peak_rss_mib": r["predicted_peak_rss"]["total"] / MIB,
-            "wall_seconds": r["wall_seconds"]}
+            "wall_seconds": r["wall_seconds"], "steps": len(r["train_losses"]),
+            "kept_step": r.get("kept_step"), "kept": r.get("kept"), "stopped": r.get("stopped")}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | quality | macro-F1 | trainable % | model state (MiB) | peak RSS (MiB) "
-             "| planner's peak RSS (MiB) | wall (s) |", "| --- " * 8 + "|"]
+    lines = ["| method | quality | macro-F1 | saved adapter | stopped | trainable % "
+             "| model state (MiB) | peak RSS (MiB) | planner's peak RSS (MiB) | wall (s) |",
+             "| --- " * 10 + "|"]
     for r in rows:
         f1 = "—" if r.get("macro_f1") is None else f"{r['macro_f1']:.3f}"
-        lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | {f1} | "
-                     f"{r['trainable_percent']:.3f} | {r['model_state_mib']:.1f} | "
+        saved = f"{r.get('kept') or 'last'}: step {r.get('kept_step') or r['steps']}"
+        stopped = f"early, at step {r['steps']}" if r.get("stopped") else "—"
+        lines.append(f"| {r['method']} | {r['metric']} {r['quality']:.3f} | {f1} | {saved} | "
+                     f"{stopped} | {r['trainable_percent']:.3f} | {r['model_state_mib']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['predicted_peak_rss_mib']:.0f} | "
                      f"{r['wall_seconds']:.1f} |")
     return "\n".join(lines)
