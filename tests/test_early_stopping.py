@@ -1,5 +1,6 @@
 """Early stopping and the best adapter (issue 25.1): `--patience`, `--metric`, `--keep`, alone,
-per tenant of a joint run, and across a kill and `--resume`."""
+per tenant of a joint run, and across a kill and `--resume`; run tracking (25.2):
+`--report-to`, read back from TensorBoard's own event files."""
 
 import json
 import os
@@ -127,3 +128,92 @@ def test_selection_flags_are_checked_before_training(flags, reason, data, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and reason in err, err
     assert not (tmp_path / "r" / "checkpoint").exists()
+
+
+def _events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_each_step_and_evaluation(data, tmp_path):
+    report = train(_cfg(data, tmp_path / "r", report_to="tensorboard", eval_every=4))
+    events = _events(tmp_path / "r")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_second",
+                "train/rss_mib", "eval/loss", "eval/perplexity"):
+        assert tag in events, sorted(events)
+    assert [s for s, _ in events["train/loss"]] == list(range(1, 13))
+    assert [v for _, v in events["train/loss"]] == pytest.approx(report["train_losses"])
+    assert [s for s, _ in events["eval/loss"]] == [4, 8, 12]
+    assert events["eval/loss"][-1][1] == pytest.approx(report["history"][-1]["loss"])
+
+
+def test_a_joint_run_writes_one_series_per_tenant(data, tmp_path):
+    spec = tmp_path / "tenants.yaml"
+    spec.write_text(yaml.safe_dump({
+        "model": "tiny-llama", "method": "lora", "val_split": 0.0, "report_to": "tensorboard",
+        "batch_size": 4, "tenants": [
+            {"name": "a", "data": str(data), "output": str(tmp_path / "a"), "steps": 3},
+            {"name": "b", "data": str(data), "output": str(tmp_path / "b"), "steps": 5}]}))
+    reports = train_joint(str(spec))["reports"]
+    for name, steps in (("a", 3), ("b", 5)):
+        losses = _events(tmp_path / name)["train/loss"]
+        assert [s for s, _ in losses] == list(range(1, steps + 1))
+        assert [v for _, v in losses] == pytest.approx(reports[name]["train_losses"])
+
+
+def test_trackers_are_checked_before_anything_loads(data, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    for value, reason in (("wandb", "the wandb package is not installed (pip install wandb)"),
+                          ("tensorboard,comet", "choose none, or a comma-separated list")):
+        code = main(["train", "--model", "tiny-llama", "--data", str(data), "--report-to",
+                     value, "--output", str(tmp_path / "r")])
+        assert code == 2 and reason in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_wandb_and_mlflow_get_the_same_series(data, tmp_path, monkeypatch):
+    """Neither package is installed here: stand-ins record what peftkit calls (offline W&B,
+    MLflow's client on a file store under the run) and must see the TensorBoard series."""
+    import sys
+    import types
+    calls = []
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kw: calls.append(("init", kw)) or types.SimpleNamespace(
+        log=lambda values, step: calls.append(("wandb", step, values)),
+        finish=lambda: calls.append(("finish",)))
+    client = types.SimpleNamespace(
+        get_experiment_by_name=lambda name: None, create_experiment=lambda name: "7",
+        create_run=lambda exp, run_name: types.SimpleNamespace(info=types.SimpleNamespace(
+            run_id=f"{exp}-{run_name}")),
+        log_param=lambda run, k, v: None,
+        log_metric=lambda run, k, v, step: calls.append(("mlflow", run, step, k, v)),
+        set_terminated=lambda run: calls.append(("ended", run)))
+    tracking = types.ModuleType("mlflow.tracking")
+    tracking.MlflowClient = lambda tracking_uri: calls.append(("uri", tracking_uri)) or client
+    mlflow = types.ModuleType("mlflow")
+    mlflow.tracking = tracking
+    for name, module in (("wandb", wandb), ("mlflow", mlflow), ("mlflow.tracking", tracking)):
+        monkeypatch.setitem(sys.modules, name, module)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object()
+                        if name in ("wandb", "mlflow") else real(name, *a))
+    for var in ("WANDB_MODE", "MLFLOW_TRACKING_URI"):  # recorded, so teardown restores it
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    report = train(_cfg(data, tmp_path / "r", report_to="wandb,mlflow", steps=3, eval_every=3))
+    init = next(kw for c, *rest in calls if c == "init" for kw in rest)
+    assert init["name"] == "r" and init["dir"] == str(tmp_path / "r")
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert [v["train/loss"] for c, s, v in (x for x in calls if x[0] == "wandb")
+            if "train/loss" in v] == pytest.approx(report["train_losses"])
+    assert ("uri", (tmp_path / "r" / "mlruns").resolve().as_uri()) in calls
+    mine = [(s, v) for c, run, s, k, v in (x for x in calls if x[0] == "mlflow")
+            if k == "train/loss"]
+    assert [s for s, _ in mine] == [1, 2, 3]
+    assert ("finish",) in calls and ("ended", "7-r") in calls

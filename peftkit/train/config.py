@@ -38,6 +38,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better --metric; 0 = never
     metric: str = "eval_loss"  # what best means: eval_loss, perplexity (lower); accuracy, macro_f1, exact_match (higher)
     keep: str = "auto"  # the adapter saved: best (evaluated) or last; auto = best with validation data
+    report_to: str = "none"  # run tracking: none, or tensorboard, wandb, mlflow (comma-separated)
     exact_match_max: int = 64  # validation examples scored by greedy generation (causal LM)
     # method hyperparameters (see peftkit.methods.config for their sources)
     rank: int = 8  # LoRA/DoRA rank r (Hu et al. 2021 §7.2: 1-8 often suffice)
@@ -80,6 +81,8 @@ class TrainConfig:
         typed_options(asdict(self), flag)
         if not self.data:
             raise PeftkitError("no training data: give --data FILE")
+        from peftkit.train.tracking import trackers
+        trackers(self.report_to)  # a tracker asked for and not installed: said now
         self.placement()
         from peftkit.train.distributed import World, choose_strategy
         choose_strategy(self.strategy, self.method, World(size=max(self.nproc, 2)))

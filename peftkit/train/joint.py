@@ -39,7 +39,7 @@ from peftkit.train.build import Trainee, adapter_config, quant_for
 from peftkit.train.config import TrainConfig, typed_options
 from peftkit.train.evaluate import evaluate_run
 from peftkit.train.examples import check_context, examples_for
-from peftkit.train.loop import RunLoop, Tenant, loss_terms
+from peftkit.train.loop import RunLoop, Tenant, clip, loss_terms
 from peftkit.train.report import Meter, peak_rss_bytes
 from peftkit.train.run_dir import claim
 
@@ -265,8 +265,7 @@ class JointTrainer(RunLoop):
             own = t.trainee.params
             for (p, idx), param in zip(self.views[t.trainee.slot], own):
                 param.grad = p.grad[idx].clone()
-            if t.cfg.clip:
-                torch.nn.utils.clip_grad_norm_(own, t.cfg.clip)
+            t.grad_norm = clip(own, t.cfg.clip, t.tracker is not None)
             t.opt.step()
             if not t.meter.state_bytes:
                 t.meter.measure_state(t.trainee, t.opt)

@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ from peftkit.train.build import Trainee
 from peftkit.train.checkpoint import complete, load_checkpoint, recover, save_checkpoint
 from peftkit.train.config import METRIC_TASKS, METRICS, TrainConfig, default_lr
 from peftkit.train.distributed import World, any_rank, full, shard_like
-from peftkit.train.report import Meter, write_report
+from peftkit.train.report import Meter, memory_mib, write_report
+from peftkit.train.tracking import Tracker, trackers
 from peftkit.train.run_dir import resume_changes, save_run, write_config
 
 
@@ -48,6 +49,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig, peak: float) -> float:
 def total_steps(cfg: TrainConfig, examples: int, global_batch: int) -> int:
     """--steps, or --epochs over the examples in global batches."""
     return cfg.steps or max(1, math.ceil(cfg.epochs * math.ceil(examples / global_batch)))
+
+
+def clip(params: list, max_norm: float, measure: bool = False) -> torch.Tensor | None:
+    """Clip the gradients to `max_norm` (0: off); their norm before clipping, when clipped or
+    `measure`d (run tracking)."""
+    if not max_norm and not measure:
+        return None
+    return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)  # read when tracked
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
@@ -93,6 +102,8 @@ class Tenant:
     best_params: list | None = None  # its trainable tensors (whole, on the CPU)
     since_best: int = 0  # evaluations since, for --patience
     stopped: str | None = None  # why training ended before its last step (early stopping)
+    grad_norm: torch.Tensor | None = None  # the last step's gradient norm (before clipping)
+    tracker: Tracker | None = None  # --report-to: its series (rank 0)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -141,6 +152,9 @@ class RunLoop:
         t.eval_every = cfg.eval_every or math.ceil(len(t.train_ex) / t.global_batch)
         if self.world.main:
             write_config(t.out, cfg, t.trainee.dtype)
+            names = trackers(cfg.report_to)
+            if names:
+                t.tracker = Tracker(names, t.out, t.name or t.out.name, asdict(cfg))
 
     def _check_selection(self, t: Tenant) -> None:
         """--patience, --metric and --keep against the run's task and data, before any step."""
@@ -247,10 +261,16 @@ class RunLoop:
                 for t, loss in zip(active, losses):
                     t.step += 1
                     t.losses.append(loss)
+                    if t.tracker is not None:  # (reading the norm waits for the device)
+                        self._track(t, "train", {
+                            "loss": loss, "lr": t.opt.param_groups[0]["lr"],
+                            "grad_norm": float(t.grad_norm), **memory_mib(t.trainee.device),
+                            "tokens_per_second": t.meter.tokens_per_second()})
                     if t.step % t.eval_every == 0 and t.step < t.total:  # the last after saving
                         t.history.append({"step": t.step, "train_loss": loss,
                                           **self._evaluate(t)})
                         self._observe(t, t.history[-1])
+                        self._track(t, "eval", t.history[-1])
                         if self.world.main:
                             bar.write(f"{self._who(t)}step {t.step}: " + ", ".join(
                                 f"{k}={v:.4g}" for k, v in t.history[-1].items() if k != "step"))
@@ -285,10 +305,22 @@ class RunLoop:
         if any_rank(self.stop_signal is not None, self.world, first.device):
             for t in tenants:
                 t.save(self.world.main)
+                self._close_tracker(t)
             raise TrainingInterrupted(self._stopped(tenants))
         for t in tenants:
             if t.cfg.save_every and t.step % t.cfg.save_every == 0 and 0 < t.step < t.total:
                 t.save(self.world.main)
+
+    def _track(self, t: Tenant, kind: str, values: dict) -> None:
+        if t.tracker is not None:
+            t.tracker.log(t.step, {f"{kind}/{k}": v for k, v in values.items()
+                                   if k not in ("step", "train_loss") and v is not None})
+
+    @staticmethod
+    def _close_tracker(t: Tenant) -> None:
+        if t.tracker is not None:
+            t.tracker.close()
+            t.tracker = None
 
     def _stopped(self, tenants: list[Tenant]) -> str:
         t = tenants[0]
@@ -325,6 +357,8 @@ class RunLoop:
             t.history.append({"step": t.step, "train_loss": t.losses[-1], **self._evaluate(t)})
             if t.val_ex:
                 self._observe(t, t.history[-1])
+                self._track(t, "eval", t.history[-1])
+        self._close_tracker(t)
         if t.keep == "best" and t.best_params is not None and t.best["step"] != t.step:
             with torch.no_grad():
                 for p, b in zip(t.trainee.params, t.best_params):

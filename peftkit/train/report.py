@@ -57,6 +57,15 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def memory_mib(device) -> dict[str, float]:
+    """Memory now, for run tracking: this process's RSS and, on CUDA, the device's peak."""
+    out = {"rss_mib": current_rss_bytes() / 2 ** 20}
+    peak = peak_device_bytes(device)
+    if peak is not None:
+        out["device_peak_mib"] = peak / 2 ** 20
+    return out
+
+
 def peak_rss_bytes() -> int:
     """This process's peak RSS. On Linux, VmHWM: getrusage's ru_maxrss survives exec, so a
     process started from a larger one (pytest, a notebook) would report its parent's peak."""

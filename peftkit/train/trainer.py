@@ -17,7 +17,7 @@ from peftkit.train.config import TrainConfig, default_lr
 from peftkit.train.distributed import choose_strategy, join, leave, no_sync, wrap
 from peftkit.train.evaluate import evaluate_run
 from peftkit.train.examples import check_context, check_val_data, examples_for
-from peftkit.train.loop import RunLoop, Tenant, loss_terms
+from peftkit.train.loop import RunLoop, Tenant, clip, loss_terms
 from peftkit.train.probe import FeatureCache
 from peftkit.train.run_dir import claim
 
@@ -155,8 +155,7 @@ class Trainer(RunLoop):
             loss.backward()
             step_loss += loss.item() / world.size  # this rank's share of the mean
         step_loss = sum_over(step_loss, world, tr.device)
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(tr.params, cfg.clip)
+        t.grad_norm = clip(tr.params, cfg.clip, t.tracker is not None)
         t.opt.step()
         if not t.meter.state_bytes:
             t.meter.measure_state(tr, t.opt)
