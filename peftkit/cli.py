@@ -366,6 +366,7 @@ def cmd_data_check(args) -> int:
     tokenizer = load_base(args.model).tokenizer
     tok = tokenize(ds, tokenizer, max_length=args.max_length)
     print(f"file:       {ds.path}")
+    print(f"format:     {ds.container}")
     print(f"kind:       {ds.kind}")
     print(f"records:    {len(ds.records)}" + (f" ({ds.skipped} invalid skipped)" if ds.skipped else ""))
     print(f"tokens:     {tok.tokens} ({args.model} tokenizer)")

@@ -54,8 +54,8 @@ MALFORMED = [
     ('{"text": "a", "label": null}\n', "label missing (field 'label' is empty)"),
     ('{"text": "a", "label": [1]}\n', "field 'label' must be a string or integer, got list"),
     ('{"label": "pos"}\n', "missing field 'text'"),
-    ('{"foo": 1}\n', "no known fields (expected 'messages', 'prompt'+'completion', 'text' or "
-                     "'text'+'label'); got ['foo']"),
+    ('{"foo": 1}\n', "no known fields (expected 'messages', 'conversations', 'instruction'+"
+                     "'output', 'prompt'+'completion', 'text' or 'text'+'label'); got ['foo']"),
 ]
 
 

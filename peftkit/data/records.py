@@ -2,9 +2,13 @@
 
 Formats users already have:
   JSONL  {"messages": [{"role", "content"}, ...]}   OpenAI chat fine-tuning
+         {"instruction", "input"?, "output"}          Alpaca (-> a user and an assistant turn)
+         {"conversations": [{"from", "value"}, ...]} ShareGPT (-> chat turns)
          {"prompt": ..., "completion": ...}          prompt/completion
          {"text": ...}                               plain text
-         {"text": ..., "label": ...}                 classification
+         {"text": ..., "label": ...}                 classification (label: int or string)
+  The same objects as a JSON array (.json), or as the rows of a Parquet or Arrow file or a
+  Hugging Face datasets `save_to_disk` directory (data/columnar.py; errors say FILE:row N).
   CSV/TSV with a header row: a text column and, for classification, a label column.
 Field names for text and label are configurable. One file holds one kind of record.
 
@@ -19,7 +23,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit.data.columnar import COLUMNAR, is_hf_dataset_dir, json_array_objects, table_objects
 from peftkit.errors import DataError, PeftkitError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 
 ROLES = ("system", "user", "assistant")
 # Integer labels are class ids only below this; beyond, they are names (a stray 99999999999
@@ -50,6 +57,7 @@ class Dataset:
     path: Path
     kind: str
     records: list[Record]
+    container: str = "jsonl"  # jsonl, json, csv, tsv, parquet, arrow, datasets directory
     skipped: int = 0
     label_names: list[str] = field(default_factory=list)  # index = label id
     problems: list[str] = field(default_factory=list)  # `FILE:LINE: reason` of each skipped
@@ -75,29 +83,43 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
         raise PeftkitError(f"--max-record-mb: must be > 0, got {max_record_mb}")
     limit = int(max_record_mb * 2**20)
     path = Path(path)
-    if path.is_dir():
-        raise PeftkitError(f"{path}: is a directory; give a .jsonl, .csv or .tsv file")
-    if not path.is_file():
-        raise PeftkitError(f"dataset not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    where = str  # how a record's place is written after FILE: a line number, or "row N"
+    if path.is_dir():
+        if not is_hf_dataset_dir(path):
+            raise PeftkitError(f"{path}: is a directory; give a {', '.join(SUFFIXES)} file or "
+                               "a datasets save_to_disk directory")
+        container = "datasets directory"
+    elif not path.is_file():
+        raise PeftkitError(f"dataset not found: {path}")
+    elif suffix not in SUFFIXES:
+        raise PeftkitError(f"{path}: unknown dataset format '{suffix}' (use "
+                           f"{', '.join(SUFFIXES)}, or a datasets save_to_disk directory)")
+    else:
+        container = suffix[1:]
+    if path.is_dir() or suffix in COLUMNAR:
+        rows = ((n, _catch(_record_from_object, obj, n, text_field, label_field))
+                for n, obj in table_objects(path))
+        where = "row {}".format
+    elif suffix == ".json" and _starts_array(path):
+        container = "json array"
+        rows = _json_array_rows(path, text_field, label_field, limit)
+    elif suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(path, text_field, label_field, limit)
-    elif suffix in (".csv", ".tsv"):
+    else:
         rows = _table_rows(path, text_field, label_field, "\t" if suffix == ".tsv" else ",",
                            limit)
-    else:
-        raise PeftkitError(f"{path}: unknown dataset format '{suffix}' (use .jsonl, .csv or .tsv)")
 
     records, problems, kind = [], [], None
     for line, parsed in rows:
         if isinstance(parsed, _Invalid):
-            problems.append(f"{path}:{line}: {parsed}")
+            problems.append(f"{path}:{where(line)}: {parsed}")
             continue
         if kind is None:
             kind = parsed.kind
         elif parsed.kind != kind:
-            problems.append(f"{path}:{line}: a {parsed.kind} record, but this file's records are "
-                            f"{kind} (one kind per file)")
+            problems.append(f"{path}:{where(line)}: a {parsed.kind} record, but this file's "
+                            f"records are {kind} (one kind per file)")
             continue
         records.append(parsed)
     if problems and not skip_invalid:
@@ -105,7 +127,7 @@ def load_dataset(path: str | Path, text_field: str = "text", label_field: str = 
     if not records:
         raise PeftkitError(f"{path}: no valid records")
     labels = _label_names(records) if kind == "classification" else []
-    return Dataset(path, kind, records, skipped=len(problems), label_names=labels,
+    return Dataset(path, kind, records, container, skipped=len(problems), label_names=labels,
                    problems=problems)
 
 
@@ -173,6 +195,26 @@ def _jsonl_rows(path: Path, text_field: str, label_field: str, limit: int):
         yield line_no, _catch(_record_from_object, obj, line_no, text_field, label_field)
 
 
+def _starts_array(path: Path) -> bool:
+    """A .json file holding one JSON array (Alpaca's own files) rather than JSON lines."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _json_array_rows(path: Path, text_field: str, label_field: str, limit: int):
+    if path.stat().st_size > max(limit, 1) * 64:
+        yield 1, _Invalid(f"a JSON array of {path.stat().st_size / 2**20:.0f} MB is read whole; "
+                          "over 64 x --max-record-mb (write it as JSON lines)")
+        return
+    text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    for line, obj in json_array_objects(path, text, _Invalid):
+        if isinstance(obj, _Invalid):
+            yield line, obj
+            continue
+        yield line, _catch(_record_from_object, obj, line, text_field, label_field)
+
+
 def _table_rows(path: Path, text_field: str, label_field: str, delimiter: str, limit: int):
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     csv.field_size_limit(limit)  # a longer field is a csv.Error, reported at its line
@@ -230,6 +272,10 @@ def _record_from_object(obj, line: int, text_field: str, label_field: str) -> Re
         raise _Invalid(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         return Record("chat", line, messages=_messages(obj["messages"]))
+    if "conversations" in obj:  # ShareGPT
+        return Record("chat", line, messages=_messages(_sharegpt(obj)))
+    if "instruction" in obj and "output" in obj:  # Alpaca
+        return Record("chat", line, messages=_messages(_alpaca(obj)))
     if "prompt" in obj or "completion" in obj:
         prompt = _string(obj, "prompt", allow_empty=True)
         return Record("prompt_completion", line, prompt=prompt,
@@ -247,8 +293,43 @@ def _record_from_object(obj, line: int, text_field: str, label_field: str) -> Re
         return Record("classification", line, text=_string(obj, text_field), label=label)
     if text_field in obj:
         return Record("text", line, text=_string(obj, text_field))
-    raise _Invalid(f"no known fields (expected 'messages', 'prompt'+'completion', "
-                   f"'{text_field}' or '{text_field}'+'{label_field}'); got {sorted(obj)}")
+    raise _Invalid(f"no known fields (expected 'messages', 'conversations', 'instruction'+"
+                   f"'output', 'prompt'+'completion', '{text_field}' or "
+                   f"'{text_field}'+'{label_field}'); got {sorted(obj)[:8]}")
+
+
+def _alpaca(obj: dict) -> list[dict]:
+    """Alpaca's instruction (and input, after a blank line) as the user's turn, its output as
+    the assistant's (as LLaMA-Factory and axolotl render it); `system` when present."""
+    instruction = _string(obj, "instruction")
+    extra = _string(obj, "input", allow_empty=True) if obj.get("input") is not None else ""
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    system = [{"role": "system", "content": _string(obj, "system", allow_empty=True)}] \
+        if obj.get("system") else []
+    return system + [{"role": "user", "content": user},
+                     {"role": "assistant", "content": _string(obj, "output")}]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant"}
+
+
+def _sharegpt(obj: dict) -> list[dict]:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise _Invalid("field 'conversations' must be a non-empty list")
+    out = [{"role": "system", "content": obj["system"]}] if isinstance(obj.get("system"), str) \
+        and obj["system"].strip() else []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise _Invalid(f"{where} must be an object, got {type(turn).__name__}")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise _Invalid(f"{where}.from: unknown speaker {turn.get('from')!r} (expected one "
+                           f"of {', '.join(SHAREGPT_ROLES)})")
+        out.append({"role": role, "content": turn.get("value")})
+    return out
 
 
 def _string(obj: dict, key: str, allow_empty: bool = False) -> str:

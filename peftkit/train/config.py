@@ -15,7 +15,7 @@ METHODS = ("full", "probe", "lora", "qlora", "dora", "ia3", "prefix", "prompt", 
 @dataclass
 class TrainConfig:
     model: str = "smollm2-135m"  # alias (peftkit models), HF directory or .gguf file
-    data: str = ""  # training file: .jsonl (chat, prompt/completion, text, text+label), .csv, .tsv
+    data: str = ""  # training data: .jsonl/.json (chat, Alpaca, ShareGPT, prompt/completion, text, text+label), .csv, .tsv, .parquet, .arrow, a datasets directory
     method: str = "lora"  # how to adapt: full, probe (frozen body + head) or a PEFT method
     output: str = "runs/latest"  # run directory: adapter/, report.json, checkpoint/
     task: str = "auto"  # "causal-lm" | "classify" | "auto" (classify when records carry labels)
