@@ -114,8 +114,8 @@ class AdaptedModel(nn.Module):
         return self.slot_names.index(name)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, slots=None, **kw):
-        if attention_mask is None and input_ids is not None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None and input_ids is not None and "position_ids" not in kw:
+            attention_mask = torch.ones_like(input_ids)  # (packed rows bring positions instead)
         self.router.slots = slots
         try:
             if self.virtual is not None and self.router.enabled:

@@ -47,3 +47,48 @@ def collate(examples: list[Example], pad_id: int, device=None) -> dict[str, torc
             labels[row, :len(e.labels)] = torch.tensor(e.labels, device=cpu)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return batch if device is None else {k: v.to(device) for k, v in batch.items()}
+
+
+def pack(examples: list[Example], width: int, pad_id: int, attn: str, dtype=torch.float32,
+         device=None) -> dict[str, torch.Tensor]:
+    """Examples laid end to end in rows of at most `width` tokens (first fit, in draw order).
+    Each keeps its own positions (from 0) and attends only to itself, causally: a block-
+    diagonal mask, boolean for sdpa, additive in `dtype` for eager attention, none for flash
+    attention (its varlen kernels read the restarting positions). An example's first label is
+    IGNORE, as the shift drops it in a row of its own, so the loss is the unpacked rows' loss."""
+    rows, used = [], []
+    for e in examples:
+        fit = next((r for r, n in enumerate(used) if n + len(e.input_ids) <= width), None)
+        if fit is None:
+            rows.append([])
+            used.append(0)
+            fit = len(rows) - 1
+        rows[fit].append(e)
+        used[fit] += len(e.input_ids)
+    cpu, length = torch.device("cpu"), max(used)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=cpu)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=cpu)
+    positions = torch.zeros((len(rows), length), dtype=torch.long, device=cpu)
+    segment = torch.full((len(rows), length), -1, dtype=torch.long, device=cpu)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, e in enumerate(row):
+            n = len(e.input_ids)
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1:at + n] = torch.tensor(e.labels[1:n])
+            positions[r, at:at + n] = torch.arange(n)
+            segment[r, at:at + n] = k
+            at += n
+        positions[r, at:] = torch.arange(length - at)  # padding: a run of its own
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    if attn != "flash_attention_2":
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        pad = segment < 0
+        allowed = (same & causal & ~pad[:, :, None]) | torch.eye(length, dtype=torch.bool)
+        mask = allowed[:, None] if attn == "sdpa" else torch.zeros(
+            allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        batch["attention_mask"] = mask
+    batch = batch if device is None else {k: v.to(device) for k, v in batch.items()}
+    batch["tokens"] = sum(used)
+    return batch

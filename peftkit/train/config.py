@@ -31,6 +31,7 @@ class TrainConfig:
     clip: float = 1.0  # max gradient norm; 0 = off
     seed: int = 0  # data order, split and adapter initialisation
     max_length: int = 256  # tokens per example; longer ones are truncated
+    packing: bool = False  # several examples per row of --max-length tokens, each attending only to itself
     val_data: str = ""  # validation file; empty = hold out --val-split of the data
     val_split: float = 0.1  # fraction held out for validation when --val-data is empty
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch and at the end

@@ -116,6 +116,9 @@ class JointTrainer(RunLoop):
             if cfg.method not in JOINT_METHODS:
                 raise PeftkitError(f"{where}: joint training shares one LoRA stack (lora, "
                                    f"qlora, dora); --method {cfg.method} trains alone")
+            if cfg.packing:
+                raise PeftkitError(f"{where}: packing: true packs one run's rows; joint rows "
+                                   "are each a tenant's own (drop packing)")
             if (cfg.method == "qlora") != (first.method == "qlora"):
                 raise PeftkitError(f"{where}: qlora quantizes the shared base; every tenant "
                                    "must then be qlora")

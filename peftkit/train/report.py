@@ -123,6 +123,7 @@ def write_report(out: Path, t, meter: Meter, history: list[dict], losses: list[f
         "feature_seconds": meter.feature_seconds,
         "train_loop_seconds": meter.loop_seconds,
         "tokens_per_second": meter.tokens_per_second(),
+        "trained_tokens": meter.tokens,  # real (unpadded) tokens through the training steps
         **{k: v for k, v in data.items() if k != "kept_metrics"},
         # what the saved outputs score: the kept (best) evaluation, else the last one
         "metrics": data.get("kept_metrics") or {k: v for k, v in (history[-1] if history
