@@ -59,6 +59,10 @@ def cmd_train(args) -> int:
                         if isinstance(v, float))
     print(f"{cfg.method}: {report['trainable_params']:,d} trainable params "
           f"({report['trainable_percent']:.3f}%), {report['wall_seconds']:.1f} s; {metrics}")
+    if report.get("best") and report.get("kept") == "best":
+        b = report["best"]
+        print(f"saved the best evaluation: step {b['step']} ({b['metric']} {b['value']:.4g})"
+              + (f"; {report['stopped']}" if report.get("stopped") else ""))
     print(f"outputs: {', '.join(report['paths'].values())}")
     return 0
 
