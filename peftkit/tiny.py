@@ -9,13 +9,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import BertConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from peftkit.data.templates import CHATML
+
 SEED = 1234
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 LLAMA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -38,7 +34,7 @@ def tiny_llama_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    tok.chat_template = CHATML_TEMPLATE
+    tok.chat_template = CHATML
     return tok
 
 

@@ -131,3 +131,44 @@ def test_data_check_names_the_container_and_training_reads_it(tmp_path, capsys):
     report = train(TrainConfig(model="tiny-llama", data=str(path), method="lora", steps=2,
                                batch_size=4, val_split=0.0, output=str(tmp_path / "run")))
     assert len(report["train_losses"]) == 2
+
+
+@pytest.fixture
+def bare_base(family_models, tmp_path):
+    """A Llama directory whose tokenizer has no chat template (a base model's)."""
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(family_models["llama"], bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    return bare
+
+
+def test_a_base_without_a_chat_template_takes_one(bare_base, write, tmp_path, capsys):
+    data = write("chat.jsonl", ALPACA * 3)
+    args = ["train", "--model", str(bare_base), "--data", str(data), "--steps", "1",
+            "--val-split", "0", "--batch-size", "3"]
+    assert main(args + ["--output", str(tmp_path / "none")]) == 2
+    assert "give --chat-template chatml" in capsys.readouterr().err
+    bad = write("broken.jinja", "{% for m in messages %}{{ m['content'] }")
+    assert main(args + ["--output", str(tmp_path / "bad"), "--chat-template", str(bad)]) == 2
+    assert "not a usable Jinja chat template" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert main(args + ["--output", str(tmp_path / "run"), "--chat-template", "chatml"]) == 0
+    from peftkit.data.templates import CHATML
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == CHATML
+    from peftkit.train.run_dir import load_run
+    loaded = load_run(str(bare_base), tmp_path / "run")  # eval and generate render as trained
+    assert loaded.base.tokenizer.chat_template == CHATML
+
+
+def test_serve_takes_the_template_its_adapters_trained_with(bare_base, tmp_path):
+    from peftkit.data.templates import ZEPHYR
+    from peftkit.serve.config import ServeConfig
+    from peftkit.serve.server import Server
+    (tmp_path / "adapters").mkdir()
+    server = Server(ServeConfig(base=str(bare_base), chat_template="zephyr", max_loaded=1,
+                                max_rank=4, device="cpu", adapters=str(tmp_path / "adapters")))
+    assert server.base.tokenizer.chat_template == ZEPHYR

@@ -85,7 +85,8 @@ def _chat_example(messages: list[dict], tokenizer) -> tuple[list[int], list[int]
     """Render with the tokenizer's chat template; label the characters of each assistant turn
     (its content and end-of-turn marker, not its role header) and map them to tokens."""
     if not getattr(tokenizer, "chat_template", None):
-        raise PeftkitError("tokenizer has no chat template; use prompt/completion records")
+        raise PeftkitError("tokenizer has no chat template; give --chat-template chatml (or "
+                           "zephyr, or a Jinja file), or use prompt/completion records")
     render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
     full = render(messages)
     spans = _assistant_spans(messages, render, full)

@@ -22,6 +22,7 @@ class ServeConfig:
     dtype: str = "auto"  # the base's precision (auto: bf16 on a GPU that has it, else fp32)
     adapter_dtype: str = "auto"  # the slots' precision, as vLLM's --lora-dtype (auto: the base's)
     attn: str = "auto"  # attention: auto (the model's own choice), sdpa, eager, flash_attention_2
+    chat_template: str = ""  # for a base without one: chatml, zephyr or a Jinja file (as trained)
     # Abuse limits: every request ends within request_timeout_s; bodies over max_body_mb get 413;
     # a tenant with tenant_max_inflight requests queued or running gets 429 (0 = no limit);
     # a request for a cold adapter waits up to slot_wait_s for a slot before its 429.

@@ -6,6 +6,7 @@ from collections import Counter
 import torch
 
 from peftkit.data import chat_ids
+from peftkit.data.templates import chat_template
 from peftkit.device import placement, resolve_dtype
 from peftkit.engine import Engine, Request, Sampling
 from peftkit.errors import PeftkitError
@@ -26,12 +27,15 @@ class Server:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         device, dtype, attn = placement(cfg.device, cfg.dtype, cfg.attn)
+        template = chat_template(cfg.chat_template) if cfg.chat_template else None
         if cfg.quantize not in (None, "nf4"):
             raise PeftkitError(f"--quantize: only nf4 is supported, got '{cfg.quantize}'")
         quant = QuantConfig(compute_dtype="bfloat16" if dtype == torch.bfloat16 else "float32") \
             if cfg.quantize == "nf4" else None
         self.base = load_base(cfg.base, task="causal-lm", quantize=quant, device=device,
                               dtype=dtype, attn=attn)
+        if template is not None:
+            self.base.tokenizer.chat_template = template
         self.name = cfg.base
         # All slots empty (identity) until an adapter is written into one.
         self.adapted = add_adapter(self.base.model, LoraConfig(r=cfg.max_rank, targets=cfg.targets),

@@ -31,6 +31,7 @@ class TrainConfig:
     clip: float = 1.0  # max gradient norm; 0 = off
     seed: int = 0  # data order, split and adapter initialisation
     max_length: int = 256  # tokens per example; longer ones are truncated
+    chat_template: str = ""  # for a base without one: chatml, zephyr, or a Jinja file
     packing: bool = False  # several examples per row of --max-length tokens, each attending only to itself
     val_data: str = ""  # validation file; empty = hold out --val-split of the data
     val_split: float = 0.1  # fraction held out for validation when --val-data is empty
@@ -84,6 +85,9 @@ class TrainConfig:
             raise PeftkitError("no training data: give --data FILE")
         from peftkit.train.tracking import trackers
         trackers(self.report_to)  # a tracker asked for and not installed: said now
+        if self.chat_template:  # a missing or broken template: said before any model loads
+            from peftkit.data.templates import chat_template
+            chat_template(self.chat_template)
         self.placement()
         from peftkit.train.distributed import World, choose_strategy
         choose_strategy(self.strategy, self.method, World(size=max(self.nproc, 2)))

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from peftkit.data import IGNORE
+from peftkit.data.templates import use_chat_template
 from peftkit.device import autocast
 from peftkit.errors import DataError, PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
@@ -44,7 +45,8 @@ from peftkit.train.report import Meter, peak_rss_bytes
 from peftkit.train.run_dir import claim
 
 JOINT_METHODS = ("lora", "qlora", "dora")
-SHARED = ("model", "device", "dtype", "max_length", "attn", "grad_checkpointing")  # one base
+SHARED = ("model", "device", "dtype", "max_length", "attn", "grad_checkpointing",
+          "chat_template")  # one base, one tokenizer
 
 
 def load_tenants(path: str) -> list[tuple[str, TrainConfig]]:
@@ -150,6 +152,8 @@ class JointTrainer(RunLoop):
         base = load_base(first.model, task="causal-lm", quantize=quant_for(first.method, dtype),
                          device=device, dtype=dtype, attn=attn)
         self.base, self.device = base, device
+        for cfg in self.cfgs:  # one base, one tokenizer: the first tenant's template for all
+            use_chat_template(base.tokenizer, first.chat_template, Path(cfg.output))
         if first.grad_checkpointing:  # shared: the base is one model
             base.model.gradient_checkpointing_enable()
             base.model.enable_input_require_grads()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit.data.templates import recorded_template
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir, load_adapter, save_adapter
@@ -27,13 +28,14 @@ from peftkit.train.heads import Head, SequenceClassifier
 CONFIG, ADAPTER, MODEL, HEAD = "config.json", "adapter", "model", "head.json"
 # everything a run writes into its directory (claim clears these, never other files)
 RUN_OUTPUTS = (CONFIG, ADAPTER, MODEL, HEAD, "head.safetensors", "report.json", "report.md",
-               "checkpoint", ".checkpoint-tmp", ".checkpoint-old", "joint_summary.json")
+               "checkpoint", ".checkpoint-tmp", ".checkpoint-old", "joint_summary.json",
+               "chat_template.jinja", "tensorboard")
 
 
 # what a resumed run must share with the run it continues (its length may change: a run is
 # often continued for longer; `resume_changes` says so)
 SAME_ON_RESUME = ("model", "data", "val_data", "method", "task", "batch_size", "grad_accum",
-                  "rank", "alpha", "targets", "seed", "max_length")
+                  "rank", "alpha", "targets", "seed", "max_length", "chat_template", "packing")
 LENGTH = ("steps", "epochs")
 
 
@@ -173,6 +175,7 @@ def load_run(model: str, path: str | Path | None, device="cpu",
         base = load_base(str(full_dir), task="causal-lm", **where)
         return Loaded(base, base.model, "causal-lm")
     base = load_base(model, task="causal-lm", quantize=quant, **where)
+    recorded_template(base.tokenizer, path)  # the template the run trained with, if its own
     if head_meta:  # causal-LM probe: the trained output head replaces the base's
         head, _ = Head.load(path, module_device(base.model))
         return Loaded(base, base.model, "causal-lm", head=head.eval())

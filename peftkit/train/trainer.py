@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit.data.templates import use_chat_template
 from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
 from peftkit.train.allocator import trim_between_layers
@@ -49,6 +50,8 @@ class Trainer(RunLoop):
         torch.manual_seed(cfg.seed)
         trainee = build(cfg, task, ds.label_names, self.device)
         self.attn = trainee.base.model.config._attn_implementation
+        use_chat_template(trainee.base.tokenizer, cfg.chat_template,
+                          self.out if self.world.main else None)
         train_ex, val_ex, val_records, truncated = examples_for(cfg, ds, trainee.base.tokenizer,
                                                                 task)
         check_context(cfg, trainee.base.model.config, train_ex + val_ex)
