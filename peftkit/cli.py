@@ -193,14 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a record (JSONL line, CSV field) over this many MB is a bad record")
     c.set_defaults(func=cmd_data_check)
 
-    s = sub.add_parser("export", help="adapters for another engine, checked first (vLLM)")
-    s.add_argument("--for", dest="engine", choices=["vllm"], required=True,
-                   help="the engine: vllm (LoRA/rsLoRA; prints the `vllm serve` command)")
+    s = sub.add_parser("export", help="a run for another engine, checked first (vLLM, merged)")
+    s.add_argument("--for", dest="engine", choices=["vllm", "merged"], required=True,
+                   help="vllm: adapters (LoRA/rsLoRA) and the `vllm serve` command; merged: one "
+                        "run folded into its base, a plain Hugging Face model directory")
     s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
                    help="adapter or `peftkit train` run directories, then OUT")
-    s.add_argument("--base", help="the model vLLM serves them on (default: the adapters' base)")
+    s.add_argument("--base", help="the base model (default: the one the run or adapter names)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="merged: the precision the merged weights are written in")
     s.add_argument("--overwrite", action="store_true",
-                   help="replace adapters of the same name already in OUT")
+                   help="replace what OUT already holds under the same name")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="the main job: five customers, one base, one server")
@@ -382,6 +385,14 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
+    if args.engine == "merged":
+        from peftkit.merged import export_run
+        if len(sources) != 1:
+            raise PeftkitError("--for merged: give one run (or adapter) directory, then OUT")
+        done = export_run(sources[0], out, args.dtype, args.base, args.overwrite)
+        print(f"wrote {done['output']}: {done['method']} {done['merge']}; load it with "
+              f"transformers.AutoModelForCausalLM.from_pretrained({done['output']!r})")
+        return
     command = export_vllm(sources, out, args.base, args.overwrite)
     print(f"wrote {len(sources)} adapter(s) under {out}; serve them with:\n{command}")
 

@@ -134,7 +134,7 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
         shutil.copyfile(directory / WEIGHTS_NAME, fresh / WEIGHTS_NAME, follow_symlinks=True)
         (fresh / CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": base},
                                                     indent=2))
-        _replace(fresh, target / name)
+        replace_dir(fresh, target / name)
     rank = max(cfg["r"] for *_, cfg in checked)
     max_rank = next(r for r in VLLM_MAX_RANKS if r >= rank)
     modules = [f"{name}={(target / name).resolve()}" for name in names]
@@ -153,7 +153,7 @@ def _named_base(path: Path) -> str | None:
     return raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
 
 
-def _replace(fresh: Path, dst: Path) -> None:
+def replace_dir(fresh: Path, dst: Path) -> None:
     """Move `fresh` to `dst`; what was at `dst` is removed, a link as a link (its target is
     never touched)."""
     if dst.is_symlink() or dst.is_file():

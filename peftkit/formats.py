@@ -323,36 +323,3 @@ def _check_shape(where: Path, key: str, expected: tuple, t: torch.Tensor) -> Non
     if tuple(t.shape) != tuple(expected):
         raise PeftkitError(f"{where}: shape mismatch for {key}: expected {tuple(expected)}, "
                            f"got {tuple(t.shape)}")
-
-
-def export_merged(adapted: AdaptedModel, directory: str | Path, tokenizer=None,
-                  slot: int = 0) -> dict[str, torch.Tensor]:
-    """Write a plain full-precision HF model directory with `slot` folded into the weights.
-    Works on NF4 bases too (dequantize -> add -> write). Returns the merged state dict."""
-    from accelerate import init_empty_weights
-
-    from peftkit.quant import dequantized_state_dict
-
-    if adapted.virtual is not None:
-        raise PeftkitError(f"{adapted.config.peft_type} adds tokens and cannot be merged")
-    model = adapted.model
-    dense = dequantized_state_dict(model)
-    for name, layer in adapted.adapted_layers().items():
-        dense.update({f"{name}.{k}": layer.stored(v) if k == "weight" else v
-                      for k, v in layer.merged_params(slot).items()})
-    config = type(model.config).from_dict(model.config.to_dict())
-    if hasattr(config, "peftkit_quantization"):
-        del config.peftkit_quantization
-    with init_empty_weights(include_buffers=False):
-        plain = type(model)(config)
-    wanted = plain.state_dict().keys()
-    plain.load_state_dict({k: dense[k].detach().float().contiguous() for k in wanted if k in dense},
-                          strict=False, assign=True)
-    plain.tie_weights()
-    missing = [n for n, p in plain.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise PeftkitError(f"cannot export: no weights for {missing[:3]}")
-    plain.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return plain.state_dict()

@@ -3,6 +3,7 @@
 
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from peftkit.tiny import tiny_llama_tokenizer
@@ -45,6 +46,7 @@ def family_config(family: str):
 def build_family(family: str, directory: Path) -> Path:
     """A saved random-weight model of `family` with the tiny byte-level tokenizer."""
     auto = AutoModel if family in ENCODERS else AutoModelForCausalLM
+    torch.manual_seed(sum(map(ord, family)))  # the same weights whatever ran before
     auto.from_config(family_config(family)).save_pretrained(directory)
     tiny_llama_tokenizer().save_pretrained(directory)
     return directory

@@ -9,7 +9,8 @@ import peft
 import pytest
 import torch
 
-from peftkit.formats import export_merged, load_adapter, load_adapters, save_adapter
+from peftkit.formats import load_adapter, load_adapters, save_adapter
+from peftkit.merged import export_merged
 from peftkit.generation import generate_ids
 from peftkit.methods import IA3Config, LoraConfig, add_adapter
 from peftkit.models import load_base, peek_config
@@ -102,7 +103,10 @@ def test_batched_decoding_gives_transformers_greedy_tokens(family, family_models
                                   max_new_tokens=6, do_sample=False,
                                   pad_token_id=base.tokenizer.pad_token_id)
         want = out[0, len(prompt):].tolist()
-        assert tokens == want[:len(tokens)] and len(tokens) >= 1, (family, tokens, want)
+        eos = base.tokenizer.eos_token_id
+        want = want[:want.index(eos)] if eos in want else want  # peftkit leaves EOS out
+        assert tokens == want, (family, tokens, want)
+    assert sum(map(len, got)) >= 6, got  # the seeded models do generate
 
 
 @pytest.mark.parametrize("family", DECODERS + OUTSIDE + ENCODERS)

@@ -209,7 +209,7 @@ def test_export_merged_is_a_plain_hf_model(method, tmp_path):
     randomize(adapted)
     ids = batch()
     want = logits(adapted, ids)
-    from peftkit.formats import export_merged
+    from peftkit.merged import export_merged
     export_merged(adapted, tmp_path, base.tokenizer)
     plain = load_base(str(tmp_path))
     assert type(plain.model).__name__ == "LlamaForCausalLM"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import export_merged, load_adapter, load_adapters, save_adapter
+from peftkit.formats import load_adapter, load_adapters, save_adapter
+from peftkit.merged import export_merged
 from peftkit.methods import IA3Config, LoraConfig, add_adapter
 from peftkit.models import load_base
 from peftkit.quant import QuantConfig, quantize_model, quantize_tensor, save_quantized

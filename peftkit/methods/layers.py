@@ -166,7 +166,8 @@ class FrozenLinear(nn.Module):
     def set_dense_weight(self, w: torch.Tensor) -> None:
         from peftkit.errors import PeftkitError
         if self.quant_state is not None:
-            raise PeftkitError("cannot merge into a 4-bit base in place; export a dense copy with formats.export_merged()")
+            raise PeftkitError("cannot merge into a 4-bit base in place; export a dense copy with "
+                               "merged.export_merged() (`peftkit export --for merged`)")
         self.weight.data.copy_(w.t() if self.transposed else w)
 
     def stored(self, w: torch.Tensor) -> torch.Tensor:
