@@ -1,6 +1,8 @@
 """Command-line flags made from the things they set: a dataclass's fields become options (its
 field comments their help), and the placement flags every model-loading command shares."""
 
+import argparse
+
 
 def add_placement(s) -> None:
     """--device / --dtype / --attn, as `peftkit train` has them (TrainConfig's fields)."""
@@ -55,3 +57,14 @@ def field_docs(cls) -> dict[str, str]:
     pattern = re.compile(r"^\s+(\w+): [^=]+= .*?#\s*(.+)$")
     return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
             if (m := pattern.match(line))}
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1 (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
