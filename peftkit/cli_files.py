@@ -30,9 +30,12 @@ def add_data_parser(sub) -> None:
 
 def add_export_parser(sub) -> None:
     s = sub.add_parser("export", help="a run for another engine, checked first (vLLM, merged)")
-    s.add_argument("--for", dest="engine", choices=["vllm", "merged"], required=True,
+    s.add_argument("--for", dest="engine", choices=["vllm", "merged", "gguf"], required=True,
                    help="vllm: adapters (LoRA/rsLoRA) and the `vllm serve` command; merged: one "
-                        "run folded into its base, a plain Hugging Face model directory")
+                        "run folded into its base, a plain Hugging Face model directory; gguf: "
+                        "that merged model as one GGUF file for llama.cpp (Llama architecture)")
+    s.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"],
+                   help="gguf: the weights' type (norms stay f32)")
     s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
                    help="adapter or `peftkit train` run directories, then OUT")
     s.add_argument("--base", help="the base model (default: the one the run or adapter names)")
@@ -74,6 +77,14 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
+    if args.engine == "gguf":
+        from peftkit.gguf_export import export_gguf
+        if len(sources) != 1:
+            raise PeftkitError("--for gguf: give one run (or adapter) directory, then OUT")
+        done = export_gguf(sources[0], out, args.gguf_type, args.base, args.overwrite)
+        print(f"wrote {done['output']}: {done['method']} {done['merge']}, as GGUF "
+              f"{done['gguf']}; run it with llama.cpp: llama-cli -m {done['output']}")
+        return
     if args.engine == "merged":
         from peftkit.merged import export_run
         if len(sources) != 1:

@@ -100,8 +100,9 @@ def export_run(run: str, out: str, dtype: str = "float32", model: str | None = N
             how = ("folded into the NF4 base's dequantized weights (what the adapter trained "
                    f"against), then cast to {dtype}" if method == "qlora" else
                    f"folded in float32, then cast to {dtype}")
+        architecture = _json(fresh / "config.json").get("model_type")
         report = {"source": str(src), "base": base, "method": method, "dtype": dtype,
-                  "merge": how}
+                  "merge": how, "architecture": architecture}
         (fresh / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         replace_dir(fresh, target)
     except BaseException:

@@ -1,0 +1,163 @@
+"""`peftkit export --for gguf`: a merged run as one GGUF file for llama.cpp (and Ollama), written
+with the `gguf` package's writer in llama.cpp's own layout: its tensor names (gguf's name map),
+Q and K rows permuted for its rotary embedding (convert_hf_to_gguf's `LlamaModel.permute`), its
+metadata keys, and the byte-level BPE tokenizer (tokens, types, merges, special ids, chat
+template). Weights as f16, or q8_0 where a row splits into 32-value blocks; norms stay f32.
+
+Families: the Llama architecture (llama, mistral: llama.cpp reads both as `llama`), with a
+byte-level BPE tokenizer (SmolLM2's, Llama 3's). Others are refused by name.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftkit.errors import PeftkitError
+
+ARCHS = ("llama", "mistral")
+TYPES = ("f16", "q8_0")
+NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
+
+
+def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
+    """`model` (a plain transformers causal LM, merged) and its tokenizer as one GGUF file."""
+    import gguf
+
+    config = model.config
+    if config.model_type not in ARCHS:
+        raise PeftkitError(f"--for gguf: {config.model_type} is not written here (the Llama "
+                           f"architecture only: {', '.join(ARCHS)}); use --for merged")
+    if kind not in TYPES:
+        raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(str(getattr(config, "_name_or_path", "") or path.stem))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(_rope_theta(config)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else
+                         gguf.LlamaFileType.MOSTLY_Q8_0)
+    _tokenizer(writer, tokenizer, config.vocab_size)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    state = model.state_dict()
+    tied = getattr(config, "tie_word_embeddings", False)
+    for key, tensor in state.items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reads a tied head from token_embd
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise PeftkitError(f"--for gguf: no llama.cpp name for tensor {key}")
+        data = tensor.detach().float()
+        if key.endswith("self_attn.q_proj.weight"):
+            data = _permute(data, heads, heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            data = _permute(data, heads, kv)
+        _add(writer, gguf, name, data.numpy(), kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _permute(w: torch.Tensor, heads: int, kv: int) -> torch.Tensor:
+    """llama.cpp's rotary layout for Q and K rows (convert_hf_to_gguf: LlamaModel.permute)."""
+    if kv != heads:
+        heads = kv
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def _add(writer, gguf, name: str, data: np.ndarray, kind: str) -> None:
+    if data.ndim == 1 or name.endswith("_norm.weight"):
+        writer.add_tensor(name, data.astype(np.float32))
+    elif kind == "q8_0" and data.shape[-1] % 32 == 0:
+        packed = gguf.quants.quantize(data.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, packed, raw_shape=packed.shape,
+                          raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+
+
+def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("pre_tokenizer") or {}).get("type") not in (
+            "ByteLevel", "Sequence"):
+        raise PeftkitError("--for gguf: writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, "
+                           f"Llama 3); this one is {model.get('type')}")
+    vocab = tokenizer.get_vocab()
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [UNUSED] * vocab_size
+    special = set(tokenizer.all_special_ids)
+    for token, i in vocab.items():
+        if i < vocab_size:
+            tokens[i] = token
+            types[i] = CONTROL if i in special else NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                        ("pad", tokenizer.pad_token_id)):
+        if value is not None:
+            getattr(writer, f"add_{kind}_token_id")(value)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
+                overwrite: bool = False) -> dict:
+    """A run merged into its base (merged.export_run, float32), then written as
+    `OUT/model-<kind>.gguf` beside the export report; OUT is written fresh and renamed."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.export import replace_dir
+    from peftkit.merged import REPORT, export_run
+
+    if kind not in TYPES:
+        raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
+    target = Path(out)
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise PeftkitError(f"{target}: exists; remove it, choose another OUT, or give "
+                           "--overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        merged = export_run(run, str(work / "merged"), "float32", model)
+        if merged.get("architecture") not in ARCHS:
+            raise PeftkitError(f"--for gguf: {merged.get('architecture')} is not written here "
+                               f"(the Llama architecture only: {', '.join(ARCHS)}); use "
+                               "--for merged")
+        plain = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
+        tokenizer = AutoTokenizer.from_pretrained(work / "merged")
+        fresh = work / "out"
+        fresh.mkdir()
+        write_gguf(plain, tokenizer, fresh / f"model-{kind}.gguf", kind)
+        report = {**json.loads((work / "merged" / REPORT).read_text()), "gguf": kind,
+                  "file": f"model-{kind}.gguf"}
+        (fresh / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        replace_dir(fresh, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**report, "output": str(target / report["file"])}
