@@ -30,12 +30,15 @@ def add_data_parser(sub) -> None:
 
 def add_export_parser(sub) -> None:
     s = sub.add_parser("export", help="a run for another engine, checked first (vLLM, merged)")
-    s.add_argument("--for", dest="engine", choices=["vllm", "merged", "gguf"], required=True,
+    s.add_argument("--for", dest="engine", choices=["vllm", "merged", "gguf", "ollama"],
+                   required=True,
                    help="vllm: adapters (LoRA/rsLoRA) and the `vllm serve` command; merged: one "
                         "run folded into its base, a plain Hugging Face model directory; gguf: "
-                        "that merged model as one GGUF file for llama.cpp (Llama architecture)")
-    s.add_argument("--gguf-type", default="f16", choices=["f16", "q8_0"],
-                   help="gguf: the weights' type (norms stay f32)")
+                        "that merged model as one GGUF file for llama.cpp (Llama architecture); "
+                        "ollama: that GGUF, a Modelfile and the `ollama create` command")
+    s.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"],
+                   help="gguf/ollama: the weights' type, norms stay f32 (default: f16 for "
+                        "gguf, q8_0 for ollama)")
     s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
                    help="adapter or `peftkit train` run directories, then OUT")
     s.add_argument("--base", help="the base model (default: the one the run or adapter names)")
@@ -77,11 +80,20 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
+    if args.engine == "ollama":
+        from peftkit.gguf_export import export_ollama
+        if len(sources) != 1:
+            raise PeftkitError("--for ollama: give one run (or adapter) directory, then OUT")
+        done = export_ollama(sources[0], out, args.gguf_type or "q8_0", args.base,
+                             args.overwrite)
+        print(f"wrote {done['output']} and {done['modelfile']}; create the model with:\n"
+              f"{done['command']}")
+        return
     if args.engine == "gguf":
         from peftkit.gguf_export import export_gguf
         if len(sources) != 1:
             raise PeftkitError("--for gguf: give one run (or adapter) directory, then OUT")
-        done = export_gguf(sources[0], out, args.gguf_type, args.base, args.overwrite)
+        done = export_gguf(sources[0], out, args.gguf_type or "f16", args.base, args.overwrite)
         print(f"wrote {done['output']}: {done['method']} {done['merge']}, as GGUF "
               f"{done['gguf']}; run it with llama.cpp: llama-cli -m {done['output']}")
         return

@@ -161,3 +161,52 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {**report, "output": str(target / report["file"])}
+
+
+# Ollama's TEMPLATE is a Go template, not Jinja: the chat markups recognised in a tokenizer's
+# template, written the way Ollama's own library writes them; each with its end-of-turn stop.
+OLLAMA_TEMPLATES = {
+    "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                     '{{ end }}<|im_start|>assistant\n', "<|im_end|>"),
+    "<|assistant|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}'
+                      '<|assistant|>\n', "</s>"),
+}
+
+
+def modelfile(gguf_name: str, chat_template: str | None) -> str:
+    """An Ollama Modelfile for a merged GGUF: FROM, the chat TEMPLATE translated from the
+    tokenizer's Jinja template (ChatML, Zephyr), its stop token, greedy decoding."""
+    for marker, (template, stop) in OLLAMA_TEMPLATES.items():
+        if chat_template and marker in chat_template:
+            break
+    else:
+        raise PeftkitError("--for ollama: the chat template is neither ChatML nor Zephyr, whose "
+                           "Ollama TEMPLATE is known; export --for gguf and write the "
+                           "Modelfile's TEMPLATE by hand")
+    return (f"FROM ./{gguf_name}\n"
+            f'TEMPLATE """{template}"""\n'
+            f'PARAMETER stop "{stop}"\n'
+            "PARAMETER temperature 0\n")
+
+
+def export_ollama(run: str, out: str, kind: str = "q8_0", model: str | None = None,
+                  overwrite: bool = False, name: str | None = None) -> dict:
+    """export --for gguf, plus a Modelfile beside the GGUF and the `ollama create` command."""
+    src = Path(run)
+    template = _recorded_template(src, model)
+    text = modelfile(f"model-{kind}.gguf", template)  # refused before any export work
+    done = export_gguf(run, out, kind, model, overwrite)
+    (Path(out) / "Modelfile").write_text(text)
+    name = name or src.resolve().name
+    return {**done, "modelfile": str(Path(out) / "Modelfile"),
+            "command": f"ollama create {name} -f {Path(out) / 'Modelfile'}"}
+
+
+def _recorded_template(src: Path, model: str | None) -> str | None:
+    """The chat template a run trained with: its own file, else its base tokenizer's."""
+    from peftkit.data.templates import FILE
+    from peftkit.models import load_base
+    from peftkit.train.run_dir import recorded_base
+    if (src / FILE).is_file():
+        return (src / FILE).read_text()
+    return getattr(load_base(model or recorded_base(src)).tokenizer, "chat_template", None)

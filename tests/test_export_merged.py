@@ -128,3 +128,23 @@ def test_gguf_refuses_other_architectures_by_name(family_models, write, tmp_path
     err = capsys.readouterr().err
     assert "gpt2 is not written here (the Llama architecture only" in err
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
+
+
+def test_ollama_gets_a_modelfile_with_the_chat_markup_and_its_stop(write, tmp_path, capsys):
+    run = _run(write, tmp_path, "lora")
+    assert main(["export", "--for", "ollama", str(run), str(tmp_path / "o")]) == 0
+    said = capsys.readouterr().out
+    assert f"ollama create lora -f {tmp_path / 'o' / 'Modelfile'}" in said
+    text = (tmp_path / "o" / "Modelfile").read_text()
+    assert text.startswith("FROM ./model-q8_0.gguf\n") and (tmp_path / "o" / "model-q8_0.gguf").is_file()
+    assert "<|im_start|>{{ .Role }}" in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_ollama_refuses_a_template_it_cannot_translate(write, tmp_path, capsys):
+    template = write("mine.jinja", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                                   "{% endfor %}")
+    run = _run(write, tmp_path, "lora", chat_template=str(template))
+    capsys.readouterr()
+    assert main(["export", "--for", "ollama", str(run), str(tmp_path / "o")]) == 2
+    assert "neither ChatML nor Zephyr" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
