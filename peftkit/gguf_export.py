@@ -111,7 +111,11 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
             types[i] = CONTROL if i in special else NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # GPT-2's split regex (a plain ByteLevel pre-tokenizer, as transformers builds SmolLM2's):
+    # llama.cpp's "gpt-2"; its "default" splits text otherwise (measured: other token ids)
+    pre = spec.get("pre_tokenizer") or {}
+    writer.add_tokenizer_pre("gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex")
+                             else "default")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

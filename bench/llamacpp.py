@@ -1,0 +1,77 @@
+"""Issue 27.4: the GGUF export run by llama.cpp itself (its Python binding, llama-cpp-python,
+built from PyPI: minutes of compiling, so not in CI). The demo's acme adapter on SmolLM2-135M,
+merged and written as GGUF f16 and q8_0; llama.cpp's greedy answers on 16 of acme's held-out
+prompts against peftkit's own greedy answers from base + adapter.
+
+    pip install llama-cpp-python && python -m bench.llamacpp [RUN]   # RUN: runs/demo/runs/acme
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import write_results
+from peftkit.data import chat_ids
+from peftkit.demo.tasks import TASKS
+from peftkit.generation import generate_ids
+from peftkit.gguf_export import export_gguf
+from peftkit.train.run_dir import load_run, recorded_base
+
+NEW = 24
+
+
+def llama_cpp_greedy(path: str, prompts: list[list[int]], eos: int) -> list[list[int]]:
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+    out = []
+    for ids in prompts:
+        llm.reset()
+        tokens = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if token == eos or len(tokens) == NEW:
+                break
+            tokens.append(token)
+        out.append(tokens)
+    return out
+
+
+def main(argv=None) -> None:
+    run = (argv or sys.argv[1:] or ["runs/demo/runs/acme"])[0]
+    task = next(t for t in TASKS if t.customer == "acme")
+    rows = task.examples(16, seed=99)
+    loaded = load_run(recorded_base(Path(run)), run)
+    tok = loaded.base.tokenizer
+    prompts = [chat_ids([m for m in r["messages"] if m["role"] != "assistant"], tok) for r in rows]
+    want = generate_ids(loaded.module, tok, prompts, NEW)
+    table, raw = [], {"run": run}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("f16", "q8_0"):
+            path = export_gguf(run, str(Path(tmp) / kind), kind)["output"]
+            got = llama_cpp_greedy(path, prompts, tok.eos_token_id)
+            same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+            share = same / max(1, sum(map(len, want)))
+            whole = sum(w == g for w, g in zip(want, got))
+            right = sum(tok.decode(g).strip() == r["messages"][-1]["content"].strip()
+                        for g, r in zip(got, rows))
+            texts = [tok.decode(p) for p in prompts] + [
+                "Hello world!  It's 2024, isn't it?\n\tTabs   and 123456 numbers.",
+                "Order #A-17: ship 3x widgets to Zürich; naïve café."]
+            from llama_cpp import Llama
+            vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+            same_ids = sum(vocab.tokenize(t.encode(), add_bos=False, special=True) ==
+                           tok(t, add_special_tokens=False).input_ids for t in texts)
+            raw[kind] = {"token_agreement": share, "identical_answers": whole,
+                         "correct_answers": right, "tokenization_agreement": same_ids}
+            if kind == "f16":
+                table.append(("llama.cpp's tokenizer from the GGUF = transformers' on text",
+                              f"{same_ids}/{len(texts)} texts", "all"))
+            table.append((f"llama.cpp {kind} vs peftkit (base + adapter): greedy tokens equal",
+                          f"{share:.1%} ({whole}/16 answers identical)",
+                          "100% for f16" if kind == "f16" else "reported"))
+            table.append((f"llama.cpp {kind}: answers equal to the reference", f"{right}/16", ""))
+    write_results("llamacpp", "llama.cpp runs the GGUF export (issue 27.4)", table,
+                  {**raw, "command": "pip install llama-cpp-python && python -m bench.llamacpp"})
+
+
+if __name__ == "__main__":
+    main()
