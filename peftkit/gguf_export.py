@@ -4,8 +4,8 @@ Q and K rows permuted for its rotary embedding (convert_hf_to_gguf's `LlamaModel
 metadata keys, and the byte-level BPE tokenizer (tokens, types, merges, special ids, chat
 template). Weights as f16, or q8_0 where a row splits into 32-value blocks; norms stay f32.
 
-Families: the Llama architecture (llama, mistral: llama.cpp reads both as `llama`), with a
-byte-level BPE tokenizer (SmolLM2's, Llama 3's). Others are refused by name.
+Families: llama, mistral (llama.cpp reads both as `llama`) and qwen2, with a byte-level BPE
+tokenizer (SmolLM2's, Llama 3's, Qwen's). Others are refused by name.
 """
 
 import json
@@ -16,7 +16,10 @@ import torch
 
 from peftkit.errors import PeftkitError
 
-ARCHS = ("llama", "mistral")
+# model_type -> (llama.cpp's architecture, Q/K rows permuted for its rotary layout): Llama and
+# Mistral are llama.cpp's `llama` (rotate-in-pairs, so convert_hf_to_gguf permutes); Qwen2 is
+# its own architecture, rotating halves as transformers does (no permutation)
+ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
 TYPES = ("f16", "q8_0")
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
@@ -27,11 +30,13 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
 
     config = model.config
     if config.model_type not in ARCHS:
-        raise PeftkitError(f"--for gguf: {config.model_type} is not written here (the Llama "
-                           f"architecture only: {', '.join(ARCHS)}); use --for merged")
+        raise PeftkitError(f"--for gguf: {config.model_type} is not written here ("
+                           f"{', '.join(ARCHS)}); use --for merged")
     if kind not in TYPES:
         raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch, permuted = ARCHS[config.model_type]
+    arch = getattr(gguf.MODEL_ARCH, arch)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_name(str(getattr(config, "_name_or_path", "") or path.stem))
@@ -48,7 +53,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else
                          gguf.LlamaFileType.MOSTLY_Q8_0)
     _tokenizer(writer, tokenizer, config.vocab_size)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
     for key, tensor in state.items():
@@ -58,9 +63,9 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
         if name is None:
             raise PeftkitError(f"--for gguf: no llama.cpp name for tensor {key}")
         data = tensor.detach().float()
-        if key.endswith("self_attn.q_proj.weight"):
+        if permuted and key.endswith("self_attn.q_proj.weight"):
             data = _permute(data, heads, heads)
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif permuted and key.endswith("self_attn.k_proj.weight"):
             data = _permute(data, heads, kv)
         _add(writer, gguf, name, data.numpy(), kind)
     writer.write_header_to_file()
@@ -151,8 +156,7 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
         merged = export_run(run, str(work / "merged"), "float32", model)
         if merged.get("architecture") not in ARCHS:
             raise PeftkitError(f"--for gguf: {merged.get('architecture')} is not written here "
-                               f"(the Llama architecture only: {', '.join(ARCHS)}); use "
-                               "--for merged")
+                               f"({', '.join(ARCHS)}); use --for merged")
         plain = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
         tokenizer = AutoTokenizer.from_pretrained(work / "merged")
         fresh = work / "out"

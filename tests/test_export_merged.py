@@ -126,7 +126,7 @@ def test_gguf_refuses_other_architectures_by_name(family_models, write, tmp_path
     capsys.readouterr()
     assert main(["export", "--for", "gguf", str(run), str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
-    assert "gpt2 is not written here (the Llama architecture only" in err
+    assert "gpt2 is not written here (llama, mistral, qwen2); use --for merged" in err
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
 
 
@@ -148,3 +148,17 @@ def test_ollama_refuses_a_template_it_cannot_translate(write, tmp_path, capsys):
     assert main(["export", "--for", "ollama", str(run), str(tmp_path / "o")]) == 2
     assert "neither ChatML nor Zephyr" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_gguf_of_other_families_reads_back_the_same(family, family_models, write, tmp_path):
+    """Mistral is written as llama.cpp's `llama` (rotary rows permuted), Qwen2 as `qwen2`
+    (halves rotated, q/k/v biases kept): both read back by transformers give the merged
+    model's greedy tokens."""
+    run = _run(write, tmp_path, "lora", model=str(family_models[family]))
+    assert main(["export", "--for", "merged", str(run), str(tmp_path / "merged")]) == 0
+    assert main(["export", "--for", "gguf", str(run), str(tmp_path / "g")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model-f16.gguf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert generate_ids(back.eval(), tok, PROMPTS, 6) == generate_ids(merged, tok, PROMPTS, 6)
