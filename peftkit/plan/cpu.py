@@ -76,7 +76,8 @@ class CpuRun:
     def settings(self, shape: Shape) -> Settings:
         return Settings(seq_len=self.length, batch=self.rows, rank=self.rank, targets=self.targets,
                         grad_checkpointing=self.grad_checkpointing, embed_bytes=FP32,
-                        head_outputs=shape.vocab if self.task == "causal-lm" else self.labels)
+                        head_outputs=shape.vocab if self.task == "causal-lm" else self.labels,
+                        virtual_tokens=self.virtual_tokens, bottleneck=self.bottleneck_size)
 
     @property
     def tokens(self) -> int:

@@ -43,6 +43,8 @@ class Settings:
     adam_8bit: bool = False
     head_outputs: int = 2  # classes for a probe head (the vocabulary for a causal-LM probe)
     embed_bytes: int = 2  # QLoRA: bytes per non-quantized parameter (QLoRA recipe: bf16)
+    virtual_tokens: int = 20  # prompt / prefix tuning length (the run's, when planning a run)
+    bottleneck: int = 64  # bottleneck adapter width
 
 
 def activation_bytes(shape: Shape, s: Settings, method: str, bytes_per_value: int = 2) -> float:
@@ -67,7 +69,8 @@ def parameter_state(shape: Shape, method: str, s: Settings, base_bytes: int = 2)
     if method == "probe":
         head = shape.hidden * s.head_outputs + s.head_outputs
         return {"weights": base_bytes * n + 4 * head, "grads": 4 * head, "optimizer": moments * head}
-    p = shape.adapter_params("lora" if method == "qlora" else method, s.rank, s.targets)
+    p = shape.adapter_params("lora" if method == "qlora" else method, s.rank, s.targets,
+                             s.virtual_tokens, s.bottleneck)
     if method == "qlora":
         q = shape.quantizable_params
         tables = shape.layers * len(shape.linear) * NF4_TABLE_BYTES

@@ -52,7 +52,9 @@ class Shape:
             return self.layers * sum(rank * (i + o) for _, i, o in chosen)
         if method == "dora":
             return self.layers * sum(rank * (i + o) + o for _, i, o in chosen)
-        if method == "ia3":
+        if method == "ia3" and targets != "all-linear":  # the run's own layers: a scale per
+            return self.layers * sum(i if n in FEEDFORWARD else o for n, i, o in chosen)  # output
+        if method == "ia3":  # (or per input of a feed-forward one); else k, v and down_proj
             return self.layers * (2 * self.kv_heads * self.hidden // self.heads
                                   + dict((n, i) for n, i, _ in self.linear).get("down_proj", 0))
         if method == "prompt":
@@ -62,6 +64,9 @@ class Shape:
         if method == "bottleneck":
             return self.layers * 2 * (2 * bottleneck * self.hidden + bottleneck + self.hidden)
         raise PeftkitError(f"no adapter size rule for method '{method}'")
+
+
+FEEDFORWARD = ("down_proj", "dense_4h_to_h", "fc2", "w2", "c_proj")  # IA³ scales their input
 
 
 def parse_size(text: str) -> float | None:
