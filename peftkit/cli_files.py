@@ -80,30 +80,28 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
-    if args.engine == "ollama":
-        from peftkit.gguf_export import export_ollama
+    if args.engine != "vllm":  # merged, gguf, ollama: one run in, one model out
         if len(sources) != 1:
-            raise PeftkitError("--for ollama: give one run (or adapter) directory, then OUT")
-        done = export_ollama(sources[0], out, args.gguf_type or "q8_0", args.base,
-                             args.overwrite)
-        print(f"wrote {done['output']} and {done['modelfile']}; create the model with:\n"
-              f"{done['command']}")
-        return
-    if args.engine == "gguf":
-        from peftkit.gguf_export import export_gguf
-        if len(sources) != 1:
-            raise PeftkitError("--for gguf: give one run (or adapter) directory, then OUT")
-        done = export_gguf(sources[0], out, args.gguf_type or "f16", args.base, args.overwrite)
-        print(f"wrote {done['output']}: {done['method']} {done['merge']}, as GGUF "
-              f"{done['gguf']}; run it with llama.cpp: llama-cli -m {done['output']}")
-        return
-    if args.engine == "merged":
-        from peftkit.merged import export_run
-        if len(sources) != 1:
-            raise PeftkitError("--for merged: give one run (or adapter) directory, then OUT")
-        done = export_run(sources[0], out, args.dtype, args.base, args.overwrite)
-        print(f"wrote {done['output']}: {done['method']} {done['merge']}; load it with "
-              f"transformers.AutoModelForCausalLM.from_pretrained({done['output']!r})")
+            raise PeftkitError(f"--for {args.engine}: give one run (or adapter) directory, "
+                               "then OUT")
+        print(_export_one(args.engine, sources[0], out, args))
         return
     command = export_vllm(sources, out, args.base, args.overwrite)
     print(f"wrote {len(sources)} adapter(s) under {out}; serve them with:\n{command}")
+
+
+def _export_one(engine: str, source: str, out: str, args) -> str:
+    """Export one run for `engine`; what was written and how to use it."""
+    if engine == "merged":
+        from peftkit.merged import export_run
+        done = export_run(source, out, args.dtype, args.base, args.overwrite)
+        return (f"wrote {done['output']}: {done['method']} {done['merge']}; load it with "
+                f"transformers.AutoModelForCausalLM.from_pretrained({done['output']!r})")
+    from peftkit.gguf_export import export_gguf, export_ollama
+    if engine == "gguf":
+        done = export_gguf(source, out, args.gguf_type or "f16", args.base, args.overwrite)
+        return (f"wrote {done['output']}: {done['method']} {done['merge']}, as GGUF "
+                f"{done['gguf']}; run it with llama.cpp: llama-cli -m {done['output']}")
+    done = export_ollama(source, out, args.gguf_type or "q8_0", args.base, args.overwrite)
+    return f"wrote {done['output']} and {done['modelfile']}; create the model with:\n" \
+           f"{done['command']}"

@@ -111,7 +111,8 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
             raise PeftkitError(f"{path}: not a directory (give an adapter or a run directory)")
     bases = {base} if base else {_named_base(path) for path in paths}
     base = next(iter(bases)) if len(bases) == 1 else None
-    checked = [(path.resolve().name, *check_vllm(path, base_family(base))) for path in paths]
+    family = base_family(base)  # one config read for all the sources
+    checked = [(path.resolve().name, *check_vllm(path, family)) for path in paths]
     if not base:  # after each adapter's own checks, which name the adapter
         raise PeftkitError(f"the adapters name different bases ({sorted(map(str, bases))}); "
                            "give the one to serve with --base")
@@ -125,9 +126,7 @@ def export_vllm(sources: list[str], out: str, base: str | None = None,
         dst = target / name
         if dst.resolve() in (directory.resolve(), directory.resolve().parent):
             raise PeftkitError(f"{dst}: is the source adapter itself; choose another OUT")
-        if (dst.exists() or dst.is_symlink()) and not overwrite:
-            raise PeftkitError(f"{dst}: exists; remove it, choose another OUT, or give "
-                               "--overwrite (which replaces it, never writing through a link)")
+        refuse_existing(dst, overwrite)
     target.mkdir(parents=True, exist_ok=True)
     for name, directory, cfg in checked:
         fresh = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target))
@@ -151,6 +150,13 @@ def _named_base(path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
+
+
+def refuse_existing(dst: Path, overwrite: bool) -> None:
+    """An export never replaces what is at `dst` unless asked (`--overwrite`)."""
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise PeftkitError(f"{dst}: exists; remove it, choose another OUT, or give "
+                           "--overwrite (which replaces it, never writing through a link)")
 
 
 def replace_dir(fresh: Path, dst: Path) -> None:

@@ -141,15 +141,13 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.export import replace_dir
+    from peftkit.export import refuse_existing, replace_dir
     from peftkit.merged import REPORT, export_run
 
     if kind not in TYPES:
         raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
     target = Path(out)
-    if (target.exists() or target.is_symlink()) and not overwrite:
-        raise PeftkitError(f"{target}: exists; remove it, choose another OUT, or give "
-                           "--overwrite")
+    refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -213,8 +211,8 @@ def export_ollama(run: str, out: str, kind: str = "q8_0", model: str | None = No
 def _recorded_template(src: Path, model: str | None) -> str | None:
     """The chat template a run trained with: its own file, else its base tokenizer's."""
     from peftkit.data.templates import FILE
-    from peftkit.models import load_base
+    from peftkit.models import peek_tokenizer
     from peftkit.train.run_dir import recorded_base
     if (src / FILE).is_file():
         return (src / FILE).read_text()
-    return getattr(load_base(model or recorded_base(src)).tokenizer, "chat_template", None)
+    return getattr(peek_tokenizer(model or recorded_base(src)), "chat_template", None)

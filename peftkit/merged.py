@@ -61,7 +61,7 @@ def export_run(run: str, out: str, dtype: str = "float32", model: str | None = N
                overwrite: bool = False) -> dict:
     """A `peftkit train` run directory (or a bare adapter on `model`) as a merged model in
     `out`: checked, written to a fresh directory beside `out`, then renamed into place."""
-    from peftkit.export import replace_dir
+    from peftkit.export import refuse_existing, replace_dir
     from peftkit.train.run_dir import ADAPTER, HEAD, MODEL, load_run, recorded_base
 
     src = Path(run)
@@ -72,9 +72,7 @@ def export_run(run: str, out: str, dtype: str = "float32", model: str | None = N
     target = Path(out)
     if target.resolve() == src.resolve() or src.resolve() in target.resolve().parents:
         raise PeftkitError(f"{target}: inside the run it exports; choose another OUT")
-    if (target.exists() or target.is_symlink()) and not overwrite:
-        raise PeftkitError(f"{target}: exists; remove it, choose another OUT, or give "
-                           "--overwrite")
+    refuse_existing(target, overwrite)
     run_cfg = _json(src / "config.json")
     method = run_cfg.get("method") or _json(src / ADAPTER / "adapter_config.json").get(
         "peft_type", "?").lower()

@@ -228,6 +228,13 @@ def peek_config(spec: str):
     return AutoConfig.from_pretrained(resolve_model_dir(spec))
 
 
+def peek_tokenizer(spec: str):
+    """A model's tokenizer without its weights."""
+    if spec in TINY:
+        return TINY[spec][1]()
+    return AutoTokenizer.from_pretrained(resolve_model_dir(spec))
+
+
 def default_task(config) -> str:
     """causal-lm when the config's architecture is a causal LM (Llama's *ForCausalLM, GPT-2's
     GPT2LMHeadModel: transformers' own table), else encoder."""

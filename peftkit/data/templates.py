@@ -50,13 +50,13 @@ def chat_template(value: str, flag: str = "--chat-template") -> str:
     return text
 
 
-def use_chat_template(tokenizer, value: str | None, out: Path | None = None) -> None:
-    """Set a --chat-template on `tokenizer` (nothing when None or empty); `out`: write it
-    beside the run."""
+def use_chat_template(tokenizer, value: str | None, *outs: Path) -> None:
+    """Set a --chat-template on `tokenizer` (nothing when None or empty) and write it beside
+    each run directory in `outs`."""
     if not value:
         return
     tokenizer.chat_template = chat_template(value)
-    if out is not None:
+    for out in outs:
         out.mkdir(parents=True, exist_ok=True)
         (out / FILE).write_text(tokenizer.chat_template, encoding="utf-8")
 

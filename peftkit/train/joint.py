@@ -152,8 +152,8 @@ class JointTrainer(RunLoop):
         base = load_base(first.model, task="causal-lm", quantize=quant_for(first.method, dtype),
                          device=device, dtype=dtype, attn=attn)
         self.base, self.device = base, device
-        for cfg in self.cfgs:  # one base, one tokenizer: the first tenant's template for all
-            use_chat_template(base.tokenizer, first.chat_template, Path(cfg.output))
+        use_chat_template(base.tokenizer, first.chat_template,  # one tokenizer: one template
+                          *[Path(cfg.output) for cfg in self.cfgs])
         if first.grad_checkpointing:  # shared: the base is one model
             base.model.gradient_checkpointing_enable()
             base.model.enable_input_require_grads()

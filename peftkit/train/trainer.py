@@ -51,7 +51,7 @@ class Trainer(RunLoop):
         trainee = build(cfg, task, ds.label_names, self.device)
         self.attn = trainee.base.model.config._attn_implementation
         use_chat_template(trainee.base.tokenizer, cfg.chat_template,
-                          self.out if self.world.main else None)
+                          *([self.out] if self.world.main else []))
         train_ex, val_ex, val_records, truncated = examples_for(cfg, ds, trainee.base.tokenizer,
                                                                 task)
         check_context(cfg, trainee.base.model.config, train_ex + val_ex)
