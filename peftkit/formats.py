@@ -20,7 +20,7 @@ from peftkit.methods.config import (AdapterConfig, LoraConfig, PrefixTuningConfi
 from peftkit.methods.inject import AdaptedModel, make_layer
 from peftkit.methods.layers import SlotRouter
 from peftkit.methods.prompt import VirtualTokens, kv_geometry
-from peftkit.methods.registry import ADAPTER_METHODS, KEYS, method_of
+from peftkit.methods.registry import KEYS, method_of, spec_of
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -259,7 +259,7 @@ def prepare_slot(layers: dict[str, nn.Module], name: str, directory: str | Path,
     config, tensors = read_adapter(directory, root)
     where = directory / WEIGHTS_NAME
     method = method_of(config)
-    if not ADAPTER_METHODS[method].mixed_batch:
+    if not spec_of(config).mixed_batch:
         kind = {"dora": "DoRA", "ia3": "IA³"}.get(method, method)
         raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA "
                            "batch; only LoRA/rsLoRA adapters are served")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.spec import SPECS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPORT = "peftkit_export.json"
@@ -79,12 +80,9 @@ def export_run(run: str, out: str, dtype: str = "float32", model: str | None = N
     if (src / HEAD).exists():
         raise PeftkitError(f"{src}: a probe's new head (with its bias) is not a base's output "
                            "layer; serve the run with `peftkit serve` or `peftkit generate`")
-    if method in ("prompt", "prefix", "prompt_tuning", "prefix_tuning"):
-        raise PeftkitError(f"{src}: {method} tuning adds virtual tokens at every request; there "
-                           "is no weight to fold them into (serve it with `peftkit serve`)")
-    if method == "bottleneck":
-        raise PeftkitError(f"{src}: bottleneck adapters are nonlinear (up(f(down(h)))) and "
-                           "cannot be folded into a linear weight (serve it with `peftkit serve`)")
+    spec = SPECS.get(method.removesuffix("_tuning"))
+    if spec is not None and spec.not_mergeable:
+        raise PeftkitError(f"{src}: {spec.not_mergeable} (serve it with `peftkit serve`)")
     base = model or recorded_base(src)
     fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if
                                   target.parent.exists() else _made(target.parent)))

@@ -11,7 +11,7 @@ from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.plan import make_plan
 from peftkit.plan.cpu import CpuRun, activation_bytes_cpu, predict_state_bytes
-from peftkit.plan.memory import Settings
+from peftkit.plan.memory import Settings, adapter_params
 from peftkit.plan.shapes import shape_for
 from peftkit.train import TrainConfig, train
 from peftkit.train.build import build
@@ -31,7 +31,7 @@ def test_memory_figures_for_70b():
     assert seed["separate_4bit_models_gb"] == 175
     assert seed["shared_4bit_base_plus_adapters_gb"] < 40
     lora = plan["approaches"]["lora"]
-    adapter = shape_for("70B").adapter_params("lora", 16)
+    adapter = adapter_params(shape_for("70B"), "lora", Settings(rank=16))
     # PEFT = base at inference precision + 12 bytes per adapter parameter (+ its own 4 bytes)
     assert lora["grads_gb"] + lora["optimizer_gb"] == pytest.approx(12 * adapter / 1e9)
     assert lora["weights_gb"] == pytest.approx(140 + 4 * adapter / 1e9)
@@ -109,7 +109,8 @@ def test_activation_count_matches_the_autograd_graph(method, task, dropout):
     else:
         loss = trainee.module(input_ids=ids, attention_mask=mask, labels=ids).loss
     measured = saved_activation_bytes(loss, trainee.module)
-    run = CpuRun(method, task, rows, length, rank=8, dropout=dropout)
+    run = CpuRun(method, task, Settings(seq_len=length, batch=rows, rank=8, dropout=dropout,
+                                        grad_checkpointing=False))
     predicted = activation_bytes_cpu(shape_for("tiny-llama"), run)
     assert abs(predicted - measured) / measured <= 0.10, (predicted, measured)
 
@@ -236,3 +237,15 @@ def test_the_plan_of_a_run_uses_the_runs_own_sizes(kw, write, tmp_path):
                                val_split=0.0, output=str(tmp_path / "run"), **kw))
     assert report["predicted_model_state_bytes"] == pytest.approx(report["model_state_bytes"],
                                                                   rel=5e-3)
+
+
+def test_small_and_large_plans_speak_in_units_that_say_something():
+    """Issue 28.6: a 135M model's plan said "0.0 days" and "0 GB"; times are now seconds,
+    minutes, hours or days, and memory MB under a GB."""
+    from peftkit.plan import format_plan
+    small = format_plan(make_plan("smollm2-135m", "H100", tenants=3, budget_days=1))
+    assert "0.0 days" not in small and " 0 GB" not in small and "~0 H100s" not in small
+    assert "s each" in small and "(budget 1 day: fits)" in small
+    assert "67 MB" in small  # its 4-bit weights
+    big = format_plan(make_plan("70B", "H100", tenants=5, budget_days=14))
+    assert "h each" in big and "days total" in big and "~14 H100s" in big

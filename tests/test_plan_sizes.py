@@ -11,6 +11,8 @@ from peftkit.cli import main
 from peftkit.errors import PeftkitError
 from peftkit.plan import find_gpu, gpu_catalog, make_plan
 from peftkit.plan.catalog import CATALOG, counts
+from peftkit.methods.spec import SPECS
+from peftkit.plan.memory import Settings, adapter_params
 from peftkit.plan.shapes import shape_for
 
 SIZES = st.floats(min_value=math.log(50e6), max_value=math.log(1e12))  # log-uniform 50M-1T
@@ -29,7 +31,8 @@ def test_a_bare_size_is_parts_that_add_up(log_n):
     assert shape.embedding_params >= 0 and shape.quantizable_params >= 0 and shape.layers >= 0
     assert rest >= -1e-6 * n  # norms: what is left, never negative
     assert shape.embedding_params + shape.quantizable_params + rest == pytest.approx(n, rel=1e-9)
-    assert shape.adapter_params("lora", 16) > 0
+    for method in SPECS:  # every method counts something at any size
+        assert adapter_params(shape, method, Settings(rank=16)) > 0
 
 
 APPROACHES = ("full", "full_mixed", "probe", "lora", "qlora")

@@ -1,8 +1,17 @@
-"""Adapter methods: LoRA (rsLoRA, DoRA), IA³, bottleneck, prompt and prefix tuning."""
+"""Adapter methods: LoRA (rsLoRA, DoRA), IA³, bottleneck, prompt and prefix tuning.
+
+The configs and specs import without torch (the CLI's --help, the planner); the model-side
+names (`AdaptedModel`, `add_adapter`, `find_targets`) load torch when first used."""
 
 from peftkit.methods.config import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
                                     PromptTuningConfig)
-from peftkit.methods.inject import AdaptedModel, add_adapter, find_targets
 
 __all__ = ["AdaptedModel", "add_adapter", "find_targets", "LoraConfig", "IA3Config",
            "BottleneckConfig", "PromptTuningConfig", "PrefixTuningConfig"]
+
+
+def __getattr__(name: str):
+    if name in ("AdaptedModel", "add_adapter", "find_targets"):
+        from peftkit.methods import inject
+        return getattr(inject, name)
+    raise AttributeError(f"module 'peftkit.methods' has no attribute '{name}'")

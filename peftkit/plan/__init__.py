@@ -11,7 +11,7 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.plan.advisor import TaskProfile, advise
 from peftkit.plan.evidence import for_rule
-from peftkit.plan.memory import GB, NF4_BITS, Settings, estimate
+from peftkit.plan.memory import GB, NF4_BITS, Settings, adapter_params, estimate
 from peftkit.plan.shapes import Shape, parse_size, shape_for
 
 APPROACHES = ("full", "full_mixed", "probe", "lora", "qlora")
@@ -149,7 +149,7 @@ def _what_fits(approaches: dict, gpu: str, gpus: int) -> str:
 def memory_figures(shape: Shape, tenants: int, rank: int) -> dict:
     """The memory arithmetic of the seed: inference precision, 4-bit, shared serving."""
     n = shape.params
-    adapter = shape.adapter_params("lora", rank) * 2 / GB  # served in bf16
+    adapter = adapter_params(shape, "lora", Settings(rank=rank)) * 2 / GB  # served in bf16
     k = tenants
     return {"fp16_inference_gb": 2 * n / GB, "int4_inference_gb": 0.5 * n / GB,
             "nf4_constants_gb": (NF4_BITS - 4) / 8 * n / GB,
@@ -165,7 +165,7 @@ def tenant_plan(approaches: dict, rec: dict, tenants: int, budget_days: float | 
     approach = rec["approach"] if rec["approach"] in approaches else "qlora"
     per = approaches[approach]["hours"]
     total_days = per * tenants / 24
-    adapter_gb = shape.adapter_params("lora", rank) * 2 / GB
+    adapter_gb = adapter_params(shape, "lora", Settings(rank=rank)) * 2 / GB
     base_gb = (approaches["qlora"]["weights_gb"] if approach == "qlora"
                else approaches["probe"]["weights_gb"])
     out = {"approach": approach, "adapters": tenants, "hours_per_adapter": per,
@@ -189,6 +189,13 @@ def _gb(v: float) -> str:
     return f"{v * 1000:.0f} MB" if v < 1 else f"{v:.1f} GB" if v < 10 else f"{v:.0f} GB"
 
 
+def _duration(hours: float) -> str:
+    """A time in the unit that says something: seconds, minutes, hours or days."""
+    s = hours * 3600
+    return (f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 90 * 60 else
+            f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days")
+
+
 def format_plan(plan: dict) -> str:
     m, g = plan["model"], plan["gpu"]
     active = (f", {m['active_params'] / 1e9:.3g}B active per token; LoRA on {m['adapted']}"
@@ -197,14 +204,14 @@ def format_plan(plan: dict) -> str:
              f"{g['name']} ({g['memory_gb']} GB, ${g['price_per_hour']:.2f}/h assumed)"]
     lines += [f"Assumed: {m['assumed']}"] if m["assumed"] else []
     lines += ["", f"{'approach':<11}{'strategy':>9}{'weights':>9}{'grads':>8}{'optim':>8}"
-                  f"{'activ':>8}{'GB/GPU':>9}{'fits':>6}{'GPUs':>6}{'hours':>9}{'cost $':>10}"]
-    for name, a in plan["approaches"].items():  # hours and cost on the GPUs the row runs on
+                  f"{'activ':>8}{'GB/GPU':>9}{'fits':>6}{'GPUs':>6}{'time':>10}{'cost $':>10}"]
+    for name, a in plan["approaches"].items():  # time and cost on the GPUs the row runs on
         lines.append(f"{name:<11}{a['strategy']:>9}{_num(a['weights_gb']):>9}"
                      f"{_num(a['grads_gb']):>8}{_num(a['optimizer_gb']):>8}"
                      f"{_num(a['activations_gb']):>8}{_num(a['per_gpu_gb']):>9}"
                      f"{'yes' if a['fits'] else 'no':>6}"
                      f"{a['runs_on_gpus'] if a['gpus_needed'] else '-':>6}"
-                     f"{_num(a['hours']):>9}{a['cost']:>10,.2f}")
+                     f"{_duration(a['hours']):>10}{a['cost']:>10,.2f}")
     s = plan["memory_figures"]
     h100s = s["full_ft_h100s_for_parameter_state"]
     lines += ["", f"fp16 weights {_gb(s['fp16_inference_gb'])}; 4-bit "
@@ -218,9 +225,11 @@ def format_plan(plan: dict) -> str:
               f"{_gb(s['shared_4bit_base_plus_adapters_gb'])}"]
     if "tenants" in plan:
         t = plan["tenants"]
-        lines.append(f"{t['adapters']} adapters ({t['approach']}): {t['days_per_adapter']:.1f} days each,"
-                     f" {t['days_total']:.1f} days total"
-                     + (f" (budget {t['budget_days']:g} days: {'fits' if t['fits_budget'] else 'over'})"
+        lines.append(f"{t['adapters']} adapters ({t['approach']}): "
+                     f"{_duration(t['hours_per_adapter'])} each, "
+                     f"{_duration(t['days_total'] * 24)} total"
+                     + (f" (budget {t['budget_days']:g} day{'s' * (t['budget_days'] != 1)}: "
+                        f"{'fits' if t['fits_budget'] else 'over'})"
                         if "budget_days" in t else ""))
     r = plan["recommendation"]
     lines += ["", f"Recommendation: {r['approach']}"

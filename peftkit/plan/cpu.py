@@ -40,11 +40,11 @@ Checked op by op against the autograd graph (tests/test_plan.py) and end to end 
 per-layer formula at fp32 (memory.activation_bytes), which is looser.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peftkit.plan.memory import Settings, activation_bytes, parameter_state, train_flops
 from peftkit.plan.shapes import Shape
-from peftkit.methods.config import BOTTLENECK_TARGETS, IA3_TARGETS
+from peftkit.methods.spec import spec_for, virtual_at
 
 MIB = 2 ** 20
 FP32 = 4
@@ -55,33 +55,25 @@ TOKENIZER_BYTES_PER_ENTRY = 1024  # calibrated: smollm2's 49k-entry BPE tokenize
 
 @dataclass
 class CpuRun:
-    """One `peftkit train` run on CPU, as far as memory goes."""
+    """One `peftkit train` run on CPU, as far as memory goes: its method and task, and its
+    sizes (the largest batch as `batch` x `seq_len`, rank, targets, dropout, ...) as the GPU
+    plan's Settings, built from the run's config (Settings.from_train)."""
     method: str
     task: str = "causal-lm"  # or "classify"
-    rows: int = 8  # the largest batch: rows x padded length
-    length: int = 64
-    rank: int = 8
-    targets: object = "all-linear"
-    dropout: float = 0.05  # LoRA / DoRA only (Hu et al. 2021 use 0.05-0.1); others ignore it
-    virtual_tokens: int = 20
-    bottleneck_size: int = 64
-    grad_checkpointing: bool = False
-    labels: int = 2  # classify: the head's outputs
+    s: Settings = field(default_factory=lambda: Settings(batch=8, seq_len=64, rank=8,
+                                                         grad_checkpointing=False))
 
     @classmethod
-    def from_train(cls, cfg, task: str, labels: int, largest_batch) -> "CpuRun":
-        return cls(cfg.method, task, *largest_batch, cfg.rank, cfg.target_list(), cfg.dropout,
-                   cfg.num_virtual_tokens, cfg.bottleneck_size, cfg.grad_checkpointing, labels)
-
-    def settings(self, shape: Shape) -> Settings:
-        return Settings(seq_len=self.length, batch=self.rows, rank=self.rank, targets=self.targets,
-                        grad_checkpointing=self.grad_checkpointing, embed_bytes=FP32,
-                        head_outputs=shape.vocab if self.task == "causal-lm" else self.labels,
-                        virtual_tokens=self.virtual_tokens, bottleneck=self.bottleneck_size)
+    def from_train(cls, cfg, task: str, shape: Shape, labels: int, largest_batch) -> "CpuRun":
+        outputs = shape.vocab if task == "causal-lm" else labels
+        return cls(cfg.method, task, Settings.from_train(cfg, largest_batch, outputs, FP32))
 
     @property
     def tokens(self) -> int:
-        return self.rows * (self.length + (self.virtual_tokens if self.method == "prompt" else 0))
+        virtual = self.s.virtual_tokens if virtual_at(self.method) == "input" else 0
+        return self.s.batch * (self.s.seq_len + virtual)
+
+
 
 
 def predict_state_bytes(shape: Shape, method: str, s: Settings) -> int:
@@ -97,67 +89,41 @@ def _dims(shape: Shape) -> dict:
 
 
 def layer_floats(shape: Shape, run: CpuRun) -> float:
-    """Floats autograd saves per token in one Llama decoder layer (see the module docstring)."""
-    d, method = _dims(shape), run.method
+    """Floats autograd saves per token in one Llama decoder layer (see the module docstring):
+    a frozen layer's, full fine-tuning's own, or an adapter method's on top (its spec)."""
+    d = _dims(shape)
     h, q, i = d["h"], d["q"], d["i"]
     frozen = 2 * h + 2 + (q + 2 * q + q + d["heads"]) + 3 * i
-    if method == "full":
+    if run.method == "full":
         return frozen + 3 * h + i + 2 * h - q
-    if method in ("lora", "qlora", "dora"):
-        chosen = shape.targeted(run.targets)
-        extra = run.rank * len(chosen)
-        if run.dropout > 0:
-            extra += sum(2 * i_ for _, i_, _ in chosen)
-        else:  # inputs shared by q/k/v and by gate/up are saved once
-            groups = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp",
-                      "up_proj": "mlp"}
-            extra += sum(dict((groups.get(n, n), i_) for n, i_, _ in chosen).values())
-        if method == "dora":
-            extra += sum((i_ if run.dropout > 0 else 0) + 2 * o for _, i_, o in chosen)
-        return frozen + extra
-    if method == "ia3":
-        return frozen + sum(i_ if n == "down_proj" else o for n, (i_, o) in d["lin"].items()
-                            if n in IA3_TARGETS["llama"][0])
-    if method == "bottleneck":
-        return frozen + sum(d["lin"][n][1] + 2 * run.bottleneck_size
-                            for n in BOTTLENECK_TARGETS["llama"] if n in d["lin"])
-    return frozen  # prompt, prefix: the frozen layer over a longer sequence
+    return frozen + spec_for(run.method).saved(shape, run.s, d)
 
 
 def first_layer_saving(shape: Shape, run: CpuRun) -> float:
     """Floats per token layer 0 does NOT save under PEFT: the embeddings are frozen, so ops
     before the first trainable one have no input that needs a gradient."""
-    if run.method in ("full", "prompt", "probe"):  # embeddings / virtual tokens need gradients
+    if run.method in ("full", "probe"):  # the embeddings train / nothing is saved
         return 0
-    d = _dims(shape)
-    norm = d["h"] + 1
-    if run.method == "bottleneck":  # nothing trains before the o_proj adapter
-        return norm + 4 * d["q"] + d["heads"]
-    if run.method in ("lora", "qlora", "dora") and run.dropout > 0:  # dropout on a frozen input
-        noise = sum(i_ for n, i_, _ in shape.targeted(run.targets)
-                    if n in ("q_proj", "k_proj", "v_proj"))
-        return norm + noise * (2 if run.method == "dora" else 1)
-    return norm
+    return spec_for(run.method).first_layer(shape, run.s, _dims(shape))
 
 
 def activation_bytes_cpu(shape: Shape, run: CpuRun) -> float:
     """Bytes autograd holds at the end of the forward pass of the run's largest batch."""
+    s = run.s
     if shape.model_type != "llama":
-        fallback = Settings(seq_len=run.length, batch=run.rows,
-                            grad_checkpointing=run.grad_checkpointing)
-        return activation_bytes(shape, fallback, run.method, bytes_per_value=FP32)
+        return activation_bytes(shape, s, run.method, bytes_per_value=FP32)
     d, tokens = _dims(shape), run.tokens
     if run.method == "probe":  # no autograd: one layer's intermediates at a time
         return tokens * (2 * d["h"] + 3 * d["i"]) * FP32
     per_layer = layer_floats(shape, run) * tokens
-    prefix = run.virtual_tokens if run.method == "prefix" else 0
-    per_layer += run.rows * prefix * 2 * d["q"]  # prefix keys and values, in every layer
-    if run.grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+    prefix = s.virtual_tokens if virtual_at(run.method) == "kv" else 0
+    per_layer += s.batch * prefix * 2 * d["q"]  # prefix keys and values, in every layer
+    if s.grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
         layers = shape.layers * tokens * d["h"] + per_layer
     else:
         layers = shape.layers * per_layer - tokens * first_layer_saving(shape, run)
     head = tokens * shape.vocab if run.task == "causal-lm" else 0  # log-softmax output
-    mask = run.rows * run.length * (run.length + prefix)
+    mask = s.batch * s.seq_len * (s.seq_len + prefix)
     return (layers + tokens * 2 * d["h"] + head + mask) * FP32
 
 
@@ -166,7 +132,7 @@ def largest_trained_tensor(shape: Shape, run: CpuRun) -> int:
     if run.method == "full":
         return max([shape.vocab * shape.hidden] + [i * o for _, i, o in shape.linear])
     if run.method == "probe":
-        return shape.hidden * run.settings(shape).head_outputs
+        return shape.hidden * run.s.head_outputs
     return 0
 
 
@@ -174,7 +140,7 @@ def predict_peak_rss(shape: Shape, run: CpuRun, runtime_bytes: float) -> dict:
     """Predicted peak RSS of a `peftkit train` run on CPU, term by term. Activations and
     gradients peak at different moments (the forward's end; the optimizer step), so the larger
     of the two counts, on top of what is resident throughout."""
-    state = parameter_state(shape, run.method, run.settings(shape), base_bytes=FP32)
+    state = parameter_state(shape, run.method, run.s, base_bytes=FP32)
     weights = state["weights"]
     if run.task == "classify" and run.method != "full":  # see the module docstring
         weights -= shape.vocab * shape.hidden * FP32
@@ -201,7 +167,10 @@ def cpu_plan(shape: Shape, methods: list[str], rows: int, length: int, rank: int
     ram = psutil.virtual_memory().total
     out = {}
     for method in methods:
-        run = CpuRun(method, task, rows, length, rank=rank, grad_checkpointing=grad_checkpointing)
+        outputs = shape.vocab if task == "causal-lm" else 2
+        run = CpuRun(method, task, Settings(seq_len=length, batch=rows, rank=rank,
+                                            grad_checkpointing=grad_checkpointing,
+                                            head_outputs=outputs, embed_bytes=FP32))
         terms = predict_peak_rss(shape, run, runtime_bytes)
         out[method] = {**{f"{k}_gib": v / 2 ** 30 for k, v in terms.items()},
                        "fits_ram": terms["total"] <= ram}

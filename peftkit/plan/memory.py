@@ -21,6 +21,7 @@ Time: FLOPs per trained token = 6N (full), 4N (PEFT: no weight gradients for the
 import math
 from dataclasses import dataclass
 
+from peftkit.methods.spec import spec_for
 from peftkit.plan.shapes import Shape
 
 GB = 1e9
@@ -30,7 +31,8 @@ CUDA_CONTEXT_GB = 1.0  # assumption: context + cuBLAS workspace
 FRAGMENTATION = 0.05  # assumption: allocator slack on top of tensors
 UTILISATION = {"full": 0.4, "full_mixed": 0.4, "probe": 0.4, "lora": 0.4, "qlora": 0.1}
 # QLoRA's default is lower: every matmul dequantizes its NF4 weight first (assumption).
-FLOPS_PER_TOKEN = {"full": 6, "full_mixed": 6, "probe": 2, "lora": 4, "qlora": 4}
+FLOPS_PER_TOKEN = {"full": 6, "full_mixed": 6, "probe": 2}
+ADAPTER_FLOPS_PER_TOKEN = 4  # forward + input gradients; the frozen weights get none
 
 
 @dataclass
@@ -45,6 +47,22 @@ class Settings:
     embed_bytes: int = 2  # QLoRA: bytes per non-quantized parameter (QLoRA recipe: bf16)
     virtual_tokens: int = 20  # prompt / prefix tuning length (the run's, when planning a run)
     bottleneck: int = 64  # bottleneck adapter width
+    dropout: float = 0.05  # LoRA / DoRA input dropout: the CPU model counts its saved noise
+
+    @classmethod
+    def from_train(cls, cfg, largest_batch, head_outputs: int, embed_bytes: int) -> "Settings":
+        """A training run's own sizes (train/config.TrainConfig), at its largest batch."""
+        rows, length = largest_batch
+        return cls(seq_len=length, batch=rows, rank=cfg.rank, targets=cfg.target_list(),
+                   grad_checkpointing=cfg.grad_checkpointing,
+                   adam_8bit=cfg.optim != "adamw", head_outputs=head_outputs,
+                   embed_bytes=embed_bytes, virtual_tokens=cfg.num_virtual_tokens,
+                   bottleneck=cfg.bottleneck_size, dropout=cfg.dropout)
+
+
+def adapter_params(shape: Shape, method: str, s: Settings) -> int:
+    """Trainable parameters of an adapter method (or variant: qlora) at the sizes `s`."""
+    return spec_for(method).params(shape, s)
 
 
 def activation_bytes(shape: Shape, s: Settings, method: str, bytes_per_value: int = 2) -> float:
@@ -69,8 +87,7 @@ def parameter_state(shape: Shape, method: str, s: Settings, base_bytes: int = 2)
     if method == "probe":
         head = shape.hidden * s.head_outputs + s.head_outputs
         return {"weights": base_bytes * n + 4 * head, "grads": 4 * head, "optimizer": moments * head}
-    p = shape.adapter_params("lora" if method == "qlora" else method, s.rank, s.targets,
-                             s.virtual_tokens, s.bottleneck)
+    p = adapter_params(shape, method, s)
     if method == "qlora":
         q = shape.quantizable_params
         tables = shape.layers * len(shape.linear) * NF4_TABLE_BYTES
@@ -92,9 +109,13 @@ def device_bytes(shape: Shape, method: str, s: Settings, base_bytes: int = 2) ->
 
 
 def train_flops(shape: Shape, method: str, tokens: float) -> float:
-    """FLOPs to train on `tokens` tokens (DoRA counted as LoRA: its extra norms are O(d·k));
-    a mixture of experts computes with the parameters a token is routed through."""
-    return FLOPS_PER_TOKEN["lora" if method == "dora" else method] * shape.active * tokens
+    """FLOPs to train on `tokens` tokens; every adapter method backpropagates through the frozen
+    base without its weight gradients (DoRA's extra norms are O(d·k), IA³'s and the virtual
+    tokens' work is negligible); a mixture of experts computes with the parameters a token is
+    routed through."""
+    if method not in FLOPS_PER_TOKEN:
+        spec_for(method)  # an unknown method is refused by name
+    return FLOPS_PER_TOKEN.get(method, ADAPTER_FLOPS_PER_TOKEN) * shape.active * tokens
 
 
 def sequential_seconds(load_seconds: float, tenant_flops: list[float],

@@ -45,29 +45,6 @@ class Shape:
         """The block's linear layers an adapter with these targets wraps."""
         return [(n, i, o) for n, i, o in self.linear if targets == "all-linear" or n in targets]
 
-    def adapter_params(self, method: str, rank: int = 16, targets="all-linear",
-                       virtual_tokens: int = 20, bottleneck: int = 64) -> int:
-        chosen = self.targeted(targets)
-        if method in ("lora", "qlora"):
-            return self.layers * sum(rank * (i + o) for _, i, o in chosen)
-        if method == "dora":
-            return self.layers * sum(rank * (i + o) + o for _, i, o in chosen)
-        if method == "ia3" and targets != "all-linear":  # the run's own layers: a scale per
-            return self.layers * sum(i if n in FEEDFORWARD else o for n, i, o in chosen)  # output
-        if method == "ia3":  # (or per input of a feed-forward one); else k, v and down_proj
-            return self.layers * (2 * self.kv_heads * self.hidden // self.heads
-                                  + dict((n, i) for n, i, _ in self.linear).get("down_proj", 0))
-        if method == "prompt":
-            return virtual_tokens * self.hidden
-        if method == "prefix":
-            return virtual_tokens * self.layers * 2 * self.kv_heads * (self.hidden // self.heads)
-        if method == "bottleneck":
-            return self.layers * 2 * (2 * bottleneck * self.hidden + bottleneck + self.hidden)
-        raise PeftkitError(f"no adapter size rule for method '{method}'")
-
-
-FEEDFORWARD = ("down_proj", "dense_4h_to_h", "fc2", "w2", "c_proj")  # IA³ scales their input
-
 
 def parse_size(text: str) -> float | None:
     """The parameter count a bare size names (`70B`; `8x7B` per expert), else None."""

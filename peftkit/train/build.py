@@ -8,7 +8,7 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods import add_adapter
 from peftkit.methods.inject import find_targets, not_adapted_note
-from peftkit.methods.registry import ADAPTER_METHODS
+from peftkit.methods.spec import SPECS, spec_for
 from peftkit.models import Base, load_base, peek_config
 from peftkit.quant import QuantConfig
 from peftkit.train.config import TrainConfig
@@ -35,10 +35,9 @@ class Trainee:
 def adapter_config(cfg: TrainConfig, model=None):
     """The method's adapter config from the run's flags (each config class's `from_run`), its
     default placement read from `model`'s architecture."""
-    name = "lora" if cfg.method == "qlora" else cfg.method  # QLoRA: LoRA on an NF4 base
     model_type = model.config.model_type if model is not None else "llama"
     linear = find_targets(model, "all-linear") if model is not None else ()
-    return ADAPTER_METHODS[name].config.from_run(cfg, model_type, linear)
+    return spec_for(cfg.method).config.from_run(cfg, model_type, linear)
 
 
 def quant_for(method: str, dtype: torch.dtype) -> QuantConfig | None:
@@ -125,7 +124,7 @@ def _build_lm(cfg: TrainConfig, quant, where: dict) -> Trainee:
     return Trainee(cfg, task, base, adapted, adapted.adapter_parameters(), adapted=adapted)
 
 
-CAUSAL_ONLY = ("prompt", "prefix")  # virtual tokens need a causal LM's cache
+CAUSAL_ONLY = tuple(n for n, s in SPECS.items() if s.virtual)  # a causal LM's tokens or cache
 
 
 def _build_classifier(cfg: TrainConfig, label_names: list[str], quant, where: dict) -> Trainee:

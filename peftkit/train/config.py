@@ -8,8 +8,9 @@ from pathlib import Path
 import yaml
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.spec import SPECS, VARIANTS, training_names
 
-METHODS = ("full", "probe", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "bottleneck")
+METHODS = ("full", "probe", *training_names())  # the adapter methods' from their specs
 
 
 @dataclass
@@ -123,9 +124,10 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 # Dettmers et al. 2023; IA³ 3e-3, Liu et al. 2022). A classifier (a new head on a pretrained
 # body): the GLUE recipes, full FT 5e-5 (Devlin et al. 2019's grid {2,3,5}e-5) and LoRA 5e-4
 # (Hu et al. 2021, Table 9, SST-2), as validated on SST-2 by bench/quality.py (docs/results.md).
-DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, "lora": 2e-4, "qlora": 2e-4, "dora": 2e-4,
-              "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2, "bottleneck": 1e-3}
-CLASSIFY_LR = {**DEFAULT_LR, "full": 5e-5, "lora": 5e-4, "qlora": 5e-4, "dora": 5e-4}
+# The adapter methods' own are in their specs (methods/spec.py).
+_SPEC = {n: SPECS[VARIANTS.get(n, n)] for n in training_names()}
+DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, **{n: s.lr for n, s in _SPEC.items()}}
+CLASSIFY_LR = {"full": 5e-5, "probe": 1e-3, **{n: s.classify_lr for n, s in _SPEC.items()}}
 
 
 # the options with a fixed set of values (validate() and the CLI's choices)

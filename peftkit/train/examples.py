@@ -5,6 +5,7 @@ with unseen labels, rows over the model's context)."""
 
 from peftkit.data import IGNORE, split, tokenize
 from peftkit.errors import PeftkitError
+from peftkit.methods.spec import virtual_at
 from peftkit.train.config import TrainConfig
 
 
@@ -49,7 +50,7 @@ def check_context(cfg: TrainConfig, config, examples) -> None:
     """Rows the model cannot hold (after truncation to --max-length, with prompt tuning's
     virtual tokens) are refused before training, not at its final evaluation."""
     context = getattr(config, "max_position_embeddings", None)
-    virtual = cfg.num_virtual_tokens if cfg.method == "prompt" else 0
+    virtual = cfg.num_virtual_tokens if virtual_at(cfg.method) == "input" else 0
     longest = max((len(e.input_ids) for e in examples), default=0)
     if context and longest + virtual > context:
         extra = f" + {virtual} virtual tokens" if virtual else ""

@@ -32,6 +32,7 @@ from peftkit.device import autocast
 from peftkit.errors import DataError, PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.methods.inject import find_targets, not_adapted_note
+from peftkit.methods.spec import spec_for, training_names
 from peftkit.models import load_base
 from peftkit.plan.memory import sequential_seconds, train_flops
 from peftkit.plan.shapes import shape_from_config
@@ -44,7 +45,7 @@ from peftkit.train.loop import RunLoop, Tenant, clip, loss_terms
 from peftkit.train.report import Meter, peak_rss_bytes
 from peftkit.train.run_dir import claim
 
-JOINT_METHODS = ("lora", "qlora", "dora")
+JOINT_METHODS = tuple(n for n in training_names() if spec_for(n).joint)
 SHARED = ("model", "device", "dtype", "max_length", "attn", "grad_checkpointing",
           "chat_template")  # one base, one tokenizer
 

@@ -86,14 +86,13 @@ def planner_predictions(t, meter: Meter) -> dict:
     from peftkit.plan.shapes import shape_from_config
     cfg = t.config
     shape = shape_from_config(cfg.model, t.base.model.config)
-    run = CpuRun.from_train(cfg, t.task, len(t.label_names), meter.largest_batch)
+    run = CpuRun.from_train(cfg, t.task, shape, len(t.label_names), meter.largest_batch)
     peak = predict_peak_rss(shape, run, meter.runtime_rss)
-    out = {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method,
-                                                              run.settings(shape)),
+    out = {"predicted_model_state_bytes": predict_state_bytes(shape, cfg.method, run.s),
            "predicted_peak_rss": {k: int(v) for k, v in peak.items()}}
     if t.device.type == "cuda":  # the GPU plan's figure for this very run
         from peftkit.plan.memory import device_bytes
-        gpu = device_bytes(shape, cfg.method, run.settings(shape), base_bytes=t.dtype.itemsize)
+        gpu = device_bytes(shape, cfg.method, run.s, base_bytes=t.dtype.itemsize)
         out["predicted_peak_device_bytes"] = {k: int(v) for k, v in gpu.items()}
     return out
 

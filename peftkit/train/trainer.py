@@ -11,6 +11,7 @@ import torch
 from peftkit.data.templates import use_chat_template
 from peftkit.device import autocast, reset_peak
 from peftkit.errors import PeftkitError
+from peftkit.methods.spec import virtual_at
 from peftkit.train.allocator import trim_between_layers
 from peftkit.train.batches import batch_at, collate, drawn, pack
 from peftkit.train.build import build
@@ -209,8 +210,8 @@ def check_packing(cfg: TrainConfig, task: str) -> None:
     from peftkit.models import peek_config
     why = ("it packs causal-LM tokens; classification rows stay one example each"
            if task == "classify" else
-           "virtual tokens are prepended per row, not per example" if cfg.method in
-           ("prompt", "prefix") else
+           "virtual tokens are prepended per row, not per example" if virtual_at(cfg.method)
+           else
            "a probe trains on one feature per example" if cfg.method == "probe" else None)
     kind = peek_config(cfg.model).model_type
     if why is None and kind in NO_PACKING:
