@@ -25,7 +25,7 @@ def main() -> dict:
     os.chmod(keys, 0o600)
     proc = psutil.Process()
     with serving(lying_backend([])) as backend:
-        gw = Gateway(GatewayConfig(backends=[backend], api_keys=keys, bases=["tiny"]))
+        gw = Gateway(GatewayConfig(backends=[backend], api_keys=keys, base=("tiny",)))
         with serving(create_gateway_app(gw)) as url:
             async def flood(start: int, n: int):
                 async with httpx.AsyncClient(base_url=url, timeout=60, headers={

@@ -5,7 +5,7 @@ import sys
 
 from safetensors import SafetensorError
 
-from peftkit.cli_flags import add_config_flags, add_placement, placement, positive
+from peftkit.cli_flags import add_config_flags, add_placement, config_from_args, placement, positive
 from peftkit.cli_files import add_data_parser, add_export_parser
 from peftkit.cli_train import add_train_parser
 from peftkit.errors import DataError, PeftkitError
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_placement(s)
     s.set_defaults(func=cmd_compare)
 
+    from peftkit.train.config import STRATEGIES
     s = sub.add_parser("plan", help="memory, GPUs, time and cost per approach + a recommendation")
     s.add_argument("--model", default="smollm2-135m",
                    help="alias, HF dir, config.json or a size (70B)")
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-language", action="store_true",
                    help="the task is a programming language the base never saw")
     s.add_argument("--icl-enough", action="store_true", help="prompting already works")
-    s.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+    s.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="how --gpus share the work: fsdp shards parameter state, ddp replicates")
     s.add_argument("--cpu", action="store_true",
                    help="instead: peak RSS of `peftkit train` on this CPU, per method, for "
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 
-    from peftkit.serve.config import ServeConfig
+    from peftkit.serve.config import GatewayConfig, ServeConfig
     s = sub.add_parser("serve", help="serve one base and many adapters (OpenAI-compatible API)")
     add_config_flags(s, ServeConfig, {"quantize": ("nf4",)}, skip=("device", "dtype", "attn"))
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -144,28 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("gateway", help="one endpoint over several servers, routed by adapter")
-    s.add_argument("--backends", required=True,
-                   help="comma-separated base URLs of `peftkit serve` or vLLM servers")
-    s.add_argument("--api-keys", help="the keys file `serve` takes: tenants, keys, adapters")
-    s.add_argument("--backend-key", help="the key the gateway sends to its backends")
-    s.add_argument("--spill", type=int, default=8,
-                   help="leave an adapter's backend when it has this many more requests in "
-                        "flight than the least-loaded one")
-    s.add_argument("--health-every", type=float, default=1.0, help="seconds between checks")
-    s.add_argument("--base", help="comma-separated base model ids any caller may use (default: "
-                                  "learned from the backends, never widening the keys file)")
-    s.add_argument("--insecure-open", action="store_true",
-                   help="serve without --api-keys: anyone may use every adapter and the admin "
-                        "endpoints (localhost only)")
-    s.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds to a backend's first byte (a whole answer when not streamed); "
-                        "past it the backend leaves the rotation and the request is retried")
-    s.add_argument("--chunk-timeout", type=float, default=60.0,
-                   help="seconds between two chunks of a backend's stream before it is failed")
-    s.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body")
-    s.add_argument("--tenant-max-inflight", type=int, default=0,
-                   help="requests one tenant may have in flight through the gateway (0: no "
-                        "limit); past it, 429")
+    add_config_flags(s, GatewayConfig, {})
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8080, help="port to listen on")
     s.set_defaults(func=cmd_gateway)
@@ -225,11 +205,10 @@ def cmd_plan_cpu(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from dataclasses import fields
-
     from peftkit.serve.app import create_app
-    from peftkit.serve.server import ServeConfig, Server
-    cfg = ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+    from peftkit.serve.config import ServeConfig
+    from peftkit.serve.server import Server
+    cfg = config_from_args(ServeConfig, args)
     server = Server(cfg).start()
     print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -243,14 +222,9 @@ def cmd_serve(args) -> None:
 def cmd_gateway(args) -> None:
     import uvicorn
 
-    from peftkit.serve.gateway import Gateway, GatewayConfig, create_gateway_app
-    cfg = GatewayConfig(backends=[u for u in args.backends.split(",") if u],
-                        api_keys=args.api_keys, backend_key=args.backend_key, spill=args.spill,
-                        health_every_s=args.health_every,
-                        bases=[b for b in (args.base or "").split(",") if b] or None,
-                        insecure_open=args.insecure_open, timeout_s=args.timeout,
-                        chunk_timeout_s=args.chunk_timeout, max_body_mb=args.max_body_mb,
-                        tenant_max_inflight=args.tenant_max_inflight)
+    from peftkit.serve.config import GatewayConfig
+    from peftkit.serve.gateway import Gateway, create_gateway_app
+    cfg = config_from_args(GatewayConfig, args)
     gateway = Gateway(cfg)
     gateway.preflight(listen=(args.host, args.port))
     app = create_gateway_app(gateway)

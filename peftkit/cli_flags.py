@@ -3,6 +3,8 @@ field comments their help), and the placement flags every model-loading command 
 
 import argparse
 
+from peftkit.bounds import flag_name
+
 
 def add_placement(s) -> None:
     """--device / --dtype / --attn, as `peftkit train` has them (TrainConfig's fields)."""
@@ -23,7 +25,8 @@ def placement(args):
 def add_config_flags(s, cls, choices: dict, config_defaults: bool = True, skip=(),
                      help_for: dict | None = None) -> None:
     """One flag per dataclass field (`max_body_mb` -> --max-body-mb, a trailing `_s` dropped:
-    `slot_wait_s` -> --slot-wait), its comment as help text and `choices` as its values. With
+    `slot_wait_s` -> --slot-wait), its comment as help text and `choices` as its values; a
+    field without a default is a required flag, a tuple a comma-separated list. With
     `config_defaults` False every default is None, so a config file's values are overridden
     only by flags given."""
     from dataclasses import MISSING, fields
@@ -31,10 +34,13 @@ def add_config_flags(s, cls, choices: dict, config_defaults: bool = True, skip=(
     for f in fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.removesuffix("_s").replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = flag_name(f.name)
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else f.default if f.default is not MISSING \
+            else f.default_factory()
         doc = docs.get(f.name, "")
-        shown = f"{doc} (default: {default!r})" if f.name not in (help_for or {}) else doc
+        shown = doc if required or f.name in (help_for or {}) else \
+            f"{doc} (default: {_shown(default)})"
         kind = str(f.type)
         if kind in ("bool", "<class 'bool'>"):
             s.add_argument(flag, dest=f.name, action="store_const", const=True,
@@ -45,8 +51,21 @@ def add_config_flags(s, cls, choices: dict, config_defaults: bool = True, skip=(
         else:
             convert = int if "int" in kind else float if "float" in kind else str
         s.add_argument(flag, dest=f.name, type=convert, choices=choices.get(f.name),
-                       default=default if config_defaults else None,
-                       metavar=None if f.name in choices else f.name.upper(), help=shown)
+                       required=required, default=default if config_defaults else None,
+                       metavar=None if f.name in choices else f.name.removesuffix("_s").upper(),
+                       help=shown)
+
+
+def _shown(default) -> str:
+    if default is None or default == ():
+        return "none"
+    return ",".join(default) if isinstance(default, tuple) else repr(default)
+
+
+def config_from_args(cls, args):
+    """The dataclass `add_config_flags` made the flags of, from the parsed arguments."""
+    from dataclasses import fields
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -54,7 +73,7 @@ def field_docs(cls) -> dict[str, str]:
     written once, beside the field."""
     import inspect
     import re
-    pattern = re.compile(r"^\s+(\w+): [^=]+= .*?#\s*(.+)$")
+    pattern = re.compile(r"^\s+(\w+): [^=#]+(?:= .*?)?#\s*(.+)$")
     return {m.group(1): m.group(2).strip() for line in inspect.getsource(cls).splitlines()
             if (m := pattern.match(line))}
 

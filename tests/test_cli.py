@@ -164,3 +164,35 @@ def test_data_alone_prints_its_own_help(capsys):
     assert main(["data"]) == 2
     out = capsys.readouterr().out
     assert "check" in out and "data commands" in out
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["serve", "--max-loaded", "0"], "--max-loaded: must be >= 1, got 0"),
+    (["serve", "--max-queue", "0"], "--max-queue: must be >= 1, got 0"),
+    (["serve", "--slot-wait", "-1"], "--slot-wait: must be >= 0, got -1.0"),
+    (["serve", "--request-timeout", "0"], "--request-timeout: must be > 0, got 0.0"),
+    (["gateway", "--backends", ",", "--insecure-open"], "--backends: give at least one"),
+    (["gateway", "--backends", "http://a", "--timeout", "0"], "--timeout: must be > 0, got 0.0"),
+    (["gateway", "--backends", "http://a", "--max-affinity", "0"],
+     "--max-affinity: must be >= 1, got 0"),
+    (["gateway", "--backends", "http://a", "--down-for", "-1"], "--down-for: must be >= 0")])
+def test_serving_limits_are_checked_at_their_edge_before_anything_loads(argv, error, capsys):
+    """Issue 28.7: `serve --max-loaded 0` started a server with no slot; the gateway's flags
+    were hand-written, so --connect-timeout, --down-for and --max-affinity could not be set.
+    Both commands' flags are now their config's fields, each bounded."""
+    assert main(argv) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_every_gateway_setting_is_a_flag():
+    from peftkit.cli import build_parser
+    from peftkit.serve.config import GatewayConfig
+    args = build_parser().parse_args(
+        ["gateway", "--backends", "http://a:1,http://b:2", "--base", "tiny", "--timeout", "3",
+         "--connect-timeout", "1.5", "--down-for", "2", "--max-affinity", "9",
+         "--max-body-mb", "0.5", "--insecure-open"])
+    from peftkit.cli_flags import config_from_args
+    cfg = config_from_args(GatewayConfig, args)
+    assert cfg.backends == ("http://a:1", "http://b:2") and cfg.base == ("tiny",)
+    assert (cfg.timeout_s, cfg.connect_timeout_s, cfg.down_for_s, cfg.max_affinity,
+            cfg.max_body_mb, cfg.insecure_open) == (3.0, 1.5, 2.0, 9, 0.5, True)

@@ -66,7 +66,7 @@ def gateway(request, tmp_path):
     seen = []
     with serving(lying_backend(seen)) as backend:
         gw = Gateway(GatewayConfig(backends=[backend], api_keys=str(keys), health_every_s=0.2,
-                                   bases=request.param, max_affinity=50))
+                                   base=request.param or (), max_affinity=50))
         with serving(create_gateway_app(gw)) as url:
             deadline = time.time() + 10
             while not gw.bases and time.time() < deadline:
@@ -213,7 +213,7 @@ def test_a_silent_backend_is_timed_out_and_the_request_retried(tmp_path):
     seen = []
     with serving(_silent_backend()) as silent, serving(lying_backend(seen)) as honest:
         gw = Gateway(GatewayConfig(backends=[silent, honest], api_keys=str(keys),
-                                   bases=["tiny"], timeout_s=1.0, health_every_s=0.1))
+                                   base=("tiny",), timeout_s=1.0, health_every_s=0.1))
         with serving(create_gateway_app(gw)) as url:
             start = time.perf_counter()
             answers = [_ask(url, ALICE, "tiny") for _ in range(3)]
@@ -228,7 +228,7 @@ def test_a_stream_that_goes_silent_ends_with_one_error_event(tmp_path):
     keys.write_text(KEYS)
     os.chmod(keys, 0o600)
     with serving(_silent_backend(stream_then_hang=True)) as silent:
-        gw = Gateway(GatewayConfig(backends=[silent], api_keys=str(keys), bases=["tiny"],
+        gw = Gateway(GatewayConfig(backends=[silent], api_keys=str(keys), base=("tiny",),
                                    chunk_timeout_s=1.0))
         with serving(create_gateway_app(gw)) as url:
             start = time.perf_counter()

@@ -212,7 +212,9 @@ def test_error_contract(live, adapters):
 
 
 def test_queue_full_is_429_with_retry_after(adapters):
-    server = make_server(adapters, max_queue=0)  # engine not started: nothing drains
+    server = make_server(adapters, max_queue=1)  # engine not started: nothing drains
+    tok = server.base.tokenizer
+    server.engine.submit(Request(tok(PROMPT).input_ids, -1, Sampling(max_tokens=2)))  # the 1
 
     async def go():
         async with client(server) as c:

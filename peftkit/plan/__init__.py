@@ -13,6 +13,7 @@ from peftkit.plan.advisor import TaskProfile, advise
 from peftkit.plan.evidence import for_rule
 from peftkit.plan.memory import GB, NF4_BITS, Settings, adapter_params, estimate
 from peftkit.plan.shapes import Shape, parse_size, shape_for
+from peftkit.train.config import STRATEGIES
 
 APPROACHES = ("full", "full_mixed", "probe", "lora", "qlora")
 CATALOG = Path(__file__).with_name("gpus.json")
@@ -84,8 +85,8 @@ def make_plan(model: str, gpu: str = "H100", gpus: int = 1, seq_len: int | None 
     s = Settings(seq_len=seq_len, batch=batch, rank=rank, grad_checkpointing=grad_checkpointing,
                  adam_8bit=adam_8bit)
     tokens = dataset_tokens * epochs
-    if strategy not in ("auto", "ddp", "fsdp"):
-        raise PeftkitError(f"--strategy {strategy}: choose auto, ddp, fsdp")
+    if strategy not in STRATEGIES:
+        raise PeftkitError(f"--strategy {strategy}: choose {', '.join(STRATEGIES)}")
     approaches = {a: estimate(shape, a, s, spec, gpus, tokens, price, strategy)
                   for a in APPROACHES}
     prof = TaskProfile(params=shape.params, gpus=gpus, tenants=tenants, **(profile or {}))

@@ -19,7 +19,6 @@ import contextlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import httpx
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -28,29 +27,12 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as Total
 
 from peftkit.errors import PeftkitError
+from peftkit.serve.config import GatewayConfig
 from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, CompletionBody, authenticate,
                                install_errors, missing)
 from peftkit.serve.limits import BodyLimit
 from peftkit.serve.routing import Backend, Router
 from peftkit.serve.tenancy import Tenancy
-
-
-@dataclass
-class GatewayConfig:
-    backends: list[str]
-    api_keys: str | None = None  # the tenancy file `serve` takes (None: open, as serve)
-    backend_key: str | None = None  # sent to every backend (an admin key of theirs)
-    health_every_s: float = 1.0
-    spill: int = 8  # leave an adapter's holder when it has this many more in flight than the least loaded
-    timeout_s: float = 300.0  # a backend's first byte (a whole answer, if not streamed)
-    chunk_timeout_s: float = 60.0  # between two chunks of a backend's stream
-    connect_timeout_s: float = 5.0  # a backend's connection
-    down_for_s: float = 10.0  # a failed backend stays out this long, even if /health answers
-    max_body_mb: float = 2.0
-    bases: list[str] | None = None  # the base model ids; None: learned from the backends
-    insecure_open: bool = False  # serve without --api-keys: anyone is admin (localhost only)
-    tenant_max_inflight: int = 0  # requests one tenant may have in flight; 0 = no limit
-    max_affinity: int = 4096  # adapter names remembered per backend (least recently routed go)
 
 
 MAX_MODEL_ID = 256  # longer model names are refused before routing (nothing is remembered)
@@ -71,8 +53,8 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None
         # the base model ids (no adapter to route by): --base, or what the backends list with
         # no parent; a learned one never widens access (see `base_for`)
-        self.bases: set[str] = set(cfg.bases or ())
-        self.learn_bases = not cfg.bases
+        self.bases: set[str] = set(cfg.base)
+        self.learn_bases = not cfg.base
         r = self.registry = CollectorRegistry()
         self.requests = Total("peftkit_gateway_requests", "Requests by backend and status",
                                 ["backend", "status"], registry=r)

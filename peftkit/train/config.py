@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from peftkit.bounds import check_bounds, flag_name
 from peftkit.errors import PeftkitError
 from peftkit.methods.spec import SPECS, VARIANTS, training_names
 
@@ -81,7 +82,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every option typed and in range (RANGES, CHOICES), named by its flag."""
-        typed_options(asdict(self), flag)
+        typed_options(asdict(self), flag_name)
         if not self.data:
             raise PeftkitError("no training data: give --data FILE")
         from peftkit.train.tracking import trackers
@@ -120,6 +121,7 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+STRATEGIES = ("auto", "ddp", "fsdp")  # beyond one device; the planner's too
 # Peak learning rates for --lr 0. A causal LM: the usual LLM-tuning values (LoRA/QLoRA 2e-4,
 # Dettmers et al. 2023; IA³ 3e-3, Liu et al. 2022). A classifier (a new head on a pretrained
 # body): the GLUE recipes, full FT 5e-5 (Devlin et al. 2019's grid {2,3,5}e-5) and LoRA 5e-4
@@ -133,7 +135,7 @@ CLASSIFY_LR = {"full": 5e-5, "probe": 1e-3, **{n: s.classify_lr for n, s in _SPE
 # the options with a fixed set of values (validate() and the CLI's choices)
 CHOICES = {"method": METHODS, "task": ("auto", "causal-lm", "classify"),
            "schedule": ("cosine", "linear", "constant"), "optim": OPTIMIZERS,
-           "strategy": ("auto", "ddp", "fsdp"), "probe_head": ("linear", "mlp"),
+           "strategy": STRATEGIES, "probe_head": ("linear", "mlp"),
            "attn": ("auto", "sdpa", "eager", "flash_attention_2"),
            "metric": ("eval_loss", "perplexity", "accuracy", "macro_f1", "exact_match"),
            "keep": ("auto", "best", "last")}
@@ -169,10 +171,6 @@ RANGES = {
     "bottleneck_size": (lambda v: v >= 1, ">= 1"), "nproc": (lambda v: v >= 1, ">= 1"),
     "dist_timeout": (lambda v: v > 0, "> 0"), "max_record_mb": (lambda v: v > 0, "> 0"),
 }
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def typed_options(values: dict, where) -> dict:
@@ -214,8 +212,7 @@ def _as(kind, value):
 
 
 def _in_range(key: str, value, where) -> None:
-    if key in RANGES and not RANGES[key][0](value):
-        raise PeftkitError(f"{where(key)}: must be {RANGES[key][1]}, got {value}")
+    check_bounds({key: value}, RANGES, where)
     if key in CHOICES and value not in CHOICES[key]:
         raise PeftkitError(f"{where(key)}: '{value}' is not one of {', '.join(CHOICES[key])}")
 

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from peftkit.errors import PeftkitError
-
-STRATEGIES = ("auto", "ddp", "fsdp")
+from peftkit.train.config import STRATEGIES
 # Full fine-tuning, and LoRA over a base too large for one device (frozen base and adapters
 # sharded together, layer by layer). Tested both ways against one process; QLoRA's 4-bit
 # weights, virtual tokens and heads are not built for sharding here.
