@@ -6,7 +6,6 @@ Safetensors only: a pickle (`adapter_model.bin`) is refused, never opened.
 import difflib
 import json
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,14 +16,13 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods.config import (AdapterConfig, LoraConfig, PrefixTuningConfig,
                                     PromptTuningConfig, config_from_peft)
-from peftkit.methods.inject import AdaptedModel, make_layer
-from peftkit.methods.layers import SlotRouter
-from peftkit.methods.prompt import VirtualTokens, kv_geometry
-from peftkit.methods.registry import KEYS, method_of, spec_of
+from peftkit.methods.inject import AdaptedModel, add_adapter
+from peftkit.methods.prompt import VirtualTokens
+from peftkit.methods.registry import KEYS, spec_of
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
-VIRTUAL_KEY = "prompt_embeddings"
+VIRTUAL_KEY, = VirtualTokens.KEYS
 
 
 def adapter_dir(path: Path) -> Path:
@@ -42,24 +40,17 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path, slot: int | str =
     config = adapted.slot_configs[k]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors, written = {}, []
-    if adapted.virtual is not None:
-        tensors[VIRTUAL_KEY] = adapted.virtual.prompt_embeddings[k]
-    for name, layer in adapted.adapted_layers().items():
-        if modules is not None and name not in modules:
+    tensors, written, fields = {}, [], {}
+    for path, module in adapted.slot_modules().items():
+        if modules is not None and path and path not in modules:
             continue
-        local = layer.read_slot(k, config)
-        written.append(name)
-        tensors.update({f"{PREFIX}{name}.{key}": v for key, v in local.items()})
+        tensors.update({peft_key(path, key): v for key, v in module.read_slot(k, config).items()})
+        written += [path] if path else []
+        fields.update(module.peft_fields())
     tensors = {key: v.detach().to(torch.float32).contiguous().clone() for key, v in tensors.items()}
-    if isinstance(config, PrefixTuningConfig):
-        peft = config.to_peft(*kv_geometry(adapted.model.config))
-    else:
-        peft = config.to_peft()
+    peft = {**config.to_peft(), **fields}
     if peft.get("target_modules") == "all-linear":  # written resolved, as PEFT writes it
         peft["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in written})
-    if any(layer.conv1d for layer in adapted.adapted_layers().values()):
-        peft["fan_in_fan_out"] = True  # GPT-2's Conv1D: PEFT transposes these when merging
     peft["base_model_name_or_path"] = base_name
     peft["inference_mode"] = True
     (directory / CONFIG_NAME).write_text(json.dumps(peft, indent=2, sort_keys=True) + "\n")
@@ -180,122 +171,69 @@ def load_adapters(model: nn.Module, directories: dict[str, str | Path],
     first = items[0][2]
     if isinstance(first, LoraConfig) and len({c.use_dora for _, _, c, _ in items}) > 1:
         raise PeftkitError("LoRA and DoRA adapters cannot share one stack; serve them apart")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapted = AdaptedModel(model, first, [n for n, *_ in items])
+    per_module: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for k, (name, directory, cfg, tensors) in enumerate(items):
+        for path, local in by_module(tensors, directory / WEIGHTS_NAME).items():
+            per_module.setdefault(path, {})[k] = local
+    virtual = spec_of(first).layer is None
+    for name, directory, cfg, tensors in items if virtual else ():
+        if cfg.num_virtual_tokens != first.num_virtual_tokens:
+            raise PeftkitError(f"adapter '{name}': {cfg.num_virtual_tokens} virtual tokens, but "
+                               f"'{items[0][0]}' has {first.num_virtual_tokens}; one stack "
+                               "needs one length")
+    for path, slots in per_module.items():  # model-level tensors in a layer adapter, or back
+        if (path == "") != virtual:
+            raise PeftkitError(f"{items[min(slots)][1] / WEIGHTS_NAME}: unexpected tensor for "
+                               f"'{path or VIRTUAL_KEY}' in a {first.peft_type} adapter")
+        if path:
+            _in_model(model, path, items[min(slots)][1] / WEIGHTS_NAME)
+    layers = {path: items[min(slots)][2] for path, slots in per_module.items()}
+    max_r = max((c.r for _, _, c, _ in items if isinstance(c, LoraConfig)), default=None)
+    try:
+        adapted = add_adapter(model, first, len(items), [n for n, *_ in items], init=False,
+                              modules=None if virtual else layers, r=max_r)
+    except PeftkitError as e:
+        raise PeftkitError(f"adapter '{items[0][0]}': {e}") from None
     adapted.slot_configs = [c for _, _, c, _ in items]
-    if isinstance(first, (PromptTuningConfig, PrefixTuningConfig)):
-        _load_virtual(adapted, items)
-    else:
-        _load_layers(adapted, items)
+    holders = adapted.slot_modules()
+    for k, (name, directory, cfg, tensors) in enumerate(items):
+        for path, holder in holders.items():
+            local = per_module.get(path, {}).get(k)
+            if local is None and virtual:
+                raise PeftkitError(f"{directory / WEIGHTS_NAME}: no '{VIRTUAL_KEY}' tensor")
+            if local is not None:
+                check_module(holder, local, cfg, directory / WEIGHTS_NAME, path or VIRTUAL_KEY)
+                holder.write_slot(k, local, cfg)
     for p in adapted.adapter_parameters():
         p.requires_grad_(trainable)
     return adapted
 
 
-def _load_virtual(adapted: AdaptedModel, items) -> None:
-    kind = "prompt" if isinstance(items[0][2], PromptTuningConfig) else "prefix"
-    n = items[0][2].num_virtual_tokens
-    context = getattr(adapted.model.config, "max_position_embeddings", None)
-    if context and n >= context:
-        raise PeftkitError(f"adapter '{items[0][0]}': {n} virtual tokens leave no room in the "
-                           f"model's {context}-token context")
-    virtual = VirtualTokens(adapted.model, kind, n, len(items))
-    for k, (name, directory, cfg, tensors) in enumerate(items):
-        t = tensors.get(VIRTUAL_KEY)
-        where = directory / WEIGHTS_NAME
-        if t is None:
-            raise PeftkitError(f"{where}: no '{VIRTUAL_KEY}' tensor")
-        if cfg.num_virtual_tokens != n:
-            raise PeftkitError(f"adapter '{name}': {cfg.num_virtual_tokens} virtual tokens, but "
-                               f"'{items[0][0]}' has {n}; one stack needs one length")
-        _check_shape(where, VIRTUAL_KEY, tuple(virtual.prompt_embeddings.shape[1:]), t)
-        with torch.no_grad():
-            virtual.prompt_embeddings[k] = t
-    adapted.virtual = virtual
+def _in_model(model: nn.Module, path: str, where: Path) -> None:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules()]
+        close = difflib.get_close_matches(path, names, n=2)
+        raise PeftkitError(f"{where}: module '{path}' is not in the base"
+                           + (f" (closest: {', '.join(close)})" if close else "")) from None
 
 
-def _load_layers(adapted: AdaptedModel, items) -> None:
-    model = adapted.model
-    per_module: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for k, (name, directory, cfg, tensors) in enumerate(items):
-        for path, local in _by_module(tensors, directory / WEIGHTS_NAME).items():
-            per_module.setdefault(path, {})[k] = local
-    max_r = max((c.r for _, _, c, _ in items if isinstance(c, LoraConfig)), default=None)
-    router: SlotRouter = adapted.router
-    for path, slots in per_module.items():
-        try:
-            base = model.get_submodule(path)
-        except AttributeError:
-            where = items[min(slots)][1] / WEIGHTS_NAME
-            names = [n for n, _ in model.named_modules()]
-            close = difflib.get_close_matches(path, names, n=2)
-            raise PeftkitError(f"{where}: module '{path}' is not in the base"
-                               + (f" (closest: {', '.join(close)})" if close else "")) from None
-        cfg0 = items[min(slots)][2]
-        layer = make_layer(base, path, cfg0, router, len(items), r=max_r)
-        for k, local in slots.items():
-            _write(layer, k, local, items[k], path)
-        model.set_submodule(path, layer)
-
-
-@dataclass
-class SlotWrite:
-    """One LoRA adapter read, checked and laid out for a serving stack's slots: per module its
-    A and B already in the slot's dtype and device, so writing a slot is copies only (done
-    under the engine's lock) and everything slow (disk, parsing, checks) happens before it."""
-    name: str
-    scale: float
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int  # the adapter's tensor bytes as stored
-
-
-def prepare_slot(layers: dict[str, nn.Module], name: str, directory: str | Path,
-                 root: Path | None = None) -> SlotWrite:
-    """Read and check one adapter for the slots of a stack's `layers` (`adapted_layers()`,
-    which the caller keeps: walking the model costs more than a small adapter's read); needs
-    no lock."""
-    directory = Path(directory)
-    config, tensors = read_adapter(directory, root)
-    where = directory / WEIGHTS_NAME
-    method = method_of(config)
-    if not spec_of(config).mixed_batch:
-        kind = {"dora": "DoRA", "ia3": "IA³"}.get(method, method)
-        raise PeftkitError(f"adapter '{name}': {kind} adapters cannot join the shared LoRA "
-                           "batch; only LoRA/rsLoRA adapters are served")
-    rank = next(iter(layers.values())).r
-    if config.r > rank:
-        raise PeftkitError(f"adapter '{name}': rank {config.r} exceeds the server's max rank {rank}")
-    modules = {}
-    for path, local in _by_module(tensors, where).items():
-        layer = layers.get(path)
-        if layer is None:
-            raise PeftkitError(f"{where}: module '{path}' is not adapted by this server")
-        _check_module(layer, local, config, where, path)
-        like = layer.lora_A
-        modules[path] = tuple(local[key].to(like.device, like.dtype).contiguous()
-                              for key in ("lora_A.weight", "lora_B.weight"))
-    return SlotWrite(name, config.scale, modules,
-                     sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-def _write(layer, k: int, local: dict, item, path: str) -> None:
-    """One module's tensors of one adapter into slot k, after checking names and shapes."""
-    _, directory, cfg, _ = item
-    _check_module(layer, local, cfg, directory / WEIGHTS_NAME, path)
-    layer.write_slot(k, local, cfg)
-
-
-def _check_module(layer, local: dict, config, where: Path, path: str) -> None:
-    """A module's tensors are the ones its layer needs for `config`, in its shapes."""
-    shapes = layer.slot_shapes(config)
+def check_module(holder, local: dict, config, where: Path, path: str) -> None:
+    """A module's tensors are the ones its slot module needs for `config`, in its shapes."""
+    shapes = holder.slot_shapes(config)
     _require(local, list(shapes), where, path)
     for key, shape in shapes.items():
-        _check_shape(where, f"{path}.{key}", shape, local[key])
+        _check_shape(where, key if key == path else f"{path}.{key}", shape, local[key])
 
 
-def _by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """PEFT keys -> {module path: {local name (lora_A.weight, ia3_l, ...): tensor}}."""
+def peft_key(path: str, key: str) -> str:
+    """PEFT's name of a slot module's tensor: model-level ones (virtual tokens) are bare."""
+    return f"{PREFIX}{path}.{key}" if path else key
+
+
+def by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT keys -> {module path ("" model-level): {local name (lora_A.weight, ...): tensor}}."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         path, local = _split_key(key, where)
@@ -304,6 +242,8 @@ def _by_module(tensors: dict[str, torch.Tensor], where: Path) -> dict[str, dict[
 
 
 def _split_key(key: str, where: Path) -> tuple[str, str]:
+    if key in VirtualTokens.KEYS:
+        return "", key
     if not key.startswith(PREFIX):
         raise PeftkitError(f"{where}: unexpected tensor '{key}' (PEFT keys start with '{PREFIX}')")
     rest = key[len(PREFIX):]

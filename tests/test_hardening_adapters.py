@@ -112,6 +112,7 @@ CORRUPT = {  # name -> how to spoil a good r=4 LoRA adapter directory (>= 30 kin
     "absent_target": lambda d: _set_tensor(
         d, "base_model.model.model.layers.0.self_attn.nope.lora_A.weight", A.clone()),
     "foreign_key": lambda d: _set_tensor(d, "something.else", A.clone()),
+    "stray_virtual_tokens": lambda d: _set_tensor(d, "prompt_embeddings", A.clone()),
     "missing_lora_b": lambda d: save_file({k: v for k, v in load_file(d / WEIGHTS).items()
                                            if "q_proj.lora_B" not in k}, d / WEIGHTS),
     "config_is_directory": lambda d: ((d / CONFIG).unlink(), (d / CONFIG).mkdir()),
@@ -140,7 +141,8 @@ REASONS = {  # name -> what its one line must say: the file, then the reason
     "config_nested": C + "invalid JSON", "config_list": C + "expected a JSON object",
     "config_huge": C + "2097182 bytes, over", "unknown_peft_type": "unknown peft_type 'LOHA'",
     "no_peft_type": "unknown peft_type None", "absent_target": "self_attn.nope' is not in",
-    "foreign_key": "unexpected tensor 'something.else'", "missing_lora_b": "lacks lora_B",
+    "foreign_key": "unexpected tensor 'something.else'",
+    "stray_virtual_tokens": "unexpected tensor for 'prompt_embeddings' in a LORA adapter", "missing_lora_b": "lacks lora_B",
     "config_is_directory": C + "not a regular file", "dangling_symlink": W + "missing or a",
     "weights_fifo": W + "not a regular file", "config_fifo": C + "not a regular file",
     "pickle_only": "adapter_model.bin: pickle adapters are refused",

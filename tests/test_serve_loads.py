@@ -63,7 +63,7 @@ def test_a_cold_load_never_stalls_other_tenants(root, monkeypatch):
     scheduling noise) of the same streams without loads. Were a read done on the event loop or
     under the engine's lock, every gap spanning one would be >= 300 ms (checked: moving the read
     under the engine's lock fails this test)."""
-    prepare = store_module.prepare_slot
+    prepare = store_module.prepare_adapter
 
     def slow_prepare(*args, **kw):
         time.sleep(SLOW_READ_S)
@@ -75,7 +75,7 @@ def test_a_cold_load_never_stalls_other_tenants(root, monkeypatch):
     cold = [f"a{i:02d}" for i in range(STREAMERS, 20)]  # 12 adapters, 4 free slots: always cold
     for name in streamers:
         server.store.load(name, pin=True)
-    monkeypatch.setattr(store_module, "prepare_slot", slow_prepare)
+    monkeypatch.setattr(store_module, "prepare_adapter", slow_prepare)
 
     async def run(loads: int):
         async with client(url) as c:

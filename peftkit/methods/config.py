@@ -211,11 +211,12 @@ class PrefixTuningConfig:
     num_virtual_tokens: int = 20  # Li & Liang §7.1: prefix length 10-200, 200 best on summarisation
     peft_type = "PREFIX_TUNING"
 
-    def to_peft(self, num_layers: int = 0, kv_heads: int = 0, head_dim: int = 0) -> dict:
+    def to_peft(self) -> dict:
+        """The model's geometry (num_layers, num_attention_heads, token_dim) is added by the
+        slot module that holds the prefixes (prompt.VirtualTokens.peft_fields)."""
         return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
-                "num_virtual_tokens": self.num_virtual_tokens, "num_layers": num_layers,
-                "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim,
-                "num_transformer_submodules": 1, "prefix_projection": False}
+                "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
+                "prefix_projection": False}
 
     @classmethod
     def from_run(cls, run, model_type: str, linear=()) -> "PrefixTuningConfig":

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.config import AdapterConfig, PrefixTuningConfig, PromptTuningConfig
+from peftkit.methods.config import AdapterConfig
 from peftkit.methods.layers import FrozenLinear, SlotRouter, is_linear
 from peftkit.methods.prompt import VirtualTokens
-from peftkit.methods.registry import layer_for
+from peftkit.methods.registry import layer_for, spec_of
 
 HEAD_NAMES = ("lm_head", "score", "classifier")
 
@@ -103,10 +103,14 @@ class AdaptedModel(nn.Module):
     def adapted_layers(self) -> dict[str, FrozenLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, FrozenLinear)}
 
+    def slot_modules(self) -> dict[str, nn.Module]:
+        """Every module holding adapter slots, by its path in the model: the adapted layers,
+        or the virtual tokens (path "": model-level). All share one slot interface."""
+        return {"": self.virtual} if self.virtual is not None else self.adapted_layers()
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Every adapter parameter (never a base weight), whether trainable now or not."""
-        params = [p for layer in self.adapted_layers().values() for p in layer.adapter_parameters()]
-        return params + (list(self.virtual.parameters()) if self.virtual is not None else [])
+        return [p for m in self.slot_modules().values() for p in m.adapter_parameters()]
 
     def slot_index(self, name: str) -> int:
         if name not in self.slot_names:
@@ -175,25 +179,29 @@ class AdaptedModel(nn.Module):
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, slots: int = 1,
-                names: list[str] | None = None, tokenizer=None, init: bool = True) -> AdaptedModel:
-    """Freeze `model` and add `config`'s method with `slots` fresh slots (trainable)."""
+                names: list[str] | None = None, tokenizer=None, init: bool = True,
+                modules: dict[str, AdapterConfig] | None = None,
+                r: int | None = None) -> AdaptedModel:
+    """Freeze `model` and add `config`'s method with `slots` slots, initialised (trainable) or,
+    with `init` False, left empty for `write_slot`. `modules`: the layers to adapt, each with
+    the config it is built from (loading adapters whose targets differ), instead of the
+    config's targets; `r`: a LoRA stack's rank when it exceeds the config's."""
     names = names or (["default"] if slots == 1 else [f"slot{i}" for i in range(slots)])
     if len(names) != slots:
         raise PeftkitError(f"{slots} slots need {slots} names, got {len(names)}")
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = AdaptedModel(model, config, names)
-    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
-        kind = "prompt" if isinstance(config, PromptTuningConfig) else "prefix"
-        adapted.virtual = VirtualTokens(model, kind, config.num_virtual_tokens, slots)
-        for k in range(slots) if init else ():
-            adapted.virtual.init_slot(k, model, getattr(config, "init_text", None), tokenizer)
-        return adapted
-    for name in find_targets(model, config.targets):
-        layer = make_layer(model.get_submodule(name), name, config, adapted.router, slots)
-        for k in range(slots) if init else ():
-            layer.init_slot(k, config)
-        model.set_submodule(name, layer)
+    if spec_of(config).layer is None:  # model-level: virtual tokens
+        adapted.virtual = VirtualTokens.from_config(model, config, slots, tokenizer)
+    else:
+        for name, cfg in (modules or dict.fromkeys(find_targets(model, config.targets),
+                                                   config)).items():
+            model.set_submodule(name, make_layer(model.get_submodule(name), name, cfg,
+                                                 adapted.router, slots, r))
+    for module in adapted.slot_modules().values() if init else ():
+        for k in range(slots):
+            module.init_slot(k, config)
     return adapted
 
 

@@ -177,6 +177,10 @@ class FrozenLinear(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")]
 
+    def peft_fields(self) -> dict:
+        """What PEFT's adapter_config.json records of this layer: GPT-2's Conv1D layout."""
+        return {"fan_in_fan_out": True} if self.conv1d else {}
+
     # -- routing --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.router.rows

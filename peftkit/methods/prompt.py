@@ -26,35 +26,77 @@ def kv_geometry(config) -> tuple[int, int, int]:
 
 
 class VirtualTokens(nn.Module):
-    """Slots of prompt embeddings (prompt tuning) or KV prefixes (prefix tuning)."""
+    """Slots of prompt embeddings (prompt tuning) or KV prefixes (prefix tuning), behind the
+    same slot interface as the adapter layers (`KEYS`, `from_config`, `init_slot`,
+    `slot_shapes`, `write_slot`, `read_slot`, `clear_slot`, `peft_fields`); its one tensor is
+    model-level in PEFT's files (no module path)."""
 
-    def __init__(self, model, kind: str, n: int, slots: int):
+    KEYS = ("prompt_embeddings",)
+
+    def __init__(self, model, kind: str, n: int, slots: int, tokenizer=None):
         super().__init__()
         from peftkit.models import ENCODERS
         if model.config.model_type in ENCODERS:
             raise PeftkitError(f"{kind} tuning needs a causal LM; {model.config.model_type} is an "
                                "encoder")
         self.kind, self.n = kind, n
+        self.geometry = kv_geometry(model.config) if kind == "prefix" else None
         if kind == "prompt":
             width = model.get_input_embeddings().embedding_dim
         else:
-            layers, kv_heads, head_dim = kv_geometry(model.config)
+            layers, kv_heads, head_dim = self.geometry
             width = layers * 2 * kv_heads * head_dim
+        # for init_text (a bound method and a tokenizer: not modules, so not registered here)
+        self._embeddings, self._tokenizer = model.get_input_embeddings, tokenizer
         at = model.get_input_embeddings().weight.device
         self.prompt_embeddings = nn.Parameter(torch.zeros(slots, n, width, device=at))
 
-    def init_slot(self, k: int, model, init_text: str | None = None, tokenizer=None) -> None:
+    @classmethod
+    def from_config(cls, model, config, slots: int, tokenizer=None) -> "VirtualTokens":
+        kind = "prefix" if config.peft_type == "PREFIX_TUNING" else "prompt"
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and config.num_virtual_tokens >= context:
+            raise PeftkitError(f"{config.num_virtual_tokens} virtual tokens leave no room in the "
+                               f"model's {context}-token context")
+        return cls(model, kind, config.num_virtual_tokens, slots, tokenizer)
+
+    def init_slot(self, k: int, config=None, rank: int | None = None) -> None:
+        init_text = getattr(config, "init_text", None)
         with torch.no_grad():
             if init_text:  # Lester et al. §3: initialise from real token embeddings
-                if tokenizer is None:
+                if self._tokenizer is None:
                     raise PeftkitError("prompt tuning init_text needs the tokenizer")
-                ids = tokenizer(init_text, add_special_tokens=False).input_ids
+                ids = self._tokenizer(init_text, add_special_tokens=False).input_ids
                 ids = (ids * (self.n // max(len(ids), 1) + 1))[: self.n]
-                table = model.get_input_embeddings().weight
-                emb = table[torch.tensor(ids, device=table.device)]
-                self.prompt_embeddings[k] = emb
+                table = self._embeddings().weight
+                self.prompt_embeddings[k] = table[torch.tensor(ids, device=table.device)]
             else:  # PEFT's default: an nn.Embedding's N(0, 1)
                 nn.init.normal_(self.prompt_embeddings[k])
+
+    def slot_shapes(self, config=None) -> dict[str, tuple]:
+        return {"prompt_embeddings": tuple(self.prompt_embeddings.shape[1:])}
+
+    def write_slot(self, k: int, tensors: dict[str, torch.Tensor], config=None) -> None:
+        with torch.no_grad():
+            self.prompt_embeddings[k] = tensors["prompt_embeddings"]
+
+    def read_slot(self, k: int, config=None) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.prompt_embeddings[k]}
+
+    def clear_slot(self, k: int) -> None:
+        with torch.no_grad():
+            self.prompt_embeddings[k].zero_()
+
+    def peft_fields(self) -> dict:
+        """What PEFT's adapter_config.json records of the model: prefix tuning's geometry."""
+        if self.geometry is None:
+            return {}
+        layers, kv_heads, head_dim = self.geometry
+        return {"num_layers": layers, "num_attention_heads": kv_heads,
+                "token_dim": kv_heads * head_dim}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [self.prompt_embeddings]
 
     def rows(self, batch: int, slots: torch.Tensor | None) -> torch.Tensor:
         if slots is None:

@@ -2,7 +2,7 @@
 `peftkit train` run directory) served from a fixed pool of slots in one multi-slot LoRA stack.
 
 Two cache tiers below the disk, as LoRAX and S-LoRA keep them:
-  host    adapters read, checked and laid out for a slot (formats.SlotWrite), an LRU bounded
+  host    adapters read, checked and laid out for a slot (prepared.PreparedAdapter), an LRU bounded
           by bytes (`host_bytes`); a prefetch target of /v1/load_lora_adapter
   device  the stack's slots, an LRU bounded by count (the pool) and bytes; pinned adapters are
           never evicted
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, SlotWrite, adapter_dir, prepare_slot
+from peftkit.formats import CONFIG_NAME, WEIGHTS_NAME, adapter_dir
+from peftkit.serve.prepared import PreparedAdapter, prepare_adapter
 from peftkit.methods.lora import SlotWriter
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -53,15 +54,15 @@ class HostTier:
 
     def __init__(self, max_bytes: float):
         self.max_bytes = max_bytes
-        self.items: OrderedDict[str, SlotWrite] = OrderedDict()
+        self.items: OrderedDict[str, PreparedAdapter] = OrderedDict()
 
-    def get(self, adapter_id: str) -> SlotWrite | None:
+    def get(self, adapter_id: str) -> PreparedAdapter | None:
         item = self.items.get(adapter_id)
         if item is not None:
             self.items.move_to_end(adapter_id)
         return item
 
-    def put(self, adapter_id: str, item: SlotWrite) -> int:
+    def put(self, adapter_id: str, item: PreparedAdapter) -> int:
         """Keep `item`, evicting the least recently used; returns how many were evicted."""
         self.items.pop(adapter_id, None)
         if item.nbytes > self.max_bytes:
@@ -244,7 +245,7 @@ class AdapterStore:
         with self.lock:
             self.writer.clear(slot)
 
-    def _prepared(self, adapter_id: str, path: Path) -> SlotWrite:
+    def _prepared(self, adapter_id: str, path: Path) -> PreparedAdapter:
         """From the host tier, or read from disk, checked and kept there (no lock held)."""
         with self.mutex:
             prepared = self.host.get(adapter_id)
@@ -259,7 +260,7 @@ class AdapterStore:
             raise AdapterInvalid(f"adapter '{adapter_id}' is {size / 2**20:.1f} MB, over the "
                                  f"{self.max_bytes / 2**20:.1f} MB limit")
         try:
-            prepared = prepare_slot(self.layers, adapter_id, path, self.root)
+            prepared = prepare_adapter(self.layers, adapter_id, path, self.root)
         except PeftkitError as e:
             log.warning("adapter '%s' refused: %s", adapter_id, e)  # the whole reason, here only
             raise AdapterInvalid(self._public(str(e), adapter_id)) from None
@@ -277,7 +278,7 @@ class AdapterStore:
         self.on_event("load", seconds=seconds)
         return entry
 
-    def _install(self, adapter_id: str, prepared: SlotWrite, hold: bool = False,
+    def _install(self, adapter_id: str, prepared: PreparedAdapter, hold: bool = False,
                  pin: bool = False) -> Entry:
         """Write `prepared` into a free slot (the engine's lock for the copies only), then make
         it the adapter's entry; an entry it replaces keeps its slot until its requests end."""
