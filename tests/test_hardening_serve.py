@@ -168,14 +168,14 @@ def test_a_client_leaving_mid_stream_frees_its_row_and_slot(root):
                     if line.startswith("data: {"):
                         break
             gone = time.perf_counter()
-            while (server.engine.active or any(server.store.busy)) and \
+            while (server.engine.active or any(s.users for s in server.store.slots)) and \
                     time.perf_counter() - gone < 5:
                 await asyncio.sleep(0.01)
             return time.perf_counter() - gone
     with running(server) as url:
         seconds = asyncio.run(go(url))
         text = server.metrics.render().decode()
-    assert not server.engine.active and not any(server.store.busy)
+    assert not server.engine.active and not any(s.users for s in server.store.slots)
     assert 'peftkit_requests_total{model="a03",status="abort"} 1.0' in text
     tokens = metric(text, 'peftkit_generated_tokens_total{model="a03"}')
     print(f"row left the batch {seconds * 1e3:.0f} ms after the client, at {tokens:.0f} tokens")

@@ -17,16 +17,16 @@ from peftkit.quant import bnb
 
 
 class Grid(NamedTuple):
-    """Rows laid out by slot for one forward: `n` blocks of `m` cells, block b holding the
-    rows on slot `used[b]` (on slot b when `used` is None: the whole stack, read in place).
-    A full grid (every block has m rows) names the batch row of each cell in `held` (None: cell
-    i is row i, so the batch itself is the grid); a grid with empty cells names each adapter
-    row's cell in `cells` instead."""
-    used: torch.Tensor | None
-    n: int
-    m: int
-    held: torch.Tensor | None
-    cells: torch.Tensor | None
+    """Rows laid out by slot for one forward: `blocks` blocks of `block_rows` cells, block b
+    holding the rows on slot `block_slots[b]` (on slot b when `block_slots` is None: the whole
+    stack, read in place). A full grid (every block full) names the batch row in each cell in
+    `row_of_cell` (None: cell i is row i, so the batch itself is the grid); a grid with empty
+    cells names each adapter row's cell in `cell_of_row` instead."""
+    block_slots: torch.Tensor | None
+    blocks: int
+    block_rows: int
+    row_of_cell: torch.Tensor | None
+    cell_of_row: torch.Tensor | None
 
 
 class Rows:

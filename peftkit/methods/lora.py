@@ -149,28 +149,28 @@ class LoraLinear(FrozenLinear):
         there reaches no row. Every small op counts (hundreds of layers a step): rows already in
         grid order are the grid, and the adapter's output is added into y by the matmul."""
         g = rows.grid(self.n_slots)
-        if g.used is None:
+        if g.block_slots is None:
             A, B, scale = self.lora_A, self.lora_B, self.scale
         else:
-            (A, B), scale = self._rows_of(g.used), self.scale.index_select(0, g.used)
+            (A, B), scale = self._rows_of(g.block_slots), self.scale.index_select(0, g.block_slots)
         A, B = A.to(x.dtype), B.to(x.dtype)
         flat = self.dropout(x).reshape(x.shape[0], -1)  # (rows, tokens * in)
         tokens = flat.shape[1] // self.in_features
-        if g.cells is not None:  # empty cells stay zero
-            grid = flat.new_zeros(g.n * g.m, flat.shape[1]).index_copy_(
-                0, g.cells, flat if rows.all else flat.index_select(0, rows.adapter_rows))
+        if g.cell_of_row is not None:  # empty cells stay zero
+            grid = flat.new_zeros(g.blocks * g.block_rows, flat.shape[1]).index_copy_(
+                0, g.cell_of_row, flat if rows.all else flat.index_select(0, rows.adapter_rows))
         else:
-            grid = flat if g.held is None else flat.index_select(0, g.held)
-        h = torch.bmm(grid.view(g.n, g.m * tokens, -1), A.transpose(1, 2))
+            grid = flat if g.row_of_cell is None else flat.index_select(0, g.row_of_cell)
+        h = torch.bmm(grid.view(g.blocks, g.block_rows * tokens, -1), A.transpose(1, 2))
         h = h.mul_(scale.view(-1, 1, 1))
-        if (g.cells is None and g.held is None and self.magnitude is None
+        if (g.cell_of_row is None and g.row_of_cell is None and self.magnitude is None
                 and y.dtype == h.dtype):
-            return torch.baddbmm(y.reshape(g.n, g.m * tokens, -1), h,
+            return torch.baddbmm(y.reshape(g.blocks, g.block_rows * tokens, -1), h,
                                  B.transpose(1, 2)).view_as(y)
-        delta = torch.bmm(h, B.transpose(1, 2)).view(g.n * g.m, -1)
-        if g.cells is not None:
-            delta = delta.index_select(0, g.cells)  # the adapter rows, in batch order
-        at = g.held if g.cells is None else (None if rows.all else rows.adapter_rows)
+        delta = torch.bmm(h, B.transpose(1, 2)).view(g.blocks * g.block_rows, -1)
+        if g.cell_of_row is not None:
+            delta = delta.index_select(0, g.cell_of_row)  # the adapter rows, in batch order
+        at = g.row_of_cell if g.cell_of_row is None else (None if rows.all else rows.adapter_rows)
         if self.magnitude is not None:
             lora = delta if at is None else delta.new_zeros(len(x), delta.shape[1]).index_copy_(
                 0, at, delta)

@@ -49,6 +49,13 @@ class Entry:
     pinned: bool = False
 
 
+@dataclass
+class Slot:
+    """One slot of the stack: what it holds, and the requests using it."""
+    state: str = "free"  # free | writing (a load's copies) | live (an entry's) | retired
+    users: int = 0  # retired: replaced or unloaded, cleared when its last user ends
+
+
 class HostTier:
     """Prepared adapters in host memory: an LRU bounded by bytes (0 = off)."""
 
@@ -95,9 +102,7 @@ class AdapterStore:
         self.capacity = adapted.n_slots
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order, most recent last
-        self.busy = [0] * self.capacity  # in-flight requests per slot
-        self.retired: set[int] = set()  # slots of reloaded adapters, freed when idle
-        self.reserved: set[int] = set()  # slots being written by a load in progress
+        self.slots = [Slot() for _ in range(self.capacity)]
         self.loading: dict[str, _Pending] = {}  # adapter id -> its load in flight
         self.host = HostTier(host_bytes)
         self.mutex = threading.RLock()  # held for bookkeeping only, never across a load
@@ -142,7 +147,7 @@ class AdapterStore:
                 if entry is not None:
                     self.entries.move_to_end(adapter_id)
                     entry.pinned = entry.pinned or pin
-                    self.busy[entry.slot] += hold
+                    self.slots[entry.slot].users += hold
                     if not missed:
                         self.on_event("hit")
                     return entry
@@ -170,9 +175,8 @@ class AdapterStore:
 
     def release(self, slot: int) -> None:
         with self.mutex:
-            self.busy[slot] -= 1
-            if self.busy[slot] == 0 and slot in self.retired:
-                self.retired.discard(slot)
+            self.slots[slot].users -= 1
+            if self.slots[slot].users == 0 and self.slots[slot].state == "retired":
                 self._clear(slot)
 
     # -- admin --------------------------------------------------------------------------------
@@ -195,11 +199,7 @@ class AdapterStore:
             self.host.drop(adapter_id)
             if adapter_id not in self.entries:
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
-            entry = self.entries.pop(adapter_id)
-            if self.busy[entry.slot]:
-                self.retired.add(entry.slot)
-            else:
-                self._clear(entry.slot)
+            self._retire(self.entries.pop(adapter_id).slot)
 
     def reload(self, adapter_id: str) -> Entry:
         """New weights under the same id, read from disk while the old ones keep serving (and
@@ -219,17 +219,16 @@ class AdapterStore:
 
     # -- internals ----------------------------------------------------------------------------
     def _free_slot(self, need_bytes: int) -> int:
-        used = {e.slot for e in self.entries.values()} | self.retired | self.reserved
-        used |= {s for s, n in enumerate(self.busy) if n}
         total = sum(e.nbytes for e in self.entries.values())
-        free = [s for s in range(self.capacity) if s not in used]
+        free = [k for k, s in enumerate(self.slots) if s.state == "free"]
         while not free or total + need_bytes > self.max_bytes:
             victim = next((k for k, e in self.entries.items()
-                           if not e.pinned and not self.busy[e.slot]), None)
+                           if not e.pinned and not self.slots[e.slot].users), None)
             if victim is None:
                 raise StoreFull("all adapter slots are pinned or in use; try again shortly")
             entry = self.entries.pop(victim)
             total -= entry.nbytes
+            self.slots[entry.slot].state = "free"  # overwritten by the next load, unrouted
             free.append(entry.slot)
             self.on_event("evict")
         return free[0]
@@ -244,6 +243,14 @@ class AdapterStore:
     def _clear(self, slot: int) -> None:
         with self.lock:
             self.writer.clear(slot)
+        self.slots[slot].state = "free"
+
+    def _retire(self, slot: int) -> None:
+        """A slot no adapter owns any more: cleared now, or when its last request ends."""
+        if self.slots[slot].users:
+            self.slots[slot].state = "retired"
+        else:
+            self._clear(slot)
 
     def _prepared(self, adapter_id: str, path: Path) -> PreparedAdapter:
         """From the host tier, or read from disk, checked and kept there (no lock held)."""
@@ -284,26 +291,22 @@ class AdapterStore:
         it the adapter's entry; an entry it replaces keeps its slot until its requests end."""
         with self.mutex:
             slot = self._free_slot(prepared.nbytes)
-            self.reserved.add(slot)
+            self.slots[slot].state = "writing"
         try:
             with self.lock:
                 self.writer.write(slot, prepared.modules, prepared.scale)
         except BaseException:
             with self.mutex:
-                self.reserved.discard(slot)
                 self._clear(slot)
             raise
         with self.mutex:
-            self.reserved.discard(slot)
             old = self.entries.pop(adapter_id, None)
             if old is not None:
-                if self.busy[old.slot]:
-                    self.retired.add(old.slot)
-                else:
-                    self._clear(old.slot)
+                self._retire(old.slot)
             entry = Entry(slot, prepared.nbytes, pinned=pin or bool(old and old.pinned))
             self.entries[adapter_id] = entry
-            self.busy[slot] += hold
+            self.slots[slot].state = "live"
+            self.slots[slot].users += hold
             return entry
 
 
