@@ -1,7 +1,8 @@
-"""Issue 27.4: the GGUF export run by llama.cpp itself (its Python binding, llama-cpp-python,
+"""Issue 27.4: the GGUF exports run by llama.cpp itself (its Python binding, llama-cpp-python,
 built from PyPI: minutes of compiling, so not in CI). The demo's acme adapter on SmolLM2-135M,
-merged and written as GGUF f16 and q8_0; llama.cpp's greedy answers on 16 of acme's held-out
-prompts against peftkit's own greedy answers from base + adapter.
+merged and written as GGUF f16 and q8_0, and as base GGUF + llama.cpp adapter GGUF
+(--adapter-only); llama.cpp's greedy answers on 16 of acme's held-out prompts against peftkit's
+own greedy answers from base + adapter.
 
     pip install llama-cpp-python && python -m bench.llamacpp [RUN]   # RUN: runs/demo/runs/acme
 """
@@ -14,15 +15,17 @@ from bench.common import write_results
 from peftkit.data import chat_ids
 from peftkit.demo.tasks import TASKS
 from peftkit.generation import generate_ids
+from peftkit.gguf_adapter import export_adapter_gguf
 from peftkit.gguf_export import export_gguf
 from peftkit.train.run_dir import load_run, recorded_base
 
 NEW = 24
 
 
-def llama_cpp_greedy(path: str, prompts: list[list[int]], eos: int) -> list[list[int]]:
+def llama_cpp_greedy(path: str, prompts: list[list[int]], eos: int,
+                     lora: str | None = None) -> list[list[int]]:
     from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+    llm = Llama(model_path=path, lora_path=lora, n_ctx=512, n_threads=2, verbose=False)
     out = []
     for ids in prompts:
         llm.reset()
@@ -69,6 +72,20 @@ def main(argv=None) -> None:
                           f"{share:.1%} ({whole}/16 answers identical)",
                           "100% for f16" if kind == "f16" else "reported"))
             table.append((f"llama.cpp {kind}: answers equal to the reference", f"{right}/16", ""))
+        done = export_adapter_gguf(run, str(Path(tmp) / "adapter"), "f16")
+        got = llama_cpp_greedy(done["output"], prompts, tok.eos_token_id, done["adapter_output"])
+        same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+        share = same / max(1, sum(map(len, want)))
+        whole = sum(w == g for w, g in zip(want, got))
+        right = sum(tok.decode(g).strip() == r["messages"][-1]["content"].strip()
+                    for g, r in zip(got, rows))
+        raw["adapter_f16"] = {"token_agreement": share, "identical_answers": whole,
+                              "correct_answers": right}
+        table.append(("llama.cpp base f16 GGUF + adapter GGUF (--adapter-only) vs peftkit: "
+                      "greedy tokens equal", f"{share:.1%} ({whole}/16 answers identical)",
+                      "100%"))
+        table.append(("llama.cpp base + adapter GGUF: answers equal to the reference",
+                      f"{right}/16", ""))
     write_results("llamacpp", "llama.cpp runs the GGUF export (issue 27.4)", table,
                   {**raw, "command": "pip install llama-cpp-python && python -m bench.llamacpp"})
 

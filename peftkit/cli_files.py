@@ -29,7 +29,8 @@ def add_data_parser(sub) -> None:
 
 
 def add_export_parser(sub) -> None:
-    s = sub.add_parser("export", help="a run for another engine, checked first (vLLM, merged)")
+    s = sub.add_parser("export", help="a run for another engine, checked first (vLLM, merged, "
+                                      "GGUF for llama.cpp, Ollama)")
     s.add_argument("--for", dest="engine", choices=["vllm", "merged", "gguf", "ollama"],
                    required=True,
                    help="vllm: adapters (LoRA/rsLoRA) and the `vllm serve` command; merged: one "
@@ -42,6 +43,9 @@ def add_export_parser(sub) -> None:
     s.add_argument("sources", nargs="+", metavar="RUN_OR_ADAPTER",
                    help="adapter or `peftkit train` run directories, then OUT")
     s.add_argument("--base", help="the base model (default: the one the run or adapter names)")
+    s.add_argument("--adapter-only", action="store_true",
+                   help="gguf/ollama: the base as GGUF, unmodified, and the LoRA as llama.cpp's "
+                        "adapter GGUF beside it (one base file for many adapters)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="merged: the precision the merged weights are written in")
     s.add_argument("--overwrite", action="store_true",
@@ -80,6 +84,10 @@ def cmd_export(args) -> None:
     if len(args.sources) < 2:
         raise PeftkitError("give at least one adapter or run directory, then OUT")
     *sources, out = args.sources
+    if args.adapter_only and args.engine not in ("gguf", "ollama"):
+        raise PeftkitError("--adapter-only: llama.cpp's adapter GGUF, with --for gguf or "
+                           f"ollama (--for {args.engine} writes "
+                           + ("adapters already)" if args.engine == "vllm" else "one model)"))
     if args.engine != "vllm":  # merged, gguf, ollama: one run in, one model out
         if len(sources) != 1:
             raise PeftkitError(f"--for {args.engine}: give one run (or adapter) directory, "
@@ -97,11 +105,19 @@ def _export_one(engine: str, source: str, out: str, args) -> str:
         done = export_run(source, out, args.dtype, args.base, args.overwrite)
         return (f"wrote {done['output']}: {done['method']} {done['merge']}; load it with "
                 f"transformers.AutoModelForCausalLM.from_pretrained({done['output']!r})")
+    from peftkit.gguf_adapter import export_adapter_gguf
     from peftkit.gguf_export import export_gguf, export_ollama
+    if engine == "gguf" and args.adapter_only:
+        done = export_adapter_gguf(source, out, args.gguf_type or "f16", args.base,
+                                   args.overwrite)
+        return (f"wrote {done['output']} ({done['base_weights']}) and {done['adapter_output']} "
+                f"(LoRA r={done['r']}, alpha {done['lora_alpha']:g}); run them with llama.cpp: "
+                f"llama-cli -m {done['output']} --lora {done['adapter_output']}")
     if engine == "gguf":
         done = export_gguf(source, out, args.gguf_type or "f16", args.base, args.overwrite)
         return (f"wrote {done['output']}: {done['method']} {done['merge']}, as GGUF "
                 f"{done['gguf']}; run it with llama.cpp: llama-cli -m {done['output']}")
-    done = export_ollama(source, out, args.gguf_type or "q8_0", args.base, args.overwrite)
+    done = export_ollama(source, out, args.gguf_type or "q8_0", args.base, args.overwrite,
+                         adapter_only=args.adapter_only)
     return f"wrote {done['output']} and {done['modelfile']}; create the model with:\n" \
            f"{done['command']}"

@@ -179,9 +179,10 @@ OLLAMA_TEMPLATES = {
 }
 
 
-def modelfile(gguf_name: str, chat_template: str | None) -> str:
-    """An Ollama Modelfile for a merged GGUF: FROM, the chat TEMPLATE translated from the
-    tokenizer's Jinja template (ChatML, Zephyr), its stop token, greedy decoding."""
+def modelfile(gguf_name: str, chat_template: str | None, adapter: str | None = None) -> str:
+    """An Ollama Modelfile for a GGUF (and, `adapter`, a LoRA GGUF on it): FROM, ADAPTER, the
+    chat TEMPLATE translated from the tokenizer's Jinja template (ChatML, Zephyr), its stop
+    token, greedy decoding."""
     for marker, (template, stop) in OLLAMA_TEMPLATES.items():
         if chat_template and marker in chat_template:
             break
@@ -189,19 +190,24 @@ def modelfile(gguf_name: str, chat_template: str | None) -> str:
         raise PeftkitError("--for ollama: the chat template is neither ChatML nor Zephyr, whose "
                            "Ollama TEMPLATE is known; export --for gguf and write the "
                            "Modelfile's TEMPLATE by hand")
-    return (f"FROM ./{gguf_name}\n"
+    return (f"FROM ./{gguf_name}\n" + (f"ADAPTER ./{adapter}\n" if adapter else "") +
             f'TEMPLATE """{template}"""\n'
             f'PARAMETER stop "{stop}"\n'
             "PARAMETER temperature 0\n")
 
 
 def export_ollama(run: str, out: str, kind: str = "q8_0", model: str | None = None,
-                  overwrite: bool = False, name: str | None = None) -> dict:
-    """export --for gguf, plus a Modelfile beside the GGUF and the `ollama create` command."""
+                  overwrite: bool = False, name: str | None = None,
+                  adapter_only: bool = False) -> dict:
+    """export --for gguf (--adapter-only: the base GGUF and the adapter GGUF), plus a
+    Modelfile beside them and the `ollama create` command."""
+    from peftkit.gguf_adapter import ADAPTER_FILE, export_adapter_gguf
     src = Path(run)
     template = _recorded_template(src, model)
-    text = modelfile(f"model-{kind}.gguf", template)  # refused before any export work
-    done = export_gguf(run, out, kind, model, overwrite)
+    text = modelfile(f"{'base' if adapter_only else 'model'}-{kind}.gguf", template,
+                     ADAPTER_FILE if adapter_only else None)  # refused before any export work
+    done = (export_adapter_gguf if adapter_only else export_gguf)(run, out, kind, model,
+                                                                 overwrite)
     (Path(out) / "Modelfile").write_text(text)
     name = name or src.resolve().name
     return {**done, "modelfile": str(Path(out) / "Modelfile"),

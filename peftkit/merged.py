@@ -25,9 +25,10 @@ REPORT = "peftkit_export.json"
 
 
 def export_merged(adapted, directory: str | Path, tokenizer=None, slot: int = 0,
-                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype = torch.float32, fold: bool = True) -> dict[str, torch.Tensor]:
     """Write a plain HF model directory with `slot` folded into the weights, in `dtype`.
-    Works on NF4 bases too (dequantize -> add -> write). Returns the merged state dict."""
+    Works on NF4 bases too (dequantize -> add -> write). `fold` False: the base alone, as the
+    adapter sees it (an NF4 base dequantized). Returns the written state dict."""
     from accelerate import init_empty_weights
 
     from peftkit.quant import dequantized_state_dict
@@ -36,7 +37,7 @@ def export_merged(adapted, directory: str | Path, tokenizer=None, slot: int = 0,
         raise PeftkitError(f"{adapted.config.peft_type} adds tokens and cannot be merged")
     model = adapted.model
     dense = dequantized_state_dict(model)
-    for name, layer in adapted.adapted_layers().items():
+    for name, layer in adapted.adapted_layers().items() if fold else ():
         dense.update({f"{name}.{k}": layer.stored(v) if k == "weight" else v
                       for k, v in layer.merged_params(slot).items()})
     config = type(model.config).from_dict(model.config.to_dict())
