@@ -65,7 +65,8 @@ def swap_run(server: Server, models: list[str]) -> float:
     greedy = Sampling(max_tokens=TOKENS, temperature=0.0)
     start, tokens = time.perf_counter(), 0
     for i, m in enumerate(models):
-        server.store.entries.clear()  # forget the previous adapter: a real swap from disk
+        for name in list(server.store.entries):  # forget the previous adapter (device slot
+            server.store.unload(name)  # and host tier): a real swap from disk
         req = server.engine.submit(Request(tok(PROMPTS[i % 4]).input_ids, server.store.acquire(m),
                                            greedy))
         server.engine.run_until_idle()

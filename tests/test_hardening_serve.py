@@ -62,8 +62,8 @@ def test_limits_are_clear_4xx_and_requests_always_end(root):
                                        json={"model": "a00", "prompt": "hi", "max_tokens": 4, **kw})
             r = {"body": await c.post("/v1/completions", content=b'{"prompt": "' + b"x" * 200_000
                                       + b'"}', headers={"content-type": "application/json"}),
-                 "context": await post(max_tokens=100_000), "n": await post(n=2),
-                 "batch": await post(prompt=["a", "b"]), "temp": await post(temperature=-1),
+                 "context": await post(max_tokens=100_000), "n": await post(n=129),
+                 "rows": await post(n=33), "batch": await post(prompt=[[5], []]), "temp": await post(temperature=-1),
                  "top_p0": await post(top_p=0),  # OpenAI accepts 0: greedy
                  "top_p2": await post(top_p=1.5),
                  "stops": await post(stop=[f"s{i}" for i in range(100)]),
@@ -81,12 +81,12 @@ def test_limits_are_clear_4xx_and_requests_always_end(root):
             return r
     with running(server) as url:
         r = asyncio.run(go(url))
-    expect = {"body": 413, "context": 400, "n": 400, "batch": 400, "temp": 400, "top_p0": 200,
+    expect = {"body": 413, "context": 400, "n": 400, "rows": 400, "batch": 400, "temp": 400, "top_p0": 200,
               "top_p2": 400, "stops": 400, "empty_messages": 400, "empty_prompt": 400,
               "seed": 400, "surrogate": 400, "tiny_temp": 200, "denormal_temp": 200,
               "tiny_top_p": 200, "ok": 200, "health": 200}
     assert {k: v.status_code for k, v in r.items()} == expect
-    names = {"context": "max_tokens", "n": "n", "batch": "prompt", "temp": "temperature",
+    names = {"context": "max_tokens", "n": "n", "rows": "n", "batch": "prompt", "temp": "temperature",
              "stops": "stop", "empty_messages": "messages", "empty_prompt": "prompt",
              "seed": "seed", "surrogate": "prompt"}
     for key, field in names.items():

@@ -80,6 +80,14 @@ def not_adapted_note(model: nn.Module) -> str | None:
             "3-D expert weights stay frozen; the adapter covers the linear layers)")
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether `model` recomputes activations in backward (transformers 5 renamed the flag;
+    the old name warns)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 class AdaptedModel(nn.Module):
     """A transformers model with one adapter method in S slots.
 
@@ -136,7 +144,7 @@ class AdaptedModel(nn.Module):
         the routing stays until the next forward (or `train()`/`eval()`), or the recomputed
         rows would run unrouted (PEFT keeps its forward hooks alive for the same reason)."""
         return (self.training and torch.is_grad_enabled()
-                and getattr(self.model, "is_gradient_checkpointing", False))
+                and _checkpointing(self.model))
 
     def train(self, mode: bool = True):
         self.router.slots = None  # a training forward's routing ends with training

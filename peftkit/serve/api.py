@@ -40,6 +40,9 @@ MAX_STOP = 16  # OpenAI allows 4; enough for any template, few enough to check p
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+MAX_N = 128  # OpenAI's bound on `n`
+
+
 def _off(value) -> bool:
     """A field left at a value that asks for nothing (absent, null, false, 0, empty)."""
     return value in (None, False, 0, "", [], {})
@@ -136,7 +139,7 @@ class SamplingParams(OpenAIBody):
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)  # choices per prompt, each a row (n x prompts <= --max-batch)
 
     @model_validator(mode="after")
     def _newer_name(self):

@@ -37,19 +37,16 @@ def create_app(server: Server):
 
     @app.post("/v1/completions", dependencies=[Depends(keyed)])
     async def complete(body: CompletionBody, http: HTTPRequest):
-        prompt = body.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
-            prompt = prompt[0]  # one prompt in a list: a string or a list of token ids
-        ids = prompt if isinstance(prompt, list) and prompt and \
-            all(isinstance(t, int) for t in prompt) else None
-        if ids is None and not isinstance(prompt, str):
-            raise ApiError(400, "prompt: give one string or one list of token ids (batched "
-                                "prompts are not supported)", param="prompt")
-        vocab = len(server.base.tokenizer)
-        if ids is not None and not all(0 <= t < vocab for t in ids):
+        prompt, vocab = body.prompt, len(server.base.tokenizer)
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]  # one prompt: a string or a list of token ids
+        if not prompt or any(isinstance(p, list) and not p for p in prompt):
+            raise ApiError(400, "prompt: give a string, token ids, or a list of either (no "
+                                "empty list)", param="prompt")
+        prompts = [(p, None) if isinstance(p, str) else (None, p) for p in prompt]
+        if any(ids is not None and not all(0 <= t < vocab for t in ids) for _, ids in prompts):
             raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
-        return await completions.handle(http, *visible(http, body.model), body,
-                                        prompt=None if ids else prompt, ids=ids)
+        return await completions.handle(http, *visible(http, body.model), body, prompts=prompts)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(keyed)])
     async def chat(body: ChatBody, http: HTTPRequest):

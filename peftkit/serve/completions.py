@@ -23,50 +23,72 @@ class Completions:
         self.waiting_for_slot = 0  # requests polling for an adapter slot (event-loop state)
 
     async def handle(self, http: HTTPRequest, who, model: str, body: SamplingParams,
-                     prompt: str | None = None, messages: list[dict] | None = None,
-                     ids: list[int] | None = None):
-        """`who` may use `model` (checked by the caller); the response or the stream. The
-        prompt is text, chat messages, or token ids already."""
+                     prompts: list[tuple[str | None, list[int] | None]] | None = None,
+                     messages: list[dict] | None = None):
+        """`who` may use `model` (checked by the caller); the response or the stream. Each
+        prompt is (text, None) or (None, token ids); chat has `messages` instead. `n` choices
+        per prompt, each its own row of the shared batch (choice index = prompt x n + j)."""
         server = self.server
+        sources = prompts or [(None, None)]
+        rows = body.n * len(sources)
+        if rows > server.cfg.max_batch:
+            raise ApiError(400, f"n: {body.n} choices x {len(sources)} prompts = {rows} rows, "
+                                f"over this server's --max-batch {server.cfg.max_batch}",
+                           param="n")
+        admitted = 0
         try:
-            server.admit(who.tenant)
+            for _ in range(rows):  # every row counts toward the tenant's in-flight limit
+                server.admit(who.tenant)
+                admitted += 1
         except PeftkitError as e:
+            for _ in range(admitted):
+                server.leave(who.tenant)
             raise api_error(e) from None
-        submitted = False
+        reqs, sink, loop = [], asyncio.Queue(), asyncio.get_running_loop()
         try:
-            if ids is None:
-                ids = await run_in_threadpool(server.prompt_ids, prompt, messages)
-            # chat with no limit: until a stop, EOS or the context (the engine's own bound)
-            max_tokens = body.max_tokens or max(server.engine.max_len - len(ids), 1)
-            server.engine.check(len(ids), max_tokens)
+            prepared = []
+            for text, ids in sources:  # every prompt checked before any row is submitted
+                if ids is None:
+                    ids = await run_in_threadpool(server.prompt_ids, text, messages)
+                # chat with no limit: until a stop, EOS or the context (the engine's own bound)
+                max_tokens = body.max_tokens or max(server.engine.max_len - len(ids), 1)
+                server.engine.check(len(ids), max_tokens)
+                prepared.append((ids, max_tokens))
             bias = logit_bias(body.logit_bias, len(server.base.tokenizer))  # before a slot
-            slot = await self.slot_for(model)
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-            sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, body.seed, bias)
-            sink = asyncio.Queue()
-            req = server.submit(model, ids, sampling, asyncio.get_running_loop(), sink,
-                                slot=slot, tenant=who.tenant, admitted=True,
-                                stream=body.stream)
-            submitted = True
+            for ids, max_tokens in prepared:
+                for j in range(body.n):  # choice j of a seeded request: seed + j, so n differ
+                    seed = None if body.seed is None else (body.seed + j) % 2 ** 64
+                    sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
+                                        bias)
+                    slot = await self.slot_for(model)
+                    reqs.append(server.submit(model, ids, sampling, loop, sink, slot=slot,
+                                              tenant=who.tenant, admitted=True,
+                                              stream=body.stream, tag=len(reqs)))
         except PeftkitError as e:  # unknown or corrupt adapter, prompt over the context, ...
+            for req in reqs:
+                req.cancel()  # each leaves and releases its slot as it ends
             raise api_error(e, model) from None
         finally:
-            if not submitted:
+            for _ in range(rows - len(reqs)):
                 server.leave(who.tenant)
         chat = messages is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": model or server.name}
-        echo = "" if chat or not getattr(body, "echo", False) else (
-            prompt if prompt is not None else server.base.tokenizer.decode(ids))
+        echoes = [""] * len(reqs)
+        if not chat and getattr(body, "echo", False):
+            echoes = [text if text is not None else server.base.tokenizer.decode(ids)
+                      for text, ids in sources for _ in range(body.n)]
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self.stream(req, sink, meta, chat, usage, echo),
-                                     media_type="text/event-stream")
-        item = await self.finished(http, req, sink)
-        if item.error:
-            status = 503 if item.finish_reason == "timeout" else 500
-            raise ApiError(status, item.error, "server_error")
-        return answer(item, len(ids), meta, chat, echo)
+            return StreamingResponse(self.stream(reqs, sink, meta, chat, usage, echoes,
+                                                 body.n), media_type="text/event-stream")
+        items = await self.finished(http, reqs, sink)
+        failed = next((item for item in items if item.error), None)
+        if failed is not None:
+            status = 503 if failed.finish_reason == "timeout" else 500
+            raise ApiError(status, failed.error, "server_error")
+        return answer(items, meta, chat, echoes, body.n)
 
     async def slot_for(self, model: str) -> int:
         """The adapter's slot, waiting (bounded in time and in waiters) while every slot is
@@ -95,33 +117,45 @@ class Completions:
             self.server.store.release(acquiring.result())
 
     @staticmethod
-    async def finished(http: HTTPRequest, req: Request, sink: asyncio.Queue) -> Request:
-        """Wait for the engine to finish `req`; a client that hangs up cancels it."""
+    async def finished(http: HTTPRequest, reqs: list[Request],
+                       sink: asyncio.Queue) -> list[Request]:
+        """Wait for the engine to finish every row; a client that hangs up cancels them."""
+        done: dict[int, Request] = {}
         get = asyncio.ensure_future(sink.get())
         try:
-            while True:
-                done, _ = await asyncio.wait({get}, timeout=0.5)
-                if done:
-                    return get.result()  # non-streamed requests get only the final item
-                if await http.is_disconnected():
-                    req.cancel()
+            while len(done) < len(reqs):
+                ready, _ = await asyncio.wait({get}, timeout=0.5)
+                if ready:
+                    tag, item = get.result()  # non-streamed rows send only their final item
+                    done[tag] = item
+                    get = asyncio.ensure_future(sink.get())
+                elif await http.is_disconnected():
+                    for req in reqs:
+                        req.cancel()
+            return [done[k] for k in range(len(reqs))]
         finally:
             get.cancel()
 
     @staticmethod
-    async def stream(req: Request, sink: asyncio.Queue, meta: dict, chat: bool,
-                     include_usage: bool = False, echo: str = ""):
-        """SSE chunks; with `stream_options.include_usage`, every chunk carries `usage: null`
-        and one last chunk with no choices carries the counts (OpenAI's shape)."""
+    async def stream(reqs: list[Request], sink: asyncio.Queue, meta: dict, chat: bool,
+                     include_usage: bool, echoes: list[str], n: int):
+        """SSE chunks, each naming its choice's index; with `stream_options.include_usage`,
+        every chunk carries `usage: null` and one last chunk with no choices carries the
+        counts (OpenAI's shape)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
-        if echo:  # completions' `echo`: the prompt comes first
-            choice = {"index": 0, "text": echo, "logprobs": None, "finish_reason": None}
-            yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
-        first = True
+
+        def chunk(choice: dict) -> str:
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
+
+        for index, echo in enumerate(echoes):  # completions' `echo`: the prompt comes first
+            if echo:
+                yield chunk({"index": index, "text": echo, "logprobs": None,
+                             "finish_reason": None})
+        started, finished = set(), {}
         try:
-            while True:
-                item = await sink.get()
+            while len(finished) < len(reqs):
+                index, item = await sink.get()
                 done = isinstance(item, Request)
                 if done and item.error:
                     error = {"message": item.error, "type": "server_error", "code": 500}
@@ -131,35 +165,39 @@ class Completions:
                 text = "" if done else item
                 reason = item.finish_reason if done else None
                 if chat:
+                    first = index not in started
                     delta = {"role": "assistant", "content": text} if first else {"content": text}
-                    choice = {"index": 0, "delta": delta if (text or first) else {},
+                    choice = {"index": index, "delta": delta if (text or first) else {},
                               "finish_reason": reason}
                 else:
-                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-                first = False
-                chunk = {**meta, "object": obj, "choices": [choice], **extra}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                    choice = {"index": index, "text": text, "logprobs": None,
+                              "finish_reason": reason}
+                started.add(index)
+                yield chunk(choice)
                 if done:
-                    if include_usage:
-                        last = {**meta, "object": obj, "choices": [],
-                                "usage": usage(item, len(item.prompt_ids))}
-                        yield f"data: {json.dumps(last)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:  # the client left mid-stream (or we are done): the row leaves the batch
-            req.cancel()
+                    finished[index] = item
+            if include_usage:
+                last = {**meta, "object": obj, "choices": [],
+                        "usage": usage([finished[k] for k in range(len(reqs))], n)}
+                yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client left mid-stream (or we are done): the rows leave the batch
+            for req in reqs:
+                req.cancel()
 
 
-def answer(item: Request, prompt_tokens: int, meta: dict, chat: bool, echo: str = "") -> dict:
-    """OpenAI's non-streamed body for a finished request (`echo`: the prompt, first)."""
-    counts = usage(item, prompt_tokens)
+def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: int) -> dict:
+    """OpenAI's non-streamed body for finished rows (`echoes`: each choice's prompt, first)."""
+    counts = usage(items, n)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": item.text},
-                  "logprobs": None, "finish_reason": item.finish_reason}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": counts}
-    choice = {"index": 0, "text": echo + item.text, "logprobs": None,
-              "finish_reason": item.finish_reason}
-    return {**meta, "object": "text_completion", "choices": [choice], "usage": counts}
+        choices = [{"index": i, "message": {"role": "assistant", "content": item.text},
+                    "logprobs": None, "finish_reason": item.finish_reason}
+                   for i, item in enumerate(items)]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": counts}
+    choices = [{"index": i, "text": echo + item.text, "logprobs": None,
+                "finish_reason": item.finish_reason}
+               for i, (item, echo) in enumerate(zip(items, echoes))]
+    return {**meta, "object": "text_completion", "choices": choices, "usage": counts}
 
 
 def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
@@ -173,6 +211,10 @@ def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
     return out
 
 
-def usage(item: Request, prompt_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(item.out_ids),
-            "total_tokens": prompt_tokens + len(item.out_ids)}
+def usage(items: list[Request], n: int) -> dict:
+    """Token counts as OpenAI's: each prompt counted once (its n choices share it), every
+    choice's completion tokens."""
+    prompt = sum(len(item.prompt_ids) for item in items[::n])
+    completion = sum(len(item.out_ids) for item in items)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

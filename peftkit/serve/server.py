@@ -104,14 +104,14 @@ class Server:
 
     def submit(self, model: str, ids: list[int], sampling: Sampling, loop=None, sink=None,
                slot: int | None = None, tenant: str | None = None, admitted: bool = False,
-               stream: bool = False) -> Request:
-        """Queue a request; `sink` (an asyncio.Queue on `loop`) receives the finished Request,
-        preceded by text deltas when `stream`. Takes `slot` from `slot_for` (acquired here when
+               stream: bool = False, tag: int = 0) -> Request:
+        """Queue a request; `sink` (an asyncio.Queue on `loop`) receives (tag, the finished
+        Request), preceded by (tag, text delta) items when `stream`. Takes `slot` from `slot_for` (acquired here when
         not given); the slot is released when the request ends, or here when it cannot be
         queued. An `admitted` tenant (see `admit`) leaves when the request ends."""
         slot = self.slot_for(model) if slot is None else slot
         put = None if sink is None else (
-            lambda item: loop.call_soon_threadsafe(sink.put_nowait, item))
+            lambda item: loop.call_soon_threadsafe(sink.put_nowait, (tag, item)))
         req = Request(ids, slot, sampling, on_delta=put if stream else None, on_done=put,
                       model=model or self.name)
         req.tenant, req.admitted = tenant, admitted
