@@ -17,6 +17,7 @@ import json
 import shlex
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
@@ -157,6 +158,22 @@ def refuse_existing(dst: Path, overwrite: bool) -> None:
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise PeftkitError(f"{dst}: exists; remove it, choose another OUT, or give "
                            "--overwrite (which replaces it, never writing through a link)")
+
+
+@contextmanager
+def staged(target: Path, overwrite: bool):
+    """(scratch, fresh): two directories beside `target`; `fresh`, filled by the block,
+    replaces `target` when the block ends without error; `scratch` is removed either way."""
+    refuse_existing(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fresh = work / "out"
+        fresh.mkdir()
+        yield work, fresh
+        replace_dir(fresh, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def replace_dir(fresh: Path, dst: Path) -> None:

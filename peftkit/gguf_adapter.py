@@ -9,14 +9,12 @@ against. B's rows of Q and K are permuted as the base's are (llama.cpp's rotary 
 """
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from peftkit.errors import PeftkitError
-from peftkit.gguf_export import ARCHS, TYPES, _permute, write_gguf
+from peftkit.gguf_export import ARCHS, TYPES, rotary_rows, write_gguf
 
 ADAPTER_FILE = "adapter.gguf"
 
@@ -26,10 +24,7 @@ def write_lora_gguf(adapted, config, path: Path) -> Path:
     import gguf
 
     lora = adapted.slot_configs[0]
-    arch_name, permuted = ARCHS[config.model_type]
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    heads = config.num_attention_heads
-    kv = config.num_key_value_heads or heads
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type][0])
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -41,10 +36,7 @@ def write_lora_gguf(adapted, config, path: Path) -> Path:
         name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if name is None:
             raise PeftkitError(f"--adapter-only: no llama.cpp name for {module}")
-        if permuted and module.endswith("self_attn.q_proj"):
-            b = _permute(b, heads, heads)
-        elif permuted and module.endswith("self_attn.k_proj"):
-            b = _permute(b, heads, kv)
+        b = rotary_rows(config, module, b)  # B's rows are the weight's output rows
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.numpy()))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b.numpy()))
     writer.write_header_to_file()
@@ -60,7 +52,7 @@ def export_adapter_gguf(run: str, out: str, kind: str = "f16", model: str | None
     checked before anything loads; OUT is written fresh and renamed into place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.export import refuse_existing, replace_dir
+    from peftkit.export import staged
     from peftkit.formats import CONFIG_NAME, adapter_dir
     from peftkit.merged import REPORT, export_merged
     from peftkit.models import peek_config
@@ -82,16 +74,11 @@ def export_adapter_gguf(run: str, out: str, kind: str = "f16", model: str | None
     if family not in ARCHS:
         raise PeftkitError(f"--for gguf: {family} is not written here ({', '.join(ARCHS)}); "
                            "use --for merged")
-    refuse_existing(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged(target, overwrite) as (work, fresh):
         loaded = load_run(base, src)
         export_merged(loaded.module, work / "base", loaded.base.tokenizer, fold=False)
         plain = AutoModelForCausalLM.from_pretrained(work / "base").eval()
         tokenizer = AutoTokenizer.from_pretrained(work / "base")
-        fresh = work / "out"
-        fresh.mkdir()
         write_gguf(plain, tokenizer, fresh / f"base-{kind}.gguf", kind)
         write_lora_gguf(loaded.module, plain.config, fresh / ADAPTER_FILE)
         quantized = getattr(loaded.module.model.config, "peftkit_quantization", None)
@@ -101,8 +88,5 @@ def export_adapter_gguf(run: str, out: str, kind: str = "f16", model: str | None
                   "base_weights": "the NF4 base dequantized (what the adapter trained against)"
                   if quantized else "the base as loaded, unmodified"}
         (fresh / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        replace_dir(fresh, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {**report, "output": str(target / report["file"]),
             "adapter_output": str(target / ADAPTER_FILE)}

@@ -34,7 +34,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
                            f"{', '.join(ARCHS)}); use --for merged")
     if kind not in TYPES:
         raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
-    arch, permuted = ARCHS[config.model_type]
+    arch = ARCHS[config.model_type][0]
     arch = getattr(gguf.MODEL_ARCH, arch)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -62,11 +62,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PeftkitError(f"--for gguf: no llama.cpp name for tensor {key}")
-        data = tensor.detach().float()
-        if permuted and key.endswith("self_attn.q_proj.weight"):
-            data = _permute(data, heads, heads)
-        elif permuted and key.endswith("self_attn.k_proj.weight"):
-            data = _permute(data, heads, kv)
+        data = rotary_rows(config, key.removesuffix(".weight"), tensor.detach().float())
         _add(writer, gguf, name, data.numpy(), kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -75,10 +71,16 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
     return path
 
 
-def _permute(w: torch.Tensor, heads: int, kv: int) -> torch.Tensor:
-    """llama.cpp's rotary layout for Q and K rows (convert_hf_to_gguf: LlamaModel.permute)."""
-    if kv != heads:
-        heads = kv
+def rotary_rows(config, module: str, w: torch.Tensor) -> torch.Tensor:
+    """`w`'s output rows (a weight's, or a LoRA B's) in llama.cpp's order for `module`: Q and
+    K rows permuted for its rotary layout where the architecture needs it
+    (convert_hf_to_gguf: LlamaModel.permute), anything else as it is."""
+    if not ARCHS[config.model_type][1] or not module.endswith(("self_attn.q_proj",
+                                                               "self_attn.k_proj")):
+        return w
+    heads = config.num_key_value_heads or config.num_attention_heads
+    if module.endswith("q_proj"):
+        heads = config.num_attention_heads
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2) \
         .reshape(w.shape)
 
@@ -136,36 +138,25 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
                 overwrite: bool = False) -> dict:
     """A run merged into its base (merged.export_run, float32), then written as
     `OUT/model-<kind>.gguf` beside the export report; OUT is written fresh and renamed."""
-    import shutil
-    import tempfile
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.export import refuse_existing, replace_dir
+    from peftkit.export import staged
     from peftkit.merged import REPORT, export_run
 
     if kind not in TYPES:
         raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
     target = Path(out)
-    refuse_existing(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged(target, overwrite) as (work, fresh):
         merged = export_run(run, str(work / "merged"), "float32", model)
         if merged.get("architecture") not in ARCHS:
             raise PeftkitError(f"--for gguf: {merged.get('architecture')} is not written here "
                                f"({', '.join(ARCHS)}); use --for merged")
         plain = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
         tokenizer = AutoTokenizer.from_pretrained(work / "merged")
-        fresh = work / "out"
-        fresh.mkdir()
         write_gguf(plain, tokenizer, fresh / f"model-{kind}.gguf", kind)
         report = {**json.loads((work / "merged" / REPORT).read_text()), "gguf": kind,
                   "file": f"model-{kind}.gguf"}
         (fresh / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-        replace_dir(fresh, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {**report, "output": str(target / report["file"])}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.spec import SPECS
+from peftkit.methods.spec import find_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPORT = "peftkit_export.json"
@@ -81,7 +81,7 @@ def export_run(run: str, out: str, dtype: str = "float32", model: str | None = N
     if (src / HEAD).exists():
         raise PeftkitError(f"{src}: a probe's new head (with its bias) is not a base's output "
                            "layer; serve the run with `peftkit serve` or `peftkit generate`")
-    spec = SPECS.get(method.removesuffix("_tuning"))
+    spec = find_spec(method.removesuffix("_tuning"))
     if spec is not None and spec.not_mergeable:
         raise PeftkitError(f"{src}: {spec.not_mergeable} (serve it with `peftkit serve`)")
     base = model or recorded_base(src)

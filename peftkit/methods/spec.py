@@ -158,12 +158,18 @@ SPECS = {
 VARIANTS = {"qlora": "lora"}  # training names for a method on an NF4-quantized base (QLoRA)
 
 
+def find_spec(method: str) -> MethodSpec | None:
+    """The spec of an adapter method or of a variant's method (qlora: lora); None for the
+    rest (full fine-tuning, the probe)."""
+    return SPECS.get(VARIANTS.get(method, method))
+
+
 def spec_for(method: str) -> MethodSpec:
-    """The spec of an adapter method or of a variant's method (qlora: lora)."""
-    name = VARIANTS.get(method, method)
-    if name not in SPECS:
+    """`find_spec`, for a method that must be an adapter method."""
+    spec = find_spec(method)
+    if spec is None:
         raise PeftkitError(f"'{method}' is not an adapter method ({', '.join(SPECS)})")
-    return SPECS[name]
+    return spec
 
 
 def training_names() -> tuple[str, ...]:
@@ -174,5 +180,5 @@ def training_names() -> tuple[str, ...]:
 def virtual_at(method: str) -> str | None:
     """Where a training method adds virtual tokens ("input", "kv"); None for the rest, full
     fine-tuning and the probe included."""
-    spec = SPECS.get(VARIANTS.get(method, method))
+    spec = find_spec(method)
     return spec.virtual if spec else None

@@ -74,8 +74,6 @@ class CpuRun:
         return self.s.batch * (self.s.seq_len + virtual)
 
 
-
-
 def predict_state_bytes(shape: Shape, method: str, s: Settings) -> int:
     """The trainer's `model_state_bytes` for a CPU run: fp32 base, fp32 adapters and Adam."""
     return int(sum(parameter_state(shape, method, s, base_bytes=FP32).values()))

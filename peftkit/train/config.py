@@ -9,7 +9,7 @@ import yaml
 
 from peftkit.bounds import check_bounds, flag_name
 from peftkit.errors import PeftkitError
-from peftkit.methods.spec import SPECS, VARIANTS, training_names
+from peftkit.methods.spec import spec_for, training_names
 
 METHODS = ("full", "probe", *training_names())  # the adapter methods' from their specs
 
@@ -127,7 +127,7 @@ STRATEGIES = ("auto", "ddp", "fsdp")  # beyond one device; the planner's too
 # body): the GLUE recipes, full FT 5e-5 (Devlin et al. 2019's grid {2,3,5}e-5) and LoRA 5e-4
 # (Hu et al. 2021, Table 9, SST-2), as validated on SST-2 by bench/quality.py (docs/results.md).
 # The adapter methods' own are in their specs (methods/spec.py).
-_SPEC = {n: SPECS[VARIANTS.get(n, n)] for n in training_names()}
+_SPEC = {n: spec_for(n) for n in training_names()}
 DEFAULT_LR = {"full": 2e-5, "probe": 1e-3, **{n: s.lr for n, s in _SPEC.items()}}
 CLASSIFY_LR = {"full": 5e-5, "probe": 1e-3, **{n: s.classify_lr for n, s in _SPEC.items()}}
 
