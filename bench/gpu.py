@@ -26,7 +26,7 @@ from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.plan.memory import Settings, device_bytes
 from peftkit.plan.shapes import shape_from_config
-from peftkit.engine import Request, Sampling
+from peftkit.engine import Sampling
 from peftkit.serve.server import ServeConfig, Server
 from peftkit.tiny import tiny_llama_tokenizer
 
@@ -131,8 +131,7 @@ def serve_rows(name, dims, device, dtype, tmp: Path) -> dict:
 
     def run(models):
         start = time.perf_counter()
-        reqs = server.engine.run_all([Request(ids, server.store.acquire(m) if m else -1, greedy)
-                                      for m in models])
+        reqs = server.engine.run_all([server.request(m, ids, greedy) for m in models])
         return sum(len(r.out_ids) for r in reqs) / (time.perf_counter() - start)
     mixed_models = [f"a{k:02d}" for k in range(32)]
     cold = []

@@ -22,7 +22,7 @@ import torch
 
 from bench import serve_decode
 from bench.common import write_results
-from peftkit.engine import Request, Sampling
+from peftkit.engine import Sampling
 from peftkit.formats import save_adapter
 from peftkit.methods import LoraConfig, add_adapter
 from peftkit.models import load_base
@@ -53,8 +53,7 @@ def batch_run(server: Server, models: list[str]) -> float:
     start = time.perf_counter()
     reqs = []
     for i, m in enumerate(models):
-        slot = server.store.acquire(m) if m else -1
-        reqs.append(Request(tok(PROMPTS[i % 4]).input_ids, slot, greedy))
+        reqs.append(server.request(m, tok(PROMPTS[i % 4]).input_ids, greedy))
     server.engine.run_all(reqs)
     return sum(len(r.out_ids) for r in reqs) / (time.perf_counter() - start)
 
@@ -67,8 +66,7 @@ def swap_run(server: Server, models: list[str]) -> float:
     for i, m in enumerate(models):
         for name in list(server.store.entries):  # forget the previous adapter (device slot
             server.store.unload(name)  # and host tier): a real swap from disk
-        req = server.engine.submit(Request(tok(PROMPTS[i % 4]).input_ids, server.store.acquire(m),
-                                           greedy))
+        req = server.submit(m, tok(PROMPTS[i % 4]).input_ids, greedy)
         server.engine.run_until_idle()
         tokens += len(req.out_ids)
     return tokens / (time.perf_counter() - start)
@@ -105,8 +103,7 @@ def poisson_run(server: Server, names: list[str], n_adapters: int, dist: str, n_
     def producer():
         for i, m in enumerate(picks):
             time.sleep(rng.expovariate(rate))
-            reqs.append(server.engine.submit(Request(tok(PROMPTS[i % 4]).input_ids,
-                                                     server.store.acquire(m), sampling)))
+            reqs.append(server.submit(m, tok(PROMPTS[i % 4]).input_ids, sampling))
         done.set()
     threading.Thread(target=producer).start()
     done.wait()

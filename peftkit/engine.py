@@ -10,6 +10,7 @@ non-finite logits), or when its client went away (`cancel`) or its deadline pass
 every step. Stopping the engine fails whatever is left, so no caller waits forever.
 """
 
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,9 @@ from transformers import DynamicCache
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 from peftkit.sampling import Sampling, sample  # noqa: F401 (Sampling: re-exported)
+
+
+log = logging.getLogger("peftkit.serve")
 
 
 class QueueFull(PeftkitError):
@@ -44,9 +48,6 @@ class Request:
     t_first: float | None = None
     generator: torch.Generator | None = None
     kv: list | None = None  # per layer (keys, values) of shape (kv_heads, length, head_dim)
-    model: str = ""  # the adapter id (or base name) it was submitted for
-    tenant: str | None = None
-    admitted: bool = False  # counted in its tenant's in-flight limit (Server.admit)
     deadline: float | None = None  # perf_counter time after which it is aborted
     cancelled: bool = False  # set from any thread (client gone); the engine drops the row
 
@@ -56,19 +57,18 @@ class Request:
 
 class Engine:
     def __init__(self, adapted, tokenizer, max_batch: int = 32, max_queue: int = 256,
-                 max_len: int | None = None, on_finish=lambda req: None,
-                 timeout_s: float | None = None):
+                 max_len: int | None = None, timeout_s: float | None = None):
         self.adapted, self.tok = adapted, tokenizer
         self.model = adapted.model
         self.device = module_device(self.model)  # every tensor a step makes goes here
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos = {tokenizer.eos_token_id}
-        self.lock = threading.Lock()  # held during each forward; adapter writes take it too
+        self._lock = threading.Lock()  # held during each forward and each `between_steps` job
+        self._jobs: queue.Queue[_Job] = queue.Queue()  # run by the engine's thread between steps
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[Request] = []
         self.cache: DynamicCache | None = None
-        self.on_finish = on_finish
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.thread: threading.Thread | None = None
@@ -105,6 +105,28 @@ class Engine:
             raise PeftkitError(f"max_tokens: {max_tokens} + the prompt's {prompt_tokens} tokens "
                                f"exceed the {self.max_len}-token context")
 
+    def between_steps(self, fn, wait: bool = True):
+        """Run `fn()` with no forward in flight and return its result (or raise its error):
+        the engine's thread runs it between two steps, in the order given, while this thread
+        waits (or goes on: `wait=False`, for a caller holding a lock the engine's thread may
+        need); here, when the engine's thread is not running or this is it. The one way to
+        change the model (an adapter's slot written or cleared) while requests run."""
+        thread = self.thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            with self._lock:
+                return fn()
+        job = _Job(fn, wait)
+        self._jobs.put(job)
+        self._wake.set()
+        if not wait:
+            return None
+        while not job.done.wait(timeout=0.1):
+            if not thread.is_alive():  # stopped meanwhile: nobody else will run it
+                self._run_jobs()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
     def queue_depth(self) -> int:
         return self.waiting.qsize()
 
@@ -118,8 +140,9 @@ class Engine:
         self._wake.set()
         if self.thread:
             self.thread.join(timeout=10)
-        # Anything left ends now, so no client waits on a stopped engine. (No model lock here:
-        # finishing releases slots, and the store takes that lock to clear them.)
+        # Anything left ends now, so no client waits on a stopped engine; the slot writes
+        # queued meanwhile run here.
+        self._run_jobs()
         for req in self._drain_waiting() + self.active:
             if req.finish_reason is None:
                 self._fail(req, "the server is shutting down")
@@ -162,6 +185,7 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._run_jobs()
             if self.waiting.empty() and not self.active:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
@@ -190,6 +214,15 @@ class Engine:
             self.cache = None
         if self.active:
             self._decode()
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                job.run()
 
     def _ended(self, req: Request) -> bool:
         """Finish a cancelled or overdue request; True when it was."""
@@ -244,7 +277,7 @@ class Engine:
         ids = torch.tensor([[fill] * p + r.prompt_ids for r, p in zip(reqs, pad)], **on)
         mask = _unpadded_mask(torch.tensor(pad, **on).unsqueeze(1), width)
         cache = DynamicCache(config=self.model.config)
-        with self.lock:
+        with self._lock:
             out = self.adapted(input_ids=ids, attention_mask=mask,
                                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                                slots=torch.tensor([r.slot for r in reqs], **on),
@@ -267,7 +300,7 @@ class Engine:
         # each row's next position is its own cache length, which counts a prompt-tuned
         # adapter's virtual tokens (or a prefix) as well as the prompt and the answer so far
         positions = width - pad
-        with self.lock:
+        with self._lock:
             out = self.adapted(input_ids=last, attention_mask=mask, position_ids=positions,
                                slots=torch.tensor([r.slot for r in rows], **on),
                                past_key_values=self.cache, use_cache=True)
@@ -347,9 +380,26 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         self._emit(req, len(req.text))
-        self.on_finish(req)
         if req.on_done is not None:
             req.on_done(req)
+
+
+class _Job:
+    """A `between_steps` call waiting for the engine's thread."""
+
+    def __init__(self, fn, waited: bool):
+        self.fn, self.waited, self.done = fn, waited, threading.Event()
+        self.result, self.error = None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as e:  # handed to the waiting caller, raised there
+            self.error = e
+            if not self.waited:
+                log.error("a slot change failed between steps: %s: %s", type(e).__name__, e)
+        finally:
+            self.done.set()
 
 
 def _then(first, second):

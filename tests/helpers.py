@@ -60,5 +60,5 @@ def free_port() -> int:
 def generate_direct(server, model: str, prompt_ids: list[int], sampling):
     """Run one request to completion in the calling thread through a Server (no HTTP)."""
     req = server.submit(model, prompt_ids, sampling)
-    server.engine.run_until_idle()  # the engine's on_finish releases the slot
+    server.engine.run_until_idle()  # its ticket releases the slot as it ends
     return req

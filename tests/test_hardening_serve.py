@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from peftkit.engine import Request, Sampling
+from peftkit.engine import Sampling
 from peftkit.serve.server import ServeConfig, Server
 from tests.helpers import free_port
 from tests.serve_harness import (ACME, GREEDY, N_ADAPTERS, PROMPTS, adapter_root, ask, client,
@@ -197,8 +197,8 @@ def test_no_other_slot_can_reach_a_row(root):
     assert [reference(server, *job) for job in jobs] == before
     # a sampled request on the poisoned slot itself fails alone; a base row beside it does not
     ids = server.prompt_ids(prompt=PROMPTS["completion"])
-    assert server.store.acquire("a05") == slot  # held by the request, released when it ends
-    poisoned = server.engine.submit(Request(ids, slot, Sampling(max_tokens=4, temperature=0.7)))
+    poisoned = server.submit("a05", ids, Sampling(max_tokens=4, temperature=0.7))
+    assert server.store.slots[slot].users == 1  # its ticket holds the slot until it ends
     beside = server.submit("tiny-llama", ids, Sampling(max_tokens=6))
     server.engine.run_until_idle()
     assert poisoned.finish_reason == "error" and "non-finite" in poisoned.error

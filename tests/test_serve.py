@@ -70,8 +70,7 @@ def test_mixed_batch_matches_each_request_alone(adapters):
     greedy = Sampling(max_tokens=8, temperature=0.0)
     reqs = []
     for model, prompt in jobs:
-        slot = -1 if not model else server.store.acquire(model)
-        reqs.append(server.engine.submit(Request(tok(prompt).input_ids, slot, greedy)))
+        reqs.append(server.submit(model, tok(prompt).input_ids, greedy))
     server.engine.run_until_idle()
     together = [r.out_ids for r in reqs]
     alone = [generate_direct(server, m, tok(p).input_ids, greedy).out_ids for m, p in jobs]
@@ -236,7 +235,7 @@ def test_in_process_work_past_the_queue_limit_gets_every_answer(adapters, thread
     if threaded:
         server.start()
     try:
-        reqs = server.engine.run_all([Request(tok(PROMPT).input_ids, server.slot_for(m), greedy)
+        reqs = server.engine.run_all([server.request(m, tok(PROMPT).input_ids, greedy)
                                       for m in models])
         if not threaded:  # nothing drains: the HTTP path still stops at its limit
             with pytest.raises(PeftkitError, match="queue full"):
@@ -309,9 +308,7 @@ def test_smollm2_mixed_batch_matches_alone(tmp_path):
     tok = server.base.tokenizer
     jobs = [("a0", "Hello"), ("a1", "The capital of France is"), ("", "Once upon a time")]
     greedy = Sampling(max_tokens=8, temperature=0.0)
-    reqs = [server.engine.submit(Request(tok(p).input_ids,
-                                         server.store.acquire(m) if m else -1, greedy))
-            for m, p in jobs]
+    reqs = [server.submit(m, tok(p).input_ids, greedy) for m, p in jobs]
     server.engine.run_until_idle()
     alone = [generate_direct(server, m, tok(p).input_ids, greedy).out_ids for m, p in jobs]
     assert [r.out_ids for r in reqs] == alone

@@ -81,7 +81,7 @@ def test_rows_past_the_batch_or_the_tenant_limit_are_refused_whole(adapters, tmp
         assert _post(server, {**body, "n": 129}).status_code == 400  # OpenAI's bound
         assert _post(server, {**body, "n": 4}).status_code == 200  # nothing leaked
         assert not any(s.users for s in server.store.slots)
-        assert not server.inflight
+        assert not server.admission.inflight
     finally:
         server.stop()
 

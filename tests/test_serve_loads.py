@@ -98,7 +98,7 @@ def test_a_cold_load_never_stalls_other_tenants(root, monkeypatch):
 def _store(root, host_bytes, slots=2, events=None):
     server = Server(ServeConfig(base="tiny-llama", adapters=str(root), max_loaded=slots,
                                 max_rank=12))
-    store = store_module.AdapterStore(root, server.adapted, server.engine.lock, 2**30,
+    store = store_module.AdapterStore(root, server.adapted, server.engine.between_steps, 2**30,
                                       on_event=lambda kind, **kw: events.append(kind),
                                       host_bytes=host_bytes)
     return store

@@ -17,7 +17,7 @@ import httpx
 from peftkit.data import chat_ids
 from peftkit.demo.report import write_report
 from peftkit.demo.tasks import TASKS
-from peftkit.engine import Request, Sampling
+from peftkit.engine import Sampling
 from peftkit.errors import PeftkitError
 from peftkit.models import load_base
 from peftkit.plan import format_plan, make_plan
@@ -191,10 +191,9 @@ def eval_jobs(tok, tests: dict, shots: dict) -> list[tuple]:
 def evaluate(server: Server, jobs: list[tuple], tests: dict) -> dict:
     """{customer: {who: exact match}} over `eval_jobs`, all rows in one mixed batch."""
     greedy = Sampling(max_tokens=ANSWER_TOKENS, temperature=0.0)
-    slots = {"base": lambda _t: -1, "icl": lambda _t: -1,
-             "shared": lambda _t: server.store.acquire(SHARED),
-             "adapter": lambda t: server.store.acquire(t.customer)}
-    requests = [Request(ids, slots[who](task), greedy) for task, who, _, ids in jobs]
+    model = {"base": lambda _t: "", "icl": lambda _t: "", "shared": lambda _t: SHARED,
+             "adapter": lambda t: t.customer}
+    requests = [server.request(model[who](task), ids, greedy) for task, who, _, ids in jobs]
     server.engine.run_all(requests)  # any number of rows: fed as room frees up
     hits = {(t.customer, who): 0 for t in TASKS for who in BASELINES}
     for (task, who, want, _), req in zip(jobs, requests):

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
-from peftkit.serve.server import TenantBusy
+from peftkit.serve.tickets import TenantBusy
 from peftkit.serve.store import AdapterNotFound, StoreFull
 
 

@@ -15,6 +15,7 @@ from peftkit.errors import PeftkitError
 from peftkit.serve.api import ApiError, SamplingParams, api_error, busy
 from peftkit.serve.server import Server
 from peftkit.serve.store import StoreFull
+from peftkit.serve.tickets import Ticket
 
 
 class Completions:
@@ -35,14 +36,9 @@ class Completions:
             raise ApiError(400, f"n: {body.n} choices x {len(sources)} prompts = {rows} rows, "
                                 f"over this server's --max-batch {server.cfg.max_batch}",
                            param="n")
-        admitted = 0
-        try:
-            for _ in range(rows):  # every row counts toward the tenant's in-flight limit
-                server.admit(who.tenant)
-                admitted += 1
+        try:  # every row counts toward the tenant's in-flight limit
+            tickets = server.admit(model, who.tenant, rows)
         except PeftkitError as e:
-            for _ in range(admitted):
-                server.leave(who.tenant)
             raise api_error(e) from None
         reqs, sink, loop = [], asyncio.Queue(), asyncio.get_running_loop()
         try:
@@ -61,17 +57,17 @@ class Completions:
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
                                         bias)
-                    slot = await self.slot_for(model)
-                    reqs.append(server.submit(model, ids, sampling, loop, sink, slot=slot,
-                                              tenant=who.tenant, admitted=True,
+                    ticket = tickets[len(reqs)]
+                    await self.take_slot(ticket)
+                    reqs.append(server.submit(model, ids, sampling, loop, sink, ticket,
                                               stream=body.stream, tag=len(reqs)))
         except PeftkitError as e:  # unknown or corrupt adapter, prompt over the context, ...
             for req in reqs:
-                req.cancel()  # each leaves and releases its slot as it ends
+                req.cancel()  # each closes its ticket as it ends
             raise api_error(e, model) from None
-        finally:
-            for _ in range(rows - len(reqs)):
-                server.leave(who.tenant)
+        finally:  # rows never submitted (an error, or the client gone): their tickets close
+            for ticket in tickets[len(reqs):]:
+                ticket.close()
         chat = messages is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": rid, "created": int(time.time()), "model": model or server.name}
@@ -90,18 +86,18 @@ class Completions:
             raise ApiError(status, failed.error, "server_error")
         return answer(items, meta, chat, echoes, body.n)
 
-    async def slot_for(self, model: str) -> int:
-        """The adapter's slot, waiting (bounded in time and in waiters) while every slot is
-        busy, as vLLM queues requests for a cold LoRA; loads run off the event loop."""
+    async def take_slot(self, ticket: Ticket) -> None:
+        """The ticket's adapter slot, waiting (bounded in time and in waiters) while every
+        slot is busy, as vLLM queues requests for a cold LoRA; loads run off the event loop
+        (a client gone meanwhile closes the ticket, which then lets the slot go itself)."""
         cfg, loop = self.server.cfg, asyncio.get_running_loop()
         deadline, delay = loop.time() + cfg.slot_wait_s, 0.005
         while True:
-            acquiring = asyncio.ensure_future(run_in_threadpool(self.server.slot_for, model))
+            taking = asyncio.ensure_future(run_in_threadpool(ticket.take_slot))
+            taking.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if left
             try:
-                return await asyncio.shield(acquiring)
-            except asyncio.CancelledError:  # the caller is gone; the thread still finishes
-                acquiring.add_done_callback(self.release_unused)
-                raise
+                await asyncio.shield(taking)
+                return
             except StoreFull as e:
                 if loop.time() + delay > deadline or self.waiting_for_slot >= cfg.max_queue:
                     raise busy(e) from None
@@ -111,10 +107,6 @@ class Completions:
             finally:
                 self.waiting_for_slot -= 1
             delay = min(delay * 2, 0.05)
-
-    def release_unused(self, acquiring: asyncio.Future) -> None:
-        if not acquiring.cancelled() and acquiring.exception() is None and acquiring.result() >= 0:
-            self.server.store.release(acquiring.result())
 
     @staticmethod
     async def finished(http: HTTPRequest, reqs: list[Request],

@@ -1,8 +1,5 @@
 """One base loaded once, a pool of adapter slots, the engine and the store: a `Server`."""
 
-import threading
-from collections import Counter
-
 import torch
 
 from peftkit.data import chat_ids
@@ -17,10 +14,7 @@ from peftkit.serve.config import ServeConfig
 from peftkit.serve.metrics import Metrics
 from peftkit.serve.store import AdapterStore
 from peftkit.serve.tenancy import Tenancy
-
-
-class TenantBusy(PeftkitError):
-    """This tenant already has its limit of requests queued or running: HTTP 429."""
+from peftkit.serve.tickets import Admission, Ticket
 
 
 class Server:
@@ -46,13 +40,12 @@ class Server:
             layer.hold_slots_in(slot_dtype)
         self.metrics = Metrics()
         self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch, cfg.max_queue,
-                             on_finish=self._finished, timeout_s=cfg.request_timeout_s)
-        self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.lock,
+                             timeout_s=cfg.request_timeout_s)
+        self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.between_steps,
                                   cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event,
                                   host_bytes=cfg.host_cache_mb * 2**20)
         self.tenancy = Tenancy(cfg.api_keys)
-        self.inflight: Counter = Counter()  # tenant -> requests admitted and not yet finished
-        self._inflight_lock = threading.Lock()
+        self.admission = Admission(self.store, self.name, cfg.tenant_max_inflight)
         for adapter_id in cfg.preload:
             self.store.load(adapter_id, pin=True)
 
@@ -80,54 +73,47 @@ class Server:
             return chat_ids(messages, tok)
         return tok(prompt).input_ids
 
-    def admit(self, tenant: str | None) -> None:
-        """Count a tenant's request in; TenantBusy past --tenant-max-inflight, so one tenant
-        flooding the queue cannot starve the others. Every admit is matched by one `leave`
-        (when the request ends, or when it fails before reaching the engine)."""
-        limit = self.cfg.tenant_max_inflight
-        with self._inflight_lock:
-            if limit and tenant is not None and self.inflight[tenant] >= limit:
-                raise TenantBusy(f"tenant '{tenant}' has {limit} requests in flight (the limit); "
-                                 "retry when one ends")
-            self.inflight[tenant] += 1
+    def admit(self, model: str, tenant: str | None = None, rows: int = 1) -> list[Ticket]:
+        """`rows` tickets for a request to `model` (see tickets.py); TenantBusy past the
+        tenant's --tenant-max-inflight."""
+        return self.admission.admit(model, tenant, rows)
 
-    def leave(self, tenant: str | None) -> None:
-        with self._inflight_lock:
-            self.inflight[tenant] -= 1
-            if self.inflight[tenant] <= 0:
-                del self.inflight[tenant]
+    def request(self, model: str, ids: list[int], sampling: Sampling,
+                ticket: Ticket | None = None, on_delta=None, on_done=None) -> Request:
+        """An engine request for `model` (the base: "" or its name) that owns `ticket` (a new
+        one, no tenant, when not given): the slot is taken here (AdapterNotFound /
+        AdapterInvalid / StoreFull, the ticket then closed) and given back when it ends."""
+        ticket = ticket or self.admit(model)[0]
+        try:
+            slot = ticket.take_slot()
+        except BaseException:
+            ticket.close()
+            raise
 
-    def slot_for(self, model: str) -> int:
-        """-1 for the base, else the adapter's slot, loaded when needed and held until the
-        request ends. Raises AdapterNotFound / AdapterInvalid / StoreFull."""
-        return -1 if model in ("", self.name) else self.store.acquire(model)
+        def done(req: Request) -> None:
+            ticket.close()
+            self._record(ticket.model, req)
+            if on_done is not None:
+                on_done(req)
+        return Request(ids, slot, sampling, on_delta=on_delta, on_done=done)
 
     def submit(self, model: str, ids: list[int], sampling: Sampling, loop=None, sink=None,
-               slot: int | None = None, tenant: str | None = None, admitted: bool = False,
-               stream: bool = False, tag: int = 0) -> Request:
-        """Queue a request; `sink` (an asyncio.Queue on `loop`) receives (tag, the finished
-        Request), preceded by (tag, text delta) items when `stream`. Takes `slot` from `slot_for` (acquired here when
-        not given); the slot is released when the request ends, or here when it cannot be
-        queued. An `admitted` tenant (see `admit`) leaves when the request ends."""
-        slot = self.slot_for(model) if slot is None else slot
+               ticket: Ticket | None = None, stream: bool = False, tag: int = 0) -> Request:
+        """`request`, queued; `sink` (an asyncio.Queue on `loop`) receives (tag, the finished
+        Request), preceded by (tag, text delta) items when `stream`. A request the engine
+        refuses closes its ticket here."""
         put = None if sink is None else (
             lambda item: loop.call_soon_threadsafe(sink.put_nowait, (tag, item)))
-        req = Request(ids, slot, sampling, on_delta=put if stream else None, on_done=put,
-                      model=model or self.name)
-        req.tenant, req.admitted = tenant, admitted
+        ticket = ticket or self.admit(model)[0]
+        req = self.request(model, ids, sampling, ticket, on_delta=put if stream else None,
+                           on_done=put)
         try:
             return self.engine.submit(req)
         except PeftkitError:
-            if slot >= 0:
-                self.store.release(slot)
+            ticket.close()
             raise
 
-    def _finished(self, req: Request) -> None:
-        if req.slot >= 0:
-            self.store.release(req.slot)
-        if req.admitted:
-            self.leave(req.tenant)
-        model = req.model or self.name
+    def _record(self, model: str, req: Request) -> None:
         self.metrics.requests.labels(model, req.finish_reason or "error").inc()
         self.metrics.tokens.labels(model).inc(len(req.out_ids))
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))

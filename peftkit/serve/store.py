@@ -8,7 +8,7 @@ Two cache tiers below the disk, as LoRAX and S-LoRA keep them:
           never evicted
 A cold load never stalls other tenants: the disk read and the checks run in the requesting
 thread with no lock held; concurrent requests for the same adapter wait for that one load;
-only the slot copy takes the engine's lock (between two forward steps). A reload writes the
+only the slot copy waits for the engine (it runs between two forward steps). A reload writes the
 new weights into a fresh slot; requests already running finish on the old one. A slot that no
 adapter owns any more is zeroed as soon as no request uses it."""
 
@@ -90,7 +90,7 @@ class HostTier:
 
 
 class AdapterStore:
-    def __init__(self, root: str | Path, adapted, lock: threading.Lock, max_bytes: float,
+    def __init__(self, root: str | Path, adapted, between_steps, max_bytes: float,
                  on_event=lambda kind, **kw: None, host_bytes: float = 0):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
@@ -98,7 +98,7 @@ class AdapterStore:
         self.adapted = adapted
         self.layers = adapted.adapted_layers()  # the stack's layers, walked once
         self.writer = SlotWriter(self.layers)
-        self.lock = lock  # the engine's model lock: slots are written between forward steps
+        self.between_steps = between_steps  # Engine.between_steps: slot writes and clears
         self.capacity = adapted.n_slots
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order, most recent last
@@ -241,8 +241,9 @@ class AdapterStore:
         return f"adapter '{adapter_id}' cannot be served: {reason}"
 
     def _clear(self, slot: int) -> None:
-        with self.lock:
-            self.writer.clear(slot)
+        """Zeroed between steps; not waited for (the engine's thread may be waiting for this
+        store's mutex), and a load's write into the slot comes after it in the engine's order."""
+        self.between_steps(lambda: self.writer.clear(slot), wait=False)
         self.slots[slot].state = "free"
 
     def _retire(self, slot: int) -> None:
@@ -293,8 +294,7 @@ class AdapterStore:
             slot = self._free_slot(prepared.nbytes)
             self.slots[slot].state = "writing"
         try:
-            with self.lock:
-                self.writer.write(slot, prepared.modules, prepared.scale)
+            self.between_steps(lambda: self.writer.write(slot, prepared.modules, prepared.scale))
         except BaseException:
             with self.mutex:
                 self._clear(slot)
