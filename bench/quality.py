@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench import quality_lm, sst2
+from bench import quality_lm
+from peftkit.data import sst2
 from bench.common import DOCS, machine
 from peftkit.train.compare import compare
 

@@ -3,14 +3,14 @@ from pathlib import Path
 
 import pytest
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+from peftkit.data import sst2
 
 
 @pytest.fixture
 def sst2_dir() -> Path:
-    if not (SST2 / "train.tsv").exists():
-        pytest.skip(f"SST-2 not found at {SST2} (only on machines with ../shared/data)")
-    return SST2
+    if not sst2.available():
+        pytest.skip(sst2.MISSING)
+    return sst2.SST2
 
 
 @pytest.fixture

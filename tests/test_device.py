@@ -8,8 +8,10 @@ mixed-batch serving step all run that way.
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ from peftkit.train.batches import collate
 from peftkit.train.build import build
 from peftkit.train.probe import FeatureCache
 from tests.helpers import batch, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LM_ROWS = [{"prompt": f"Q: item {i}?", "completion": f"A{i % 3}"} for i in range(8)]
 
@@ -160,9 +164,13 @@ def test_probe_on_trainer_runs_under_its_device_and_dtype(lm_data, tmp_path):
 
 
 def test_gpu_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
-    """`bench/gpu.py --device cpu --tiny`: the GPU benchmark's own code at toy shapes."""
-    from bench.gpu import main as bench_main
-    bench_main(["--device", "cpu", "--tiny", "--out", str(tmp_path)])
+    """`python -m bench.gpu --device cpu --tiny` (`make bench-gpu`'s command), run as the device session runs it: the GPU
+    benchmark's own code at toy shapes, so the one costly GPU run does not fail on a typo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--tiny", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     raw = json.loads((tmp_path / "bench-gpu.json").read_text())
     assert {r["method"] for r in raw["train"]} >= {"lora", "peft-lora", "full"}
     assert all(r["tokens_per_s"] > 0 and r["predicted"] > 0 and r["peak"] is None

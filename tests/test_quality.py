@@ -4,7 +4,7 @@ quality (defaults, pooling, label handling, schedules) fails CI."""
 
 import pytest
 
-from bench import sst2
+from peftkit.data import sst2
 from peftkit.train import TrainConfig, train
 
 N_TRAIN = 512

@@ -1,12 +1,16 @@
-"""SST-2 (GLUE, Socher et al. 2013) from ../shared/data/sst2: seeded, label-balanced training
-slices and the dev set, written as JSONL for `peftkit train`. The files stay where they are (the
-data set is not ours to copy); absent, callers skip with this module's message."""
+"""SST-2 (GLUE, Socher et al. 2013), the project's real-data check (the quality tests and
+bench/quality.py): seeded, label-balanced training slices and the dev set of GLUE's TSV files,
+written as JSONL for `peftkit train`. Read from $PEFTKIT_SST2, else ../shared/data/sst2 beside
+the checkout; the files stay where they are (the data set is not ours to copy), and callers skip
+with this module's message when they are absent."""
 
 import json
+import os
 import random
 from pathlib import Path
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2 = Path(os.environ.get("PEFTKIT_SST2")
+            or Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2")
 LABELS = {"0": "negative", "1": "positive"}
 MISSING = f"SST-2 not found at {SST2} (only on machines with ../shared/data)"
 
