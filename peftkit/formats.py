@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.config import (AdapterConfig, LoraConfig, PrefixTuningConfig,
-                                    PromptTuningConfig, config_from_peft)
+from peftkit.methods import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from peftkit.methods.base import AdapterConfig
+from peftkit.methods.spec import config_from_peft
 from peftkit.methods.inject import AdaptedModel, add_adapter
 from peftkit.methods.prompt import VirtualTokens
 from peftkit.methods.registry import KEYS, spec_of

@@ -14,7 +14,7 @@ def inspect_model(spec: str) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM
 
     from peftkit.export import vllm_targets
-    from peftkit.methods.config import roles
+    from peftkit.methods.base import roles
     from peftkit.methods.inject import find_targets, in_block, not_adapted_note
     from peftkit.models import ENCODERS, peek_config
     from peftkit.plan.shapes import shape_from_config

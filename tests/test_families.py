@@ -74,7 +74,7 @@ def test_attention_is_the_models_own_choice_unless_named(models, data, tmp_path,
 
 def test_ia3_and_bottleneck_placed_by_structure():
     """Layer roles found from transformers' own module names, per family."""
-    from peftkit.methods.config import roles
+    from peftkit.methods.base import roles
     neox = roles(["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.0.attention.dense",
                   "gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.0.mlp.dense_4h_to_h"])
     assert neox == {"key_value": ["gpt_neox.layers.0.attention.query_key_value"],

@@ -3,8 +3,10 @@
 The configs and specs import without torch (the CLI's --help, the planner); the model-side
 names (`AdaptedModel`, `add_adapter`, `find_targets`) load torch when first used."""
 
-from peftkit.methods.config import (BottleneckConfig, IA3Config, LoraConfig, PrefixTuningConfig,
-                                    PromptTuningConfig)
+from peftkit.methods.bottleneck_spec import BottleneckConfig
+from peftkit.methods.ia3_spec import IA3Config
+from peftkit.methods.lora_spec import LoraConfig
+from peftkit.methods.prompt_spec import PrefixTuningConfig, PromptTuningConfig
 
 __all__ = ["AdaptedModel", "add_adapter", "find_targets", "LoraConfig", "IA3Config",
            "BottleneckConfig", "PromptTuningConfig", "PrefixTuningConfig"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.config import AdapterConfig
+from peftkit.methods.base import AdapterConfig
 from peftkit.methods.layers import FrozenLinear, SlotRouter, is_linear
 from peftkit.methods.prompt import VirtualTokens
 from peftkit.methods.registry import layer_for, spec_of

@@ -9,7 +9,7 @@ maps a training run's flags to itself (`from_run`).
 """
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.config import LoraConfig
+from peftkit.methods.lora_spec import LoraConfig
 from peftkit.methods.spec import SPECS, MethodSpec
 
 LAYERS = tuple(dict.fromkeys(s.layer_class() for s in SPECS.values() if s.layer))

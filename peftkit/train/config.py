@@ -44,7 +44,7 @@ class TrainConfig:
     keep: str = "auto"  # the adapter saved: best (evaluated) or last; auto = best with validation data
     report_to: str = "none"  # run tracking: none, or tensorboard, wandb, mlflow (comma-separated)
     exact_match_max: int = 64  # validation examples scored by greedy generation (causal LM)
-    # method hyperparameters (see peftkit.methods.config for their sources)
+    # method hyperparameters (their sources: each method's config, peftkit/methods/*_spec.py)
     rank: int = 8  # LoRA/DoRA rank r (Hu et al. 2021 §7.2: 1-8 often suffice)
     alpha: float = 16.0  # LoRA scale numerator: scale = alpha/r (alpha/sqrt(r) with --rslora)
     dropout: float = 0.05  # on the LoRA/DoRA input (Hu et al. 2021: 0.05-0.1)
