@@ -212,6 +212,8 @@ class Engine:
                 self._unpack(self.active)
             self.active += new
             self.cache = None
+        if self.thread is threading.current_thread():
+            self._run_jobs()  # a second point per step where a cold load's copy can run
         if self.active:
             self._decode()
 
