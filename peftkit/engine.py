@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from peftkit.constrain import Grammars, RowGrammar
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
 from peftkit.sampling import Sampling, sample  # noqa: F401 (Sampling: re-exported)
@@ -49,6 +50,7 @@ class Request:
     generator: torch.Generator | None = None
     kv: list | None = None  # per layer (keys, values) of shape (kv_heads, length, head_dim)
     deadline: float | None = None  # perf_counter time after which it is aborted
+    grammar: RowGrammar | None = None  # its structured output's state (Sampling.grammar)
     cancelled: bool = False  # set from any thread (client gone); the engine drops the row
 
     def cancel(self) -> None:
@@ -64,6 +66,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos = {tokenizer.eos_token_id}
+        self.grammars = Grammars(tokenizer, self.model.config.get_text_config().vocab_size)
         self._lock = threading.Lock()  # held during each forward and each `between_steps` job
         self._jobs: queue.Queue[_Job] = queue.Queue()  # run by the engine's thread between steps
         self.waiting: queue.Queue[Request] = queue.Queue()
@@ -344,8 +347,13 @@ class Engine:
         if not finite:
             return self._fail(req, "the model produced non-finite logits for this request")
         try:
-            token = sample(req.sampling, logits, req.generator)
-        except RuntimeError as e:
+            if req.sampling.grammar is not None and req.grammar is None:
+                req.grammar = self.grammars.start(req.sampling.grammar)
+            allowed = None if req.grammar is None else req.grammar.allowed()
+            token = sample(req.sampling, logits, req.generator, allowed)
+            if req.grammar is not None and token not in self.eos:
+                req.grammar.take(token)
+        except (RuntimeError, PeftkitError) as e:
             return self._fail(req, f"sampling failed: {e}")
         if req.t_first is None:
             req.t_first = time.perf_counter()
@@ -359,6 +367,8 @@ class Engine:
             if at >= 0:
                 req.text = req.text[:at]
                 return self._finish(req, "stop")
+        if req.grammar is not None and req.grammar.complete:  # whole: nothing may follow
+            return self._finish(req, "stop")
         if len(req.out_ids) >= s.max_tokens:
             return self._finish(req, "length")
         if len(req.prompt_ids) + len(req.out_ids) >= self.max_len:

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peftkit.constrain import Grammar
+
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
 
 
@@ -16,6 +18,7 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: Grammar | None = None  # structured output: the row samples only what it allows
     _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def bias_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,9 +29,13 @@ class Sampling:
         return self._bias
 
 
-def sample(s: Sampling, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+def sample(s: Sampling, logits: torch.Tensor, generator: torch.Generator | None,
+           allowed: torch.Tensor | None = None) -> int:
     """The next token: greedy, or sampled with temperature and top-p on the CPU, where the
-    request's seeded generator lives, whatever the model's device."""
+    request's seeded generator lives, whatever the model's device; only among `allowed`
+    tokens when given (a row's grammar)."""
+    if allowed is not None:  # this row's own copy, as below
+        logits = logits.float().masked_fill(~allowed.to(logits.device), float("-inf"))
     if s.logit_bias:  # this row's own copy: the batch's logits are shared
         logits = logits.float().index_add(0, *s.bias_on(logits.device))
     if s.temperature < GREEDY_BELOW:  # as vLLM: a temperature this small is greedy (and

@@ -48,6 +48,9 @@ def lying_backend(seen: list):
     async def complete(request: Request):
         body = await request.json()
         seen.append(body["model"])
+        shaped = {k: body[k] for k in ("response_format", "guided_choice") if k in body}
+        if shaped:
+            seen.append(("structured", shaped))
         if body["model"] not in HELD | {"tiny"}:
             return _not_found()
         return {"choices": [{"index": 0, "text": f"answer of {body['model']}"}]}
@@ -248,3 +251,21 @@ def test_gateway_answers_a_model_card_as_serve_does(gateway):
     assert httpx.get(f"{url}/v1/models/tiny", headers=auth).json()["id"] == "tiny"
     hidden = httpx.get(f"{url}/v1/models/b-secret", headers=auth)
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+
+
+def test_structured_outputs_pass_through_and_bad_ones_stop_at_the_gateway(gateway):
+    """response_format and guided_* reach the backend as sent; a schema no grammar can be
+    made of is the gateway's own 400 naming the field, and no backend sees it."""
+    gw, url, seen = gateway
+    fmt = {"type": "json_schema", "json_schema": {"name": "o", "schema": {"type": "object"}}}
+    for extra in ({"response_format": fmt}, {"guided_choice": ["yes", "no"]}):
+        r = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {ALICE}"},
+                       json={"model": "a-one", "prompt": "hi", "max_tokens": 2, **extra},
+                       timeout=30)
+        assert r.status_code == 200 and ("structured", extra) in seen
+    before = len(seen)
+    r = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {ALICE}"},
+                   json={"model": "a-one", "prompt": "hi", "guided_regex": "(unclosed"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex"
+    assert len(seen) == before

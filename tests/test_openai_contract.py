@@ -3,6 +3,7 @@ against `peftkit serve` — request shapes and defaults, fields honoured or refu
 in OpenAI's shape — and the conformance table kept true against the client's request types."""
 
 import asyncio
+import json
 import threading
 import time
 from pathlib import Path
@@ -44,14 +45,27 @@ def test_openai_client_completions_chat_and_stream(adapters):
         assert {m.id for m in oa.models.list().data} >= {"tiny-llama", "alpha", "beta"}
         # no field silently dropped: unimplemented ones refused by name, unknown ones as OpenAI
         hi = [{"role": "user", "content": "hi"}]
-        refused = {"response_format": {"response_format": {"type": "json_object"}},
-                   "logprobs": {"logprobs": True, "top_logprobs": 2},
+        refused = {"logprobs": {"logprobs": True, "top_logprobs": 2},
                    "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
                    "presence_penalty": {"presence_penalty": 1.0}}
         for field, kw in refused.items():
             with pytest.raises(openai.BadRequestError) as e:
                 oa.chat.completions.create(model="alpha", messages=hi, max_tokens=4, **kw)
             assert e.value.status_code == 400 and f"{field}: not supported" in str(e.value)
+        # structured outputs: OpenAI's response_format, vLLM's guided_* through extra_body
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                  "required": ["ok"], "additionalProperties": False}
+        shaped = oa.chat.completions.create(
+            model="alpha", messages=hi, max_tokens=30, temperature=1.0, seed=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "o", "schema": schema}})
+        assert isinstance(json.loads(shaped.choices[0].message.content)["ok"], bool)
+        picked = oa.completions.create(model="beta", prompt=PROMPT, max_tokens=8,
+                                       extra_body={"guided_choice": ["left", "right"]})
+        assert picked.choices[0].text in ("left", "right")
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model="alpha", messages=hi, response_format={
+                "type": "json_schema", "json_schema": {"name": "o"}})
+        assert e.value.body["param"] == "response_format"
         # echo and logit_bias are honoured: the prompt first; a banned token never appears
         echoed = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=8,
                                        temperature=0, echo=True)

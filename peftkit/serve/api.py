@@ -2,15 +2,17 @@
 OpenAI's body ({"error": {"message", "type", "code"}}), one mapping from peftkit's errors to
 HTTP statuses, and key checks."""
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from peftkit.constrain import Grammar, grammar_for
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
 from peftkit.serve.tickets import TenantBusy
@@ -123,8 +125,43 @@ class OpenAIBody(BaseModel):
         return self
 
 
+# Structured outputs, one per request: OpenAI's response_format and vLLM's guided_* fields.
+GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+
+
+def _grammar_asked(field: str, value) -> tuple[str, object]:
+    """(grammar kind, its value) of one structured-output field, as OpenAI and vLLM shape it;
+    ValueError with the reason otherwise."""
+    if field == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object":
+            return "json_object", None
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("json_schema.schema: a JSON schema object is required")
+            return "json_schema", spec["schema"]
+        raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got "
+                         f"{str(kind)[:40]!r}")
+    if field == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON ({e.msg})") from None
+        return "json_schema", value
+    if field == "guided_regex":
+        if not isinstance(value, str):
+            raise ValueError("a regular expression (a string) is required")
+        return "regex", value
+    if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+        raise ValueError("a non-empty list of non-empty strings is required")
+    return "choice", value
+
+
 class SamplingParams(OpenAIBody):
-    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias"})
+    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias", *GRAMMAR_FIELDS})
+    _grammar: Grammar | None = PrivateAttr(None)  # the checked structured-output grammar
     model: str = ""  # any length: an unknown id is a 404 like any other
     # token id (as a string, OpenAI's JSON) -> bias added to its logit before sampling, as
     # OpenAI: -100 bans a token, 100 all but forces it; ids are checked against the vocabulary
@@ -147,9 +184,32 @@ class SamplingParams(OpenAIBody):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    @model_validator(mode="after")
+    def _structured(self):
+        """The structured-output grammar, compiled and checked here: a bad schema is a 400
+        naming its field before the request is admitted."""
+        asked = [f for f in GRAMMAR_FIELDS if not NOT_IMPLEMENTED[f](getattr(self, f))]
+        if len(asked) > 1:
+            raise PydanticCustomError("invalid_grammar", "{param}: one structured output per "
+                                      "request (also given: " + asked[0] + ")",
+                                      {"param": asked[1]})
+        if asked:
+            try:
+                self._grammar = grammar_for(*_grammar_asked(asked[0], getattr(self, asked[0])),
+                                            asked[0])
+            except (ValueError, PeftkitError) as e:
+                message = str(e).removeprefix(asked[0] + ": ")
+                raise PydanticCustomError("invalid_grammar", "{param}: " + message.replace(
+                    "{", "(").replace("}", ")"), {"param": asked[0]}) from None
+        return self
+
+    @property
+    def grammar(self) -> Grammar | None:
+        return self._grammar
+
 
 class CompletionBody(SamplingParams):
-    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias", "echo"})
+    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo"}
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False  # the prompt's text before the completion's, in the choice's text
 
@@ -249,7 +309,7 @@ def _problem(err: dict) -> tuple[str, str | None]:
     where = ".".join(str(x) for x in err["loc"][1:])
     if err["type"] == "extra_forbidden":
         return f"Unrecognized request argument supplied: {where}", where
-    if err["type"] == "not_implemented":
+    if err["type"] in ("not_implemented", "invalid_grammar"):
         return err["msg"], err["ctx"]["param"]
     return f"{where}: {err['msg']}", where or None
 
