@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from peftkit.constrain import Grammars, RowGrammar
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
-from peftkit.sampling import Sampling, sample  # noqa: F401 (Sampling: re-exported)
+from peftkit.sampling import Sampling, sample, token_logprobs  # noqa: F401 (Sampling: re-exported)
 
 
 log = logging.getLogger("peftkit.serve")
@@ -51,6 +51,7 @@ class Request:
     kv: list | None = None  # per layer (keys, values) of shape (kv_heads, length, head_dim)
     deadline: float | None = None  # perf_counter time after which it is aborted
     grammar: RowGrammar | None = None  # its structured output's state (Sampling.grammar)
+    logprobs: list = field(default_factory=list)  # per output token (Sampling.logprobs)
     cancelled: bool = False  # set from any thread (client gone); the engine drops the row
 
     def cancel(self) -> None:
@@ -359,6 +360,8 @@ class Engine:
             req.t_first = time.perf_counter()
         if token in self.eos:
             return self._finish(req, "stop")
+        if req.sampling.logprobs is not None:
+            req.logprobs.append(token_logprobs(logits, token, req.sampling.logprobs))
         req.out_ids.append(token)
         req.text = self.tok.decode(req.out_ids, skip_special_tokens=True)
         s = req.sampling

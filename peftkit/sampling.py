@@ -19,6 +19,7 @@ class Sampling:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     grammar: Grammar | None = None  # structured output: the row samples only what it allows
+    logprobs: int | None = None  # record each token's log-probability and this many likeliest
     _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def bias_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +28,16 @@ class Sampling:
             self._bias = (torch.tensor(list(self.logit_bias), device=device),
                           torch.tensor(list(self.logit_bias.values()), device=device))
         return self._bias
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
+    """(token, its log-probability, [(id, log-probability)] of the `top` likeliest) under the
+    model's own distribution: the raw logits, before temperature, bias or a grammar (as vLLM
+    reports them by default)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = lp.topk(top) if top else None
+    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))
+    return token, float(lp[token]), pairs
 
 
 def sample(s: Sampling, logits: torch.Tensor, generator: torch.Generator | None,

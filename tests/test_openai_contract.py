@@ -45,13 +45,21 @@ def test_openai_client_completions_chat_and_stream(adapters):
         assert {m.id for m in oa.models.list().data} >= {"tiny-llama", "alpha", "beta"}
         # no field silently dropped: unimplemented ones refused by name, unknown ones as OpenAI
         hi = [{"role": "user", "content": "hi"}]
-        refused = {"logprobs": {"logprobs": True, "top_logprobs": 2},
-                   "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        refused = {"tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
                    "presence_penalty": {"presence_penalty": 1.0}}
         for field, kw in refused.items():
             with pytest.raises(openai.BadRequestError) as e:
                 oa.chat.completions.create(model="alpha", messages=hi, max_tokens=4, **kw)
             assert e.value.status_code == 400 and f"{field}: not supported" in str(e.value)
+        # logprobs in the client's own types
+        scored = oa.chat.completions.create(model="alpha", messages=hi, max_tokens=3,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+        tokens = scored.choices[0].logprobs.content
+        assert len(tokens) == scored.usage.completion_tokens
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+        legacy = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=4,
+                                       temperature=0, logprobs=2)
+        assert "".join(legacy.choices[0].logprobs.tokens) == "aaaa"
         # structured outputs: OpenAI's response_format, vLLM's guided_* through extra_body
         schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
                   "required": ["ok"], "additionalProperties": False}

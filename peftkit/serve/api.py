@@ -190,7 +190,7 @@ class SamplingParams(OpenAIBody):
         naming its field before the request is admitted."""
         asked = [f for f in GRAMMAR_FIELDS if not NOT_IMPLEMENTED[f](getattr(self, f))]
         if len(asked) > 1:
-            raise PydanticCustomError("invalid_grammar", "{param}: one structured output per "
+            raise PydanticCustomError("bad_param", "{param}: one structured output per "
                                       "request (also given: " + asked[0] + ")",
                                       {"param": asked[1]})
         if asked:
@@ -199,7 +199,7 @@ class SamplingParams(OpenAIBody):
                                             asked[0])
             except (ValueError, PeftkitError) as e:
                 message = str(e).removeprefix(asked[0] + ": ")
-                raise PydanticCustomError("invalid_grammar", "{param}: " + message.replace(
+                raise PydanticCustomError("bad_param", "{param}: " + message.replace(
                     "{", "(").replace("}", ")"), {"param": asked[0]}) from None
         return self
 
@@ -207,11 +207,29 @@ class SamplingParams(OpenAIBody):
     def grammar(self) -> Grammar | None:
         return self._grammar
 
+    @property
+    def alternatives(self) -> int | None:
+        """How many likeliest tokens to report beside each chosen one; None: no logprobs."""
+        return None
+
+    @model_validator(mode="after")
+    def _logprobs_alone(self):
+        if self.alternatives is not None and (self.stream or getattr(self, "echo", False)):
+            raise PydanticCustomError("not_implemented", "{param}: not supported with stream "
+                                      "or echo by this server yet", {"param": "logprobs"})
+        return self
+
 
 class CompletionBody(SamplingParams):
-    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo"}
+    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo", "logprobs"}
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False  # the prompt's text before the completion's, in the choice's text
+    # OpenAI's legacy logprobs: each token's log-probability and the this-many likeliest
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _legacy_default(self):
@@ -263,7 +281,21 @@ class Message(BaseModel):
 
 
 class ChatBody(SamplingParams):
+    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"logprobs", "top_logprobs"}
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False  # each content token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and the this-many likeliest beside it
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("bad_param", "{param}: needs logprobs: true",
+                                      {"param": "top_logprobs"})
+        return self
+
+    @property
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class AdapterBody(BaseModel):
@@ -309,7 +341,7 @@ def _problem(err: dict) -> tuple[str, str | None]:
     where = ".".join(str(x) for x in err["loc"][1:])
     if err["type"] == "extra_forbidden":
         return f"Unrecognized request argument supplied: {where}", where
-    if err["type"] in ("not_implemented", "invalid_grammar"):
+    if err["type"] in ("not_implemented", "bad_param"):
         return err["msg"], err["ctx"]["param"]
     return f"{where}: {err['msg']}", where or None
 

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from peftkit.engine import Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.serve.api import ApiError, SamplingParams, api_error, busy
+from peftkit.serve.logprobs import chat_logprobs, completion_logprobs
 from peftkit.serve.server import Server
 from peftkit.serve.store import StoreFull
 from peftkit.serve.tickets import Ticket
@@ -56,7 +57,7 @@ class Completions:
                 for j in range(body.n):  # choice j of a seeded request: seed + j, so n differ
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
-                                        bias, body.grammar)
+                                        bias, body.grammar, body.alternatives)
                     ticket = tickets[len(reqs)]
                     await self.take_slot(ticket)
                     reqs.append(server.submit(model, ids, sampling, loop, sink, ticket,
@@ -84,7 +85,7 @@ class Completions:
         if failed is not None:
             status = 503 if failed.finish_reason == "timeout" else 500
             raise ApiError(status, failed.error, "server_error")
-        return answer(items, meta, chat, echoes, body.n)
+        return answer(items, meta, chat, echoes, body.n, server.base.tokenizer)
 
     async def take_slot(self, ticket: Ticket) -> None:
         """The ticket's adapter slot, waiting (bounded in time and in waiters) while every
@@ -178,16 +179,17 @@ class Completions:
                 req.cancel()
 
 
-def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: int) -> dict:
+def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: int,
+           tok) -> dict:
     """OpenAI's non-streamed body for finished rows (`echoes`: each choice's prompt, first)."""
     counts = usage(items, n)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": item.text},
-                    "logprobs": None, "finish_reason": item.finish_reason}
+                    "logprobs": chat_logprobs(item, tok), "finish_reason": item.finish_reason}
                    for i, item in enumerate(items)]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": counts}
-    choices = [{"index": i, "text": echo + item.text, "logprobs": None,
-                "finish_reason": item.finish_reason}
+    choices = [{"index": i, "text": echo + item.text,
+                "logprobs": completion_logprobs(item, tok), "finish_reason": item.finish_reason}
                for i, (item, echo) in enumerate(zip(items, echoes))]
     return {**meta, "object": "text_completion", "choices": choices, "usage": counts}
 

@@ -1,0 +1,106 @@
+"""Token log-probabilities (issue 26.2): what the engine reports for each row of a mixed batch
+equals a separate forward pass over prompt + answer (<= 1e-4), and the API gives them in
+OpenAI's chat and completions shapes."""
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from peftkit.engine import Sampling
+from peftkit.serve.app import create_app
+from peftkit.serve.server import ServeConfig, Server
+from tests.serve_harness import adapter_root
+
+KEY = "sk-acme-0001"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = adapter_root(tmp_path_factory)
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(f"tenants:\n  acme: {{keys: [{KEY}], adapters: ['a*']}}\n")
+    keys.chmod(0o600)
+    return Server(ServeConfig(base="tiny-llama", adapters=str(root), max_loaded=4, max_rank=12,
+                              max_batch=8, api_keys=str(keys)))
+
+
+def _forward(server, model: str, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities at every position of `ids`, one row alone, no cache."""
+    slot = -1 if not model else server.store.acquire(model)
+    try:
+        with torch.no_grad():
+            logits = server.adapted(input_ids=torch.tensor([ids]),
+                                    slots=torch.tensor([slot])).logits[0]
+    finally:
+        if slot >= 0:
+            server.store.release(slot)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_of_a_mixed_batch_equal_a_forward_pass(server):
+    jobs = [("a00", "say one:", 0.0), ("a01", "hello there", 1.0), ("", "x y z", 0.0),
+            ("a02", "tell me", 1.0)]
+    reqs = [server.submit(m, server.prompt_ids(prompt=p), Sampling(
+        max_tokens=6, temperature=t, seed=5, logprobs=3)) for m, p, t in jobs]
+    server.engine.run_until_idle()
+    for (model, _, temperature), req in zip(jobs, reqs):
+        assert len(req.logprobs) == len(req.out_ids) > 0
+        lp = _forward(server, model, req.prompt_ids + req.out_ids)
+        start = len(req.prompt_ids) - 1
+        for k, (token, value, top) in enumerate(req.logprobs):
+            want = lp[start + k]
+            assert token == req.out_ids[k] and abs(value - float(want[token])) <= 1e-4
+            best = want.topk(3)
+            assert [i for i, _ in top] == best.indices.tolist()
+            assert max(abs(v - w) for (_, v), w in zip(top, best.values.tolist())) <= 1e-4
+            if temperature == 0.0:  # greedy: the chosen token is the likeliest
+                assert token == top[0][0]
+
+
+def _post(server, path, body):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server)),
+                                     base_url="http://test", timeout=60,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as c:
+            return await c.post(path, json=body)
+    return asyncio.run(go())
+
+
+def test_openai_shapes_for_chat_and_completions(server):
+    server.start()
+    try:
+        chat = _post(server, "/v1/chat/completions", {
+            "model": "a03", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}).json()
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"]
+        assert "".join(e["token"] for e in content) == chat["choices"][0]["message"]["content"]
+        for e in content:
+            assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 2
+            assert e["top_logprobs"][0]["logprob"] == e["logprob"]  # greedy: the top one
+            assert bytes(e["bytes"]).decode() == e["token"]
+        plain = _post(server, "/v1/completions", {"model": "a03", "prompt": "hi",
+                                                  "max_tokens": 4, "temperature": 0,
+                                                  "logprobs": 0}).json()["choices"][0]
+        lp = plain["logprobs"]
+        assert "".join(lp["tokens"]) == plain["text"] and lp["top_logprobs"] is None
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i])
+                                     for i in range(len(lp["tokens"]))]
+        none = _post(server, "/v1/completions", {"model": "a03", "prompt": "hi",
+                                                 "max_tokens": 2}).json()
+        assert none["choices"][0]["logprobs"] is None
+        for path, body, param in [
+                ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+                ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True},
+                 "top_logprobs"),
+                ("/v1/completions", {"logprobs": 6}, "logprobs"),
+                ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs"),
+                ("/v1/completions", {"logprobs": 1, "echo": True}, "logprobs")]:
+            shape = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
+                     else {"prompt": "hi"})
+            r = _post(server, path, {"model": "a03", **shape, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    finally:
+        server.stop()
