@@ -35,7 +35,7 @@ def add_export_parser(sub) -> None:
                    required=True,
                    help="vllm: adapters (LoRA/rsLoRA) and the `vllm serve` command; merged: one "
                         "run folded into its base, a plain Hugging Face model directory; gguf: "
-                        "that merged model as one GGUF file for llama.cpp (llama, mistral, qwen2); "
+                        "that merged model as one GGUF file for llama.cpp (llama, mistral, qwen2, phi3, gemma2); "
                         "ollama: that GGUF, a Modelfile and the `ollama create` command")
     s.add_argument("--gguf-type", default=None, choices=["f16", "q8_0"],
                    help="gguf/ollama: the weights' type, norms stay f32 (default: f16 for "

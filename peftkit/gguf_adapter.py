@@ -24,7 +24,7 @@ def write_lora_gguf(adapted, config, path: Path) -> Path:
     import gguf
 
     lora = adapted.slot_configs[0]
-    arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type][0])
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type].name)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

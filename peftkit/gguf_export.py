@@ -4,11 +4,15 @@ Q and K rows permuted for its rotary embedding (convert_hf_to_gguf's `LlamaModel
 metadata keys, and the byte-level BPE tokenizer (tokens, types, merges, special ids, chat
 template). Weights as f16, or q8_0 where a row splits into 32-value blocks; norms stay f32.
 
-Families: llama, mistral (llama.cpp reads both as `llama`) and qwen2, with a byte-level BPE
-tokenizer (SmolLM2's, Llama 3's, Qwen's). Others are refused by name.
+Families: llama, mistral (llama.cpp reads both as `llama`), qwen2, phi3 (fused qkv and gate_up
+as llama.cpp's attn_qkv / ffn_up; Phi-4-mini's partial rotary) and gemma2 (norms stored as
+1 + w, as llama.cpp's converter does; logit soft-caps and sliding window recorded), with a
+byte-level BPE tokenizer (SmolLM2's, Llama 3's, Qwen's, Phi-4's). SentencePiece-style
+tokenizers (Phi-3's, Gemma's) and other families are refused by name.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +20,18 @@ import torch
 
 from peftkit.errors import PeftkitError
 
-# model_type -> (llama.cpp's architecture, Q/K rows permuted for its rotary layout): Llama and
-# Mistral are llama.cpp's `llama` (rotate-in-pairs, so convert_hf_to_gguf permutes); Qwen2 is
-# its own architecture, rotating halves as transformers does (no permutation)
-ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+@dataclass(frozen=True)
+class Arch:
+    """How llama.cpp holds one transformers family."""
+    name: str  # its gguf.MODEL_ARCH member
+    # Q/K rows permuted: llama.cpp's `llama` rotates in pairs where transformers rotates halves
+    # (convert_hf_to_gguf's LlamaModel.permute); the others rotate halves as transformers does
+    permute_qk: bool = False
+    norm_plus_one: bool = False  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
+
+
+ARCHS = {"llama": Arch("LLAMA", permute_qk=True), "mistral": Arch("LLAMA", permute_qk=True),
+         "qwen2": Arch("QWEN2"), "phi3": Arch("PHI3"), "gemma2": Arch("GEMMA2", norm_plus_one=True)}
 TYPES = ("f16", "q8_0")
 NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
@@ -34,11 +46,19 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
                            f"{', '.join(ARCHS)}); use --for merged")
     if kind not in TYPES:
         raise PeftkitError(f"--gguf-type {kind}: choose {', '.join(TYPES)}")
-    arch = ARCHS[config.model_type][0]
-    arch = getattr(gguf.MODEL_ARCH, arch)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    family = ARCHS[config.model_type]
+    arch = getattr(gguf.MODEL_ARCH, family.name)
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scaling = _rope_param(config, "rope_type", "default")
+    if scaling != "default":  # llama.cpp needs its own rope-scaling fields and factor tensors
+        raise PeftkitError(f"--for gguf: rope scaling '{scaling}' is not written here yet; use "
+                           "--for merged")
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != head_dim:  # llama.cpp scales queries by head_dim
+        raise PeftkitError(f"--for gguf: query_pre_attn_scalar {scalar} != head_dim {head_dim}: "
+                           "llama.cpp's format has no field for it; use --for merged")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(str(getattr(config, "_name_or_path", "") or path.stem))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -46,7 +66,16 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * _rope_param(config, "partial_rotary_factor",
+                                                                1.0)))
+    if family.norm_plus_one or family.name == "PHI3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, field, None):
+            getattr(writer, f"add_{field}")(float(getattr(config, field)))
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
@@ -63,6 +92,8 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
         if name is None:
             raise PeftkitError(f"--for gguf: no llama.cpp name for tensor {key}")
         data = rotary_rows(config, key.removesuffix(".weight"), tensor.detach().float())
+        if family.norm_plus_one and name.endswith("norm.weight"):
+            data = data + 1
         _add(writer, gguf, name, data.numpy(), kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -75,7 +106,7 @@ def rotary_rows(config, module: str, w: torch.Tensor) -> torch.Tensor:
     """`w`'s output rows (a weight's, or a LoRA B's) in llama.cpp's order for `module`: Q and
     K rows permuted for its rotary layout where the architecture needs it
     (convert_hf_to_gguf: LlamaModel.permute), anything else as it is."""
-    if not ARCHS[config.model_type][1] or not module.endswith(("self_attn.q_proj",
+    if not ARCHS[config.model_type].permute_qk or not module.endswith(("self_attn.q_proj",
                                                                "self_attn.k_proj")):
         return w
     heads = config.num_key_value_heads or config.num_attention_heads
@@ -96,9 +127,15 @@ def _add(writer, gguf, name: str, data: np.ndarray, kind: str) -> None:
         writer.add_tensor(name, data.astype(np.float16))
 
 
-def _rope_theta(config) -> float:
+def _rope_param(config, key: str, default):
+    """A rotary setting, from transformers' `rope_parameters` or the config itself."""
     params = getattr(config, "rope_parameters", None) or {}
-    return params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    value = params.get(key) or getattr(config, key, None)
+    return default if value is None else value
+
+
+def _rope_theta(config) -> float:
+    return _rope_param(config, "rope_theta", 10000.0)
 
 
 def _tokenizer(writer, tokenizer, vocab_size: int) -> None:

@@ -126,7 +126,7 @@ def test_gguf_refuses_other_architectures_by_name(family_models, write, tmp_path
     capsys.readouterr()
     assert main(["export", "--for", "gguf", str(run), str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
-    assert "gpt2 is not written here (llama, mistral, qwen2); use --for merged" in err
+    assert "gpt2 is not written here (llama, mistral, qwen2, phi3, gemma2); use --for merged" in err
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
 
 
