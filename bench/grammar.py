@@ -29,6 +29,7 @@ from peftkit.data import chat_ids
 from peftkit.engine import Engine, Request, Sampling
 from peftkit.generation import PlainModel
 from peftkit.models import load_base
+from peftkit.serve.logprobs import byte_decoder
 
 SCHEMAS = {
     "label": {"type": "object", "properties": {"label": {"enum": ["billing", "bug", "sales"]}},
@@ -52,18 +53,6 @@ ANSWERS = {
     "order": {"id": "ABC-1234", "items": [{"sku": "X1", "qty": 2}, {"sku": "Y22", "qty": 1}],
               "total": 19.5},
 }
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, undone: the character a tokenizer shows -> its byte."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
 
 
 def _timed(fn) -> float:
@@ -107,7 +96,7 @@ def bench_outlines(tok, vocab: int) -> dict:
     from outlines_core.json_schema import build_regex_from_schema
     out = {}
     start = time.perf_counter()
-    decode, by_bytes = _byte_decoder(), {}
+    decode, by_bytes = byte_decoder(), {}
     special = set(tok.all_special_ids)
     for token, i in tok.get_vocab().items():
         if i in special or i >= vocab:

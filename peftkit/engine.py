@@ -275,7 +275,13 @@ class Engine:
 
     def _prefill(self, reqs: list[Request]) -> torch.Tensor:
         """One forward over the prompts left-padded to the longest; each request keeps its own
-        KV (padding stripped). Returns the last position's logits per request."""
+        KV (padding stripped). Requests with the same prompt on the same slot (one request's n
+        choices) share one row of it and its KV (never written in place: a repack makes new
+        tensors). Returns the last position's logits per request."""
+        first: dict[tuple, Request] = {}
+        for r in reqs:
+            first.setdefault((r.slot, tuple(r.prompt_ids)), r)
+        shared, reqs = reqs, list(first.values())
         width = max(len(r.prompt_ids) for r in reqs)
         pad = [width - len(r.prompt_ids) for r in reqs]
         fill = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -292,7 +298,11 @@ class Engine:
         for i, (req, p) in enumerate(zip(reqs, pad)):
             req.kv = [(_unpadded(layer.keys[i], v, p), _unpadded(layer.values[i], v, p))
                       for layer in cache.layers]
-        return out.logits[:, -1]
+        row = {id(r): i for i, r in enumerate(reqs)}
+        leaders = [first[(r.slot, tuple(r.prompt_ids))] for r in shared]
+        for r, leader in zip(shared, leaders):
+            r.kv = leader.kv
+        return out.logits[:, -1][torch.tensor([row[id(x)] for x in leaders], **on)]
 
     def _decode(self) -> None:
         rows = self.active
@@ -351,7 +361,7 @@ class Engine:
             if req.sampling.grammar is not None and req.grammar is None:
                 req.grammar = self.grammars.start(req.sampling.grammar)
             allowed = None if req.grammar is None else req.grammar.allowed()
-            token = sample(req.sampling, logits, req.generator, allowed)
+            token = sample(req.sampling, logits, req.generator, allowed, req.out_ids)
             if req.grammar is not None and token not in self.eos:
                 req.grammar.take(token)
         except (RuntimeError, PeftkitError) as e:

@@ -20,6 +20,10 @@ class Sampling:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     grammar: Grammar | None = None  # structured output: the row samples only what it allows
     logprobs: int | None = None  # record each token's log-probability and this many likeliest
+    # OpenAI's penalties on the answer so far: a token's logit minus frequency x its count,
+    # minus presence once it has appeared (vLLM applies them to output tokens, as here)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def bias_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,10 +45,16 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple:
 
 
 def sample(s: Sampling, logits: torch.Tensor, generator: torch.Generator | None,
-           allowed: torch.Tensor | None = None) -> int:
+           allowed: torch.Tensor | None = None, history: list[int] | None = None) -> int:
     """The next token: greedy, or sampled with temperature and top-p on the CPU, where the
     request's seeded generator lives, whatever the model's device; only among `allowed`
-    tokens when given (a row's grammar)."""
+    tokens when given (a row's grammar); penalised by what `history` (the answer so far)
+    holds."""
+    if history and (s.frequency_penalty or s.presence_penalty):  # this row's own copy
+        seen = torch.tensor(history, device=logits.device)
+        counts = torch.bincount(seen, minlength=logits.shape[-1])[:logits.shape[-1]].float()
+        logits = logits.float() - s.frequency_penalty * counts \
+            - s.presence_penalty * (counts > 0).float()
     if allowed is not None:  # this row's own copy, as below
         logits = logits.float().masked_fill(~allowed.to(logits.device), float("-inf"))
     if s.logit_bias:  # this row's own copy: the batch's logits are shared

@@ -46,11 +46,15 @@ def test_openai_client_completions_chat_and_stream(adapters):
         # no field silently dropped: unimplemented ones refused by name, unknown ones as OpenAI
         hi = [{"role": "user", "content": "hi"}]
         refused = {"tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
-                   "presence_penalty": {"presence_penalty": 1.0}}
+                   "modalities": {"modalities": ["audio"]}}
         for field, kw in refused.items():
             with pytest.raises(openai.BadRequestError) as e:
                 oa.chat.completions.create(model="alpha", messages=hi, max_tokens=4, **kw)
             assert e.value.status_code == 400 and f"{field}: not supported" in str(e.value)
+        penalised = oa.completions.create(model="alpha", prompt=PROMPT, max_tokens=4,
+                                          temperature=0, presence_penalty=2.0,
+                                          frequency_penalty=1.0)
+        assert penalised.choices[0].text != "aaaa"  # 'a' again and again is penalised
         # logprobs in the client's own types
         scored = oa.chat.completions.create(model="alpha", messages=hi, max_tokens=3,
                                             temperature=0, logprobs=True, top_logprobs=2)

@@ -160,7 +160,8 @@ def _grammar_asked(field: str, value) -> tuple[str, object]:
 
 
 class SamplingParams(OpenAIBody):
-    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias", *GRAMMAR_FIELDS})
+    IMPLEMENTED: ClassVar[frozenset] = frozenset({"logit_bias", "frequency_penalty",
+                                                  "presence_penalty", *GRAMMAR_FIELDS})
     _grammar: Grammar | None = PrivateAttr(None)  # the checked structured-output grammar
     model: str = ""  # any length: an unknown id is a 404 like any other
     # token id (as a string, OpenAI's JSON) -> bias added to its logit before sampling, as
@@ -176,6 +177,9 @@ class SamplingParams(OpenAIBody):
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stream: bool = False
+    # OpenAI's range; applied to the answer's own tokens so far (as vLLM)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     n: int = Field(1, ge=1, le=MAX_N)  # choices per prompt, each a row (n x prompts <= --max-batch)
 
     @model_validator(mode="after")

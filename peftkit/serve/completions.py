@@ -57,7 +57,8 @@ class Completions:
                 for j in range(body.n):  # choice j of a seeded request: seed + j, so n differ
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
-                                        bias, body.grammar, body.alternatives)
+                                        bias, body.grammar, body.alternatives,
+                                        body.frequency_penalty, body.presence_penalty)
                     ticket = tickets[len(reqs)]
                     await self.take_slot(ticket)
                     reqs.append(server.submit(model, ids, sampling, loop, sink, ticket,
