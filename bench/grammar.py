@@ -55,6 +55,12 @@ ANSWERS = {
 }
 
 
+def _summary(compile_s: list[float], steps: list[float], tokens: int) -> dict:
+    return {"compile_ms": 1e3 * statistics.median(compile_s),
+            "per_token_us": 1e6 * statistics.median(steps),
+            "p99_token_us": 1e6 * sorted(steps)[int(0.99 * len(steps))], "tokens": tokens}
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -83,10 +89,7 @@ def bench_llguidance(tok, vocab: int) -> dict:
                 lt.fill_next_token_bitmask(matcher, mask, 0)
                 assert matcher.consume_token(t), matcher.get_error()
                 steps.append(time.perf_counter() - start)
-        out[name] = {"compile_ms": 1e3 * statistics.median(compile_s),
-                     "per_token_us": 1e6 * statistics.median(steps),
-                     "p99_token_us": 1e6 * sorted(steps)[int(0.99 * len(steps))],
-                     "tokens": len(ids)}
+        out[name] = _summary(compile_s, steps, len(ids))
     return out
 
 
@@ -121,10 +124,7 @@ def bench_outlines(tok, vocab: int) -> dict:
                 guide.write_mask_into(mask.data_ptr(), mask.numel(), 4)
                 guide.advance(t)
                 steps.append(time.perf_counter() - start)
-        out[name] = {"compile_ms": 1e3 * statistics.median(compile_s),
-                     "per_token_us": 1e6 * statistics.median(steps),
-                     "p99_token_us": 1e6 * sorted(steps)[int(0.99 * len(steps))],
-                     "tokens": len(ids)}
+        out[name] = _summary(compile_s, steps, len(ids))
     return out
 
 

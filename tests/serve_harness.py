@@ -38,6 +38,17 @@ def adapter_root(tmp_path_factory):
     return root
 
 
+def keyed_server(tmp_path_factory, **kw) -> Server:
+    """A tiny-llama server over `adapter_root`'s adapters, tenant acme (key ACME) owning a*."""
+    from peftkit.serve.config import ServeConfig
+    root = adapter_root(tmp_path_factory)
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(f"tenants:\n  acme: {{keys: [{ACME}], adapters: ['a*']}}\n")
+    keys.chmod(0o600)
+    return Server(ServeConfig(base="tiny-llama", adapters=str(root), max_rank=12,
+                              api_keys=str(keys), **kw))
+
+
 @contextlib.contextmanager
 def serving(app):
     """An ASGI app on a loopback port, in a thread; its URL."""

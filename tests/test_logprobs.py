@@ -10,20 +10,14 @@ import torch
 
 from peftkit.engine import Sampling
 from peftkit.serve.app import create_app
-from peftkit.serve.server import ServeConfig, Server
-from tests.serve_harness import adapter_root
+from tests.serve_harness import ACME, keyed_server
 
-KEY = "sk-acme-0001"
+KEY = ACME
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = adapter_root(tmp_path_factory)
-    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(f"tenants:\n  acme: {{keys: [{KEY}], adapters: ['a*']}}\n")
-    keys.chmod(0o600)
-    return Server(ServeConfig(base="tiny-llama", adapters=str(root), max_loaded=4, max_rank=12,
-                              max_batch=8, api_keys=str(keys)))
+    return keyed_server(tmp_path_factory, max_loaded=4, max_batch=8)
 
 
 def _forward(server, model: str, ids: list[int]) -> torch.Tensor:

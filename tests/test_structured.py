@@ -12,10 +12,9 @@ import jsonschema
 import pytest
 
 from peftkit.serve.app import create_app
-from peftkit.serve.server import ServeConfig, Server
-from tests.serve_harness import adapter_root
+from tests.serve_harness import ACME, keyed_server
 
-KEY = "sk-acme-0001"
+KEY = ACME
 # Schemas a random model can finish: enums, bounded integers, booleans, short arrays.
 SCHEMAS = [
     {"type": "object", "properties": {"label": {"enum": ["billing", "bug", "sales"]}},
@@ -34,12 +33,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = adapter_root(tmp_path_factory)
-    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(f"tenants:\n  acme: {{keys: [{KEY}], adapters: ['a*']}}\n")
-    keys.chmod(0o600)
-    server = Server(ServeConfig(base="tiny-llama", adapters=str(root), max_loaded=8,
-                                max_rank=12, max_batch=8, api_keys=str(keys))).start()
+    server = keyed_server(tmp_path_factory, max_loaded=8, max_batch=8).start()
     yield server
     server.stop()
 
