@@ -288,8 +288,9 @@ class AdapterStore:
 
     def _install(self, adapter_id: str, prepared: PreparedAdapter, hold: bool = False,
                  pin: bool = False) -> Entry:
-        """Write `prepared` into a free slot (the engine's lock for the copies only), then make
-        it the adapter's entry; an entry it replaces keeps its slot until its requests end."""
+        """Write `prepared` into a free slot (copied on the engine's thread between steps), then
+        make it the adapter's entry; an entry it replaces keeps its slot until its requests
+        end."""
         with self.mutex:
             slot = self._free_slot(prepared.nbytes)
             self.slots[slot].state = "writing"
