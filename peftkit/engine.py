@@ -10,7 +10,6 @@ non-finite logits), or when its client went away (`cancel`) or its deadline pass
 every step. Stopping the engine fails whatever is left, so no caller waits forever.
 """
 
-import logging
 import queue
 import threading
 import time
@@ -19,13 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from peftkit.between_steps import BetweenSteps
 from peftkit.constrain import Grammars, RowGrammar
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
+from peftkit.kv_batch import pack, unpack, unpadded, unpadded_mask
 from peftkit.sampling import Sampling, sample, token_logprobs  # noqa: F401 (Sampling: re-exported)
-
-
-log = logging.getLogger("peftkit.serve")
 
 
 class QueueFull(PeftkitError):
@@ -69,12 +67,12 @@ class Engine:
         self.eos = {tokenizer.eos_token_id}
         self.grammars = Grammars(tokenizer, self.model.config.get_text_config().vocab_size)
         self._lock = threading.Lock()  # held during each forward and each `between_steps` job
-        self._jobs: queue.Queue[_Job] = queue.Queue()  # run by the engine's thread between steps
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[Request] = []
         self.cache: DynamicCache | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._between = BetweenSteps(self._lock, self._wake)
         self.thread: threading.Thread | None = None
         self.timeout_s = timeout_s  # per-request bound, submit to finish
 
@@ -110,26 +108,9 @@ class Engine:
                                f"exceed the {self.max_len}-token context")
 
     def between_steps(self, fn, wait: bool = True):
-        """Run `fn()` with no forward in flight and return its result (or raise its error):
-        the engine's thread runs it between two steps, in the order given, while this thread
-        waits (or goes on: `wait=False`, for a caller holding a lock the engine's thread may
-        need); here, when the engine's thread is not running or this is it. The one way to
-        change the model (an adapter's slot written or cleared) while requests run."""
-        thread = self.thread
-        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
-            with self._lock:
-                return fn()
-        job = _Job(fn, wait)
-        self._jobs.put(job)
-        self._wake.set()
-        if not wait:
-            return None
-        while not job.done.wait(timeout=0.1):
-            if not thread.is_alive():  # stopped meanwhile: nobody else will run it
-                self._run_jobs()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        """Run `fn()` with no forward in flight (see between_steps.py): the one way to change
+        the model (an adapter's slot written or cleared) while requests run."""
+        return self._between.call(fn, self.thread, wait)
 
     def queue_depth(self) -> int:
         return self.waiting.qsize()
@@ -146,7 +127,7 @@ class Engine:
             self.thread.join(timeout=10)
         # Anything left ends now, so no client waits on a stopped engine; the slot writes
         # queued meanwhile run here.
-        self._run_jobs()
+        self._between.run_pending()
         for req in self._drain_waiting() + self.active:
             if req.finish_reason is None:
                 self._fail(req, "the server is shutting down")
@@ -189,7 +170,7 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._run_jobs()
+            self._between.run_pending()
             if self.waiting.empty() and not self.active:
                 self._wake.wait(timeout=0.1)
                 self._wake.clear()
@@ -213,22 +194,13 @@ class Engine:
         new = self._prefill_all(fresh)
         if new:
             if self.cache is not None:  # running rows take their KV back before the repack
-                self._unpack(self.active)
+                unpack(self.active, self.cache, self.pad)
             self.active += new
             self.cache = None
         if self.thread is threading.current_thread():
-            self._run_jobs()  # a second point per step where a cold load's copy can run
+            self._between.run_pending()  # a second point per step where a cold load's copy can run
         if self.active:
             self._decode()
-
-    def _run_jobs(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            with self._lock:
-                job.run()
 
     def _ended(self, req: Request) -> bool:
         """Finish a cancelled or overdue request; True when it was."""
@@ -243,7 +215,7 @@ class Engine:
         ended = [r for r in self.active if self._ended(r)]
         if ended:
             if self.cache is not None:
-                self._unpack(self.active)
+                unpack(self.active, self.cache, self.pad)
             self.active = [r for r in self.active if r.finish_reason is None]
             self.cache = None
 
@@ -278,16 +250,17 @@ class Engine:
         KV (padding stripped). Requests with the same prompt on the same slot (one request's n
         choices) share one row of it and its KV (never written in place: a repack makes new
         tensors). Returns the last position's logits per request."""
+        keys = [(r.slot, tuple(r.prompt_ids)) for r in reqs]
         first: dict[tuple, Request] = {}
-        for r in reqs:
-            first.setdefault((r.slot, tuple(r.prompt_ids)), r)
+        for key, r in zip(keys, reqs):
+            first.setdefault(key, r)
         shared, reqs = reqs, list(first.values())
         width = max(len(r.prompt_ids) for r in reqs)
         pad = [width - len(r.prompt_ids) for r in reqs]
         fill = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         on = {"device": self.device}
         ids = torch.tensor([[fill] * p + r.prompt_ids for r, p in zip(reqs, pad)], **on)
-        mask = _unpadded_mask(torch.tensor(pad, **on).unsqueeze(1), width)
+        mask = unpadded_mask(torch.tensor(pad, **on).unsqueeze(1), width)
         cache = DynamicCache(config=self.model.config)
         with self._lock:
             out = self.adapted(input_ids=ids, attention_mask=mask,
@@ -296,10 +269,10 @@ class Engine:
                                past_key_values=cache, use_cache=True, logits_to_keep=1)
         v = cache.get_seq_length() - width  # prompt/prefix tuning's virtual positions lead
         for i, (req, p) in enumerate(zip(reqs, pad)):
-            req.kv = [(_unpadded(layer.keys[i], v, p), _unpadded(layer.values[i], v, p))
+            req.kv = [(unpadded(layer.keys[i], v, p), unpadded(layer.values[i], v, p))
                       for layer in cache.layers]
         row = {id(r): i for i, r in enumerate(reqs)}
-        leaders = [first[(r.slot, tuple(r.prompt_ids))] for r in shared]
+        leaders = [first[key] for key in keys]
         for r, leader in zip(shared, leaders):
             r.kv = leader.kv
         return out.logits[:, -1][torch.tensor([row[id(x)] for x in leaders], **on)]
@@ -307,12 +280,12 @@ class Engine:
     def _decode(self) -> None:
         rows = self.active
         if self.cache is None:
-            self.cache, self.pad = self._pack(rows)
+            self.cache, self.pad = pack(rows, self.model.config)
         width = self.cache.get_seq_length()
         on = {"device": self.device}
         last = torch.tensor([[r.out_ids[-1]] for r in rows], **on)
         pad = torch.tensor(self.pad, **on).unsqueeze(1)
-        mask = _unpadded_mask(pad, width + 1)
+        mask = unpadded_mask(pad, width + 1)
         # each row's next position is its own cache length, which counts a prompt-tuned
         # adapter's virtual tokens (or a prefix) as well as the prompt and the answer so far
         positions = width - pad
@@ -322,31 +295,9 @@ class Engine:
                                past_key_values=self.cache, use_cache=True)
         self._accept_rows(rows, out.logits[:, -1])
         if any(r.finish_reason for r in rows):
-            self._unpack(rows)
+            unpack(rows, self.cache, self.pad)
             self.active = [r for r in rows if r.finish_reason is None]
             self.cache = None
-
-    def _pack(self, rows: list[Request]):
-        """One left-padded cache for the batch from each row's own KV."""
-        width = max(r.kv[0][0].shape[1] for r in rows)
-        pad = [width - r.kv[0][0].shape[1] for r in rows]
-        cache = DynamicCache(config=self.model.config)
-        for layer in range(len(rows[0].kv)):
-            keys = torch.stack([torch.nn.functional.pad(r.kv[layer][0], (0, 0, p, 0))
-                                for r, p in zip(rows, pad)])
-            values = torch.stack([torch.nn.functional.pad(r.kv[layer][1], (0, 0, p, 0))
-                                  for r, p in zip(rows, pad)])
-            cache.update(keys, values, layer)
-        return cache, pad
-
-    def _unpack(self, rows: list[Request]) -> None:
-        """Give each surviving row back its own KV (padding stripped) before a repack."""
-        for i, req in enumerate(rows):
-            if req.finish_reason is None:
-                req.kv = [(layer.keys[i, :, self.pad[i]:], layer.values[i, :, self.pad[i]:])
-                          for layer in self.cache.layers]
-            else:
-                req.kv = None
 
     # -- sampling and stopping ----------------------------------------------------------------
     def _accept_rows(self, rows: list[Request], logits: torch.Tensor) -> None:
@@ -409,24 +360,6 @@ class Engine:
             req.on_done(req)
 
 
-class _Job:
-    """A `between_steps` call waiting for the engine's thread."""
-
-    def __init__(self, fn, waited: bool):
-        self.fn, self.waited, self.done = fn, waited, threading.Event()
-        self.result, self.error = None, None
-
-    def run(self) -> None:
-        try:
-            self.result = self.fn()
-        except Exception as e:  # handed to the waiting caller, raised there
-            self.error = e
-            if not self.waited:
-                log.error("a slot change failed between steps: %s: %s", type(e).__name__, e)
-        finally:
-            self.done.set()
-
-
 def _then(first, second):
     """Call `first` (if any), then `second`, with the same argument."""
     def both(arg):
@@ -434,19 +367,3 @@ def _then(first, second):
             first(arg)
         second(arg)
     return both
-
-
-def _unpadded(kv: torch.Tensor, virtual: int, pad: int) -> torch.Tensor:
-    """A row's (heads, length, dim) keys or values without the `pad` padding positions that
-    follow its `virtual` leading ones."""
-    if not pad:
-        return kv
-    if not virtual:
-        return kv[:, pad:]
-    return torch.cat([kv[:, :virtual], kv[:, virtual + pad:]], dim=1)
-
-
-def _unpadded_mask(pad: torch.Tensor, width: int) -> torch.Tensor:
-    """The attention mask of left-padded rows: 0 on each row's `pad` (rows, 1) leading
-    positions, 1 on the `width` - pad after them."""
-    return (torch.arange(width, device=pad.device) >= pad).long()

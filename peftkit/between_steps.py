@@ -1,0 +1,61 @@
+"""Changes to a running model made with no forward in flight: the engine's one way to write or
+clear an adapter's slot while requests decode. Callers queue a job; the engine's thread runs the
+queue between two steps, in order, under the lock each forward holds (nobody else takes it)."""
+
+import logging
+import queue
+import threading
+
+log = logging.getLogger("peftkit.serve")
+
+
+class BetweenSteps:
+    def __init__(self, lock: threading.Lock, wake: threading.Event):
+        self.lock, self.wake = lock, wake  # the engine's forward lock; wakes its idle loop
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+
+    def call(self, fn, thread: threading.Thread | None, wait: bool = True):
+        """`fn()`'s result (or its error raised here): run by `thread` (the engine's) between
+        two steps while this thread waits, or queued without waiting (`wait=False`, for a
+        caller holding a lock the engine's thread may need); run here, under the lock, when
+        `thread` is not running or is this one."""
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            with self.lock:
+                return fn()
+        job = _Job(fn, wait)
+        self.jobs.put(job)
+        self.wake.set()
+        if not wait:
+            return None
+        while not job.done.wait(timeout=0.1):
+            if not thread.is_alive():  # stopped meanwhile: nobody else will run it
+                self.run_pending()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run_pending(self) -> None:
+        """Every queued job, in order (the engine's thread between steps, or `stop`)."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            with self.lock:
+                job.run()
+
+
+class _Job:
+    def __init__(self, fn, waited: bool):
+        self.fn, self.waited, self.done = fn, waited, threading.Event()
+        self.result, self.error = None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except Exception as e:  # handed to the waiting caller, raised there
+            self.error = e
+            if not self.waited:
+                log.error("a slot change failed between steps: %s: %s", type(e).__name__, e)
+        finally:
+            self.done.set()
