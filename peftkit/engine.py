@@ -250,11 +250,15 @@ class Engine:
         KV (padding stripped). Requests with the same prompt on the same slot (one request's n
         choices) share one row of it and its KV (never written in place: a repack makes new
         tensors). Returns the last position's logits per request."""
-        keys = [(r.slot, tuple(r.prompt_ids)) for r in reqs]
-        first: dict[tuple, Request] = {}
-        for key, r in zip(keys, reqs):
-            first.setdefault(key, r)
-        shared, reqs = reqs, list(first.values())
+        row_of: dict[tuple, int] = {}  # (slot, prompt) -> its row in the forward
+        unique, rows = [], []
+        for r in reqs:
+            key = (r.slot, tuple(r.prompt_ids))
+            if key not in row_of:
+                row_of[key] = len(unique)
+                unique.append(r)
+            rows.append(row_of[key])
+        shared, reqs = reqs, unique
         width = max(len(r.prompt_ids) for r in reqs)
         pad = [width - len(r.prompt_ids) for r in reqs]
         fill = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -271,11 +275,9 @@ class Engine:
         for i, (req, p) in enumerate(zip(reqs, pad)):
             req.kv = [(unpadded(layer.keys[i], v, p), unpadded(layer.values[i], v, p))
                       for layer in cache.layers]
-        row = {id(r): i for i, r in enumerate(reqs)}
-        leaders = [first[key] for key in keys]
-        for r, leader in zip(shared, leaders):
-            r.kv = leader.kv
-        return out.logits[:, -1][torch.tensor([row[id(x)] for x in leaders], **on)]
+        for r, k in zip(shared, rows):
+            r.kv = reqs[k].kv
+        return out.logits[:, -1][torch.tensor(rows, **on)]
 
     def _decode(self) -> None:
         rows = self.active
