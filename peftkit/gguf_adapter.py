@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from peftkit.errors import PeftkitError
-from peftkit.gguf_export import ARCHS, TYPES, rotary_rows, write_gguf
+from peftkit.gguf_export import ARCHS, TYPES, gguf_name, rotary_rows, write_gguf
 
 ADAPTER_FILE = "adapter.gguf"
 
@@ -79,7 +79,7 @@ def export_adapter_gguf(run: str, out: str, kind: str = "f16", model: str | None
         export_merged(loaded.module, work / "base", loaded.base.tokenizer, fold=False)
         plain = AutoModelForCausalLM.from_pretrained(work / "base").eval()
         tokenizer = AutoTokenizer.from_pretrained(work / "base")
-        write_gguf(plain, tokenizer, fresh / f"base-{kind}.gguf", kind)
+        write_gguf(plain, tokenizer, fresh / f"base-{kind}.gguf", kind, gguf_name(base))
         write_lora_gguf(loaded.module, plain.config, fresh / ADAPTER_FILE)
         quantized = getattr(loaded.module.model.config, "peftkit_quantization", None)
         report = {"source": str(src), "base": base, "architecture": family, "gguf": kind,

@@ -1,14 +1,13 @@
 """`peftkit export --for gguf`: a merged run as one GGUF file for llama.cpp (and Ollama), written
 with the `gguf` package's writer in llama.cpp's own layout: its tensor names (gguf's name map),
 Q and K rows permuted for its rotary embedding (convert_hf_to_gguf's `LlamaModel.permute`), its
-metadata keys, and the byte-level BPE tokenizer (tokens, types, merges, special ids, chat
-template). Weights as f16, or q8_0 where a row splits into 32-value blocks; norms stay f32.
+metadata keys, and the tokenizer (gguf_vocab: byte-level or SentencePiece BPE). Weights as f16,
+or q8_0 where a row splits into 32-value blocks; norms stay f32.
 
 Families: llama, mistral (llama.cpp reads both as `llama`), qwen2, phi3 (fused qkv and gate_up
-as llama.cpp's attn_qkv / ffn_up; Phi-4-mini's partial rotary) and gemma2 (norms stored as
-1 + w, as llama.cpp's converter does; logit soft-caps and sliding window recorded), with a
-byte-level BPE tokenizer (SmolLM2's, Llama 3's, Qwen's, Phi-4's). SentencePiece-style
-tokenizers (Phi-3's, Gemma's) and other families are refused by name.
+as llama.cpp's attn_qkv / ffn_up; Phi-4-mini's partial rotary), gemma and gemma2 (norms stored
+as 1 + w, as llama.cpp's converter does; Gemma 2's logit soft-caps and sliding window
+recorded). Other families are refused by name.
 """
 
 import json
@@ -19,6 +18,8 @@ import numpy as np
 import torch
 
 from peftkit.errors import PeftkitError
+from peftkit.gguf_vocab import write_tokenizer
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -31,13 +32,15 @@ class Arch:
 
 
 ARCHS = {"llama": Arch("LLAMA", permute_qk=True), "mistral": Arch("LLAMA", permute_qk=True),
-         "qwen2": Arch("QWEN2"), "phi3": Arch("PHI3"), "gemma2": Arch("GEMMA2", norm_plus_one=True)}
+         "qwen2": Arch("QWEN2"), "phi3": Arch("PHI3"), "gemma": Arch("GEMMA", norm_plus_one=True),
+         "gemma2": Arch("GEMMA2", norm_plus_one=True)}
 TYPES = ("f16", "q8_0")
-NORMAL, CONTROL, UNUSED = 1, 3, 5  # llama.cpp's token types
 
 
-def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
-    """`model` (a plain transformers causal LM, merged) and its tokenizer as one GGUF file."""
+def write_gguf(model, tokenizer, path: Path, kind: str = "f16", name: str | None = None) -> Path:
+    """`model` (a plain transformers causal LM, merged) and its tokenizer as one GGUF file;
+    `name` is general.name (llama.cpp reads Phi-3's token attributes off a name with "phi3" or
+    "phi-3" in it, so it keeps the base's)."""
     import gguf
 
     config = model.config
@@ -59,7 +62,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
         raise PeftkitError(f"--for gguf: query_pre_attn_scalar {scalar} != head_dim {head_dim}: "
                            "llama.cpp's format has no field for it; use --for merged")
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(str(getattr(config, "_name_or_path", "") or path.stem))
+    writer.add_name(name or path.stem)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -81,7 +84,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else
                          gguf.LlamaFileType.MOSTLY_Q8_0)
-    _tokenizer(writer, tokenizer, config.vocab_size)
+    write_tokenizer(writer, tokenizer, config.vocab_size)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
@@ -100,6 +103,11 @@ def write_gguf(model, tokenizer, path: Path, kind: str = "f16") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_name(base: str) -> str:
+    """A base's name for general.name: its hub id's or directory's last part."""
+    return Path(str(base).rstrip("/")).name.removesuffix(".gguf")
 
 
 def rotary_rows(config, module: str, w: torch.Tensor) -> torch.Tensor:
@@ -138,39 +146,6 @@ def _rope_theta(config) -> float:
     return _rope_param(config, "rope_theta", 10000.0)
 
 
-def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or (spec.get("pre_tokenizer") or {}).get("type") not in (
-            "ByteLevel", "Sequence"):
-        raise PeftkitError("--for gguf: writes byte-level BPE tokenizers (GPT-2 style: SmolLM2, "
-                           f"Llama 3); this one is {model.get('type')}")
-    vocab = tokenizer.get_vocab()
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [UNUSED] * vocab_size
-    special = set(tokenizer.all_special_ids)
-    for token, i in vocab.items():
-        if i < vocab_size:
-            tokens[i] = token
-            types[i] = CONTROL if i in special else NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    # GPT-2's split regex (a plain ByteLevel pre-tokenizer, as transformers builds SmolLM2's):
-    # llama.cpp's "gpt-2"; its "default" splits text otherwise (measured: other token ids)
-    pre = spec.get("pre_tokenizer") or {}
-    writer.add_tokenizer_pre("gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex")
-                             else "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for kind, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                        ("pad", tokenizer.pad_token_id)):
-        if value is not None:
-            getattr(writer, f"add_{kind}_token_id")(value)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
 def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
                 overwrite: bool = False) -> dict:
     """A run merged into its base (merged.export_run, float32), then written as
@@ -190,7 +165,8 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
                                f"({', '.join(ARCHS)}); use --for merged")
         plain = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
         tokenizer = AutoTokenizer.from_pretrained(work / "merged")
-        write_gguf(plain, tokenizer, fresh / f"model-{kind}.gguf", kind)
+        write_gguf(plain, tokenizer, fresh / f"model-{kind}.gguf", kind,
+                   f"{gguf_name(merged['base'])}-{Path(run).resolve().name}")
         report = {**json.loads((work / "merged" / REPORT).read_text()), "gguf": kind,
                   "file": f"model-{kind}.gguf"}
         (fresh / REPORT).write_text(json.dumps(report, indent=2) + "\n")
@@ -199,25 +175,35 @@ def export_gguf(run: str, out: str, kind: str = "f16", model: str | None = None,
 
 # Ollama's TEMPLATE is a Go template, not Jinja: the chat markups recognised in a tokenizer's
 # template, written the way Ollama's own library writes them; each with its end-of-turn stop.
+# Checked in order (Phi-3's markup also has Zephyr's <|assistant|>).
 OLLAMA_TEMPLATES = {
     "<|im_start|>": ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
                      '{{ end }}<|im_start|>assistant\n', "<|im_end|>"),
+    "<|end|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}'
+                '<|assistant|>\n', "<|end|>"),
     "<|assistant|>": ('{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}'
                       '<|assistant|>\n', "</s>"),
+    "<start_of_turn>": ('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model'
+                        '{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}'
+                        '<start_of_turn>model\n', "<end_of_turn>"),
+    "<|start_header_id|>": ('{{- range .Messages }}<|start_header_id|>{{ .Role }}'
+                            '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}'
+                            '<|start_header_id|>assistant<|end_header_id|>\n\n', "<|eot_id|>"),
 }
+NAMES = "ChatML, Phi-3, Zephyr, Gemma or Llama 3"
 
 
 def modelfile(gguf_name: str, chat_template: str | None, adapter: str | None = None) -> str:
     """An Ollama Modelfile for a GGUF (and, `adapter`, a LoRA GGUF on it): FROM, ADAPTER, the
-    chat TEMPLATE translated from the tokenizer's Jinja template (ChatML, Zephyr), its stop
+    chat TEMPLATE translated from the tokenizer's Jinja template (NAMES), its stop
     token, greedy decoding."""
     for marker, (template, stop) in OLLAMA_TEMPLATES.items():
         if chat_template and marker in chat_template:
             break
     else:
-        raise PeftkitError("--for ollama: the chat template is neither ChatML nor Zephyr, whose "
-                           "Ollama TEMPLATE is known; export --for gguf and write the "
-                           "Modelfile's TEMPLATE by hand")
+        raise PeftkitError(f"--for ollama: the chat template is none of {NAMES}, whose Ollama "
+                           "TEMPLATE is known; export --for gguf and write the Modelfile's "
+                           "TEMPLATE by hand")
     return (f"FROM ./{gguf_name}\n" + (f"ADAPTER ./{adapter}\n" if adapter else "") +
             f'TEMPLATE """{template}"""\n'
             f'PARAMETER stop "{stop}"\n'

@@ -126,7 +126,7 @@ def test_gguf_refuses_other_architectures_by_name(family_models, write, tmp_path
     capsys.readouterr()
     assert main(["export", "--for", "gguf", str(run), str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
-    assert "gpt2 is not written here (llama, mistral, qwen2, phi3, gemma2); use --for merged" in err
+    assert "gpt2 is not written here (llama, mistral, qwen2, phi3, gemma, gemma2); use --for merged" in err
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
 
 
@@ -146,7 +146,7 @@ def test_ollama_refuses_a_template_it_cannot_translate(write, tmp_path, capsys):
     run = _run(write, tmp_path, "lora", chat_template=str(template))
     capsys.readouterr()
     assert main(["export", "--for", "ollama", str(run), str(tmp_path / "o")]) == 2
-    assert "neither ChatML nor Zephyr" in capsys.readouterr().err
+    assert "none of ChatML, Phi-3, Zephyr, Gemma or Llama 3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
