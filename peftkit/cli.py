@@ -136,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.set_defaults(func=cmd_plan)
 
-    from peftkit.serve.config import GatewayConfig, ServeConfig
+    from peftkit.serve.config import TASKS, GatewayConfig, ServeConfig
     s = sub.add_parser("serve", help="serve one base and many adapters (OpenAI-compatible API)")
-    add_config_flags(s, ServeConfig, {"quantize": ("nf4",)}, skip=("device", "dtype", "attn"))
+    add_config_flags(s, ServeConfig, {"quantize": ("nf4",), "task": TASKS},
+                     skip=("device", "dtype", "attn"))
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_placement(s)
@@ -210,7 +211,8 @@ def cmd_serve(args) -> None:
     from peftkit.serve.server import Server
     cfg = config_from_args(ServeConfig, args)
     server = Server(cfg).start()
-    print(f"peftkit: serving {args.base} + adapters from {args.adapters} on "
+    what = "classifiers (POST /v1/classify)" if cfg.task == "classify" else "adapters"
+    print(f"peftkit: serving {args.base} + {what} from {args.adapters} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:  # SIGTERM: stop accepting, let running requests finish (bounded), then exit
         uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",

@@ -302,6 +302,14 @@ class ChatBody(SamplingParams):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class ClassifyBody(BaseModel):
+    """vLLM's /classify body: a classifier run and one text or a list (not empty)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str] = Field(min_length=1)
+    user: str | None = None
+
+
 class AdapterBody(BaseModel):
     """vLLM's admin body. `lora_path` is refused by name, not ignored: adapters load from the
     server's --adapters directory by id (a client's path is not trusted)."""

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over a `Server` (so the `openai` client works unchanged).
 
-/v1/completions, /v1/chat/completions (SSE streaming), /v1/models, /health, /metrics, and the
-admin endpoints /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_lora_adapter (vLLM's
+/v1/completions, /v1/chat/completions (SSE streaming), or with --task classify /v1/classify
+(and vLLM's /classify); /v1/models, /health, /metrics, and the admin endpoints /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_lora_adapter (vLLM's
 names). The contract (bodies, errors, keys) is api.py's; a request's path, completions.py's.
 """
 
@@ -10,8 +10,9 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from peftkit.errors import PeftkitError
-from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, CompletionBody, api_error,
-                               authenticate, install_errors, missing)
+from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, ClassifyBody, CompletionBody,
+                               api_error, authenticate, install_errors, missing)
+from peftkit.serve.classify import CLASSIFY, GENERATE, Classify, run_task, served
 from peftkit.serve.completions import Completions
 from peftkit.serve.limits import BodyLimit
 from peftkit.serve.server import Server
@@ -22,6 +23,7 @@ def create_app(server: Server):
     app = FastAPI(title="peftkit", version="0.1.0")
     install_errors(app)
     completions = Completions(server)
+    classify = Classify(server, completions) if server.task == CLASSIFY else None
 
     def visible(http: HTTPRequest, model: str):
         """(caller, model): the model a caller may use; anything else is 404 before any file
@@ -35,6 +37,29 @@ def create_app(server: Server):
         """A caller's key is checked before its body (401 before any 400)."""
         authenticate(server.tenancy, http)
 
+    def generating(model: str) -> str:
+        """A completion or chat request's model, refused when this server or that run
+        classifies (each named, with where it is served)."""
+        if classify is not None:
+            raise ApiError(400, "this server classifies (started with --task classify): POST "
+                                "/v1/classify; completions and chat are served without it")
+        try:
+            task = run_task(server.store.run_dir(model)) if model not in ("", server.name) \
+                else GENERATE
+        except PeftkitError:
+            task = GENERATE  # unknown: the request's own 404 says so
+        if task == CLASSIFY:
+            raise ApiError(400, f"'{model}' is a classifier: serve it with `peftkit serve "
+                                "--task classify` and POST /v1/classify", param="model")
+        return model
+
+    def card(model_id: str, parent: str | None) -> dict:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "peftkit",
+                "parent": parent, "root": server.name, "task": server.task}
+
+    def listed() -> list[str]:
+        return served(server.store.root, server.task)
+
     @app.post("/v1/completions", dependencies=[Depends(keyed)])
     async def complete(body: CompletionBody, http: HTTPRequest):
         prompt, vocab = body.prompt, len(server.base.tokenizer)
@@ -46,35 +71,45 @@ def create_app(server: Server):
         prompts = [(p, None) if isinstance(p, str) else (None, p) for p in prompt]
         if any(ids is not None and not all(0 <= t < vocab for t in ids) for _, ids in prompts):
             raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
-        return await completions.handle(http, *visible(http, body.model), body, prompts=prompts)
+        who, model = visible(http, body.model)
+        return await completions.handle(http, who, generating(model), body, prompts=prompts)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(keyed)])
     async def chat(body: ChatBody, http: HTTPRequest):
-        return await completions.handle(http, *visible(http, body.model), body,
+        who, model = visible(http, body.model)
+        return await completions.handle(http, who, generating(model), body,
                                         messages=[m.model_dump(exclude_none=True)
                                                   for m in body.messages])
+
+    @app.post("/v1/classify", dependencies=[Depends(keyed)])
+    @app.post("/classify", dependencies=[Depends(keyed)])
+    async def classify_texts(body: ClassifyBody, http: HTTPRequest):
+        """Texts through a classifier run (vLLM's pooling API shape)."""
+        if classify is None:
+            raise ApiError(400, "this server generates: serve classifier runs with `peftkit "
+                                "serve --task classify` (POST /v1/classify there)")
+        who, model = visible(http, body.model)
+        if model in ("", server.name):
+            raise ApiError(400, f"model: name a classifier run, not the base '{server.name}' "
+                                "(a base has no labels)", param="model")
+        return await classify.handle(who, model, body)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, http: HTTPRequest):
         """One model's card (`client.models.retrieve`); what the caller cannot use is 404."""
         who = authenticate(server.tenancy, http)
         if model_id == server.name:
-            return {"id": server.name, "object": "model", "created": 0, "owned_by": "peftkit",
-                    "parent": None, "root": server.name}
-        listed = await run_in_threadpool(server.store.available)
-        if model_id not in listed or not who.may_use(model_id):
+            return card(server.name, None)
+        if model_id not in await run_in_threadpool(listed) or not who.may_use(model_id):
             raise ApiError(404, missing(model_id), "not_found_error")
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "peftkit",
-                "parent": server.name, "root": server.name}
+        return card(model_id, server.name)
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest):
+        """The base and every run this server answers for, each with the task it serves."""
         who = authenticate(server.tenancy, http)
-        data = [{"id": server.name, "object": "model", "created": 0, "owned_by": "peftkit",
-                 "parent": None, "root": server.name}]
-        data += [{"id": a, "object": "model", "created": 0, "owned_by": "peftkit",
-                  "parent": server.name, "root": server.name}
-                 for a in await run_in_threadpool(server.store.available) if who.may_use(a)]
+        data = [card(server.name, None)]
+        data += [card(a, server.name) for a in await run_in_threadpool(listed) if who.may_use(a)]
         return {"object": "list", "data": data}
 
     @app.get("/health")

@@ -11,6 +11,7 @@ from peftkit.errors import PeftkitError
 @dataclass
 class ServeConfig:
     base: str = "smollm2-135m"  # the base model: alias, HF directory or .gguf file
+    task: str = "generate"  # generate (completions, chat) or classify (POST /v1/classify: --task classify runs)
     adapters: str = "adapters"  # directory of PEFT adapters or `peftkit train` runs (id = subdir)
     quantize: str | None = None  # nf4: hold the base in 4-bit NF4 (QLoRA's format)
     max_loaded: int = 8  # adapter slots resident at once
@@ -36,9 +37,12 @@ class ServeConfig:
     slot_wait_s: float = 30.0  # seconds a request for a cold adapter waits for a free slot
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise PeftkitError(f"--task: choose {' or '.join(TASKS)}, got '{self.task}'")
         check_bounds(asdict(self), SERVE_BOUNDS)
 
 
+TASKS = ("generate", "classify")
 SERVE_BOUNDS = {"max_loaded": at_least(1), "max_rank": at_least(1), "max_adapter_mb": above(0),
                 "host_cache_mb": at_least(0), "max_batch": at_least(1), "max_queue": at_least(1),
                 "request_timeout_s": above(0), "max_body_mb": above(0),

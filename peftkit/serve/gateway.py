@@ -28,8 +28,8 @@ from prometheus_client import Counter as Total
 
 from peftkit.errors import PeftkitError
 from peftkit.serve.config import GatewayConfig
-from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, CompletionBody, authenticate,
-                               install_errors, missing)
+from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, ClassifyBody, CompletionBody,
+                               authenticate, install_errors, missing)
 from peftkit.serve.limits import BodyLimit
 from peftkit.serve.routing import Backend, Router
 from peftkit.serve.tenancy import Tenancy
@@ -284,6 +284,12 @@ def create_gateway_app(gw: Gateway):
         who, model = visible(http, body.model)
         return await gw.forward("/v1/chat/completions", model, await http.json(), body.stream,
                                 who)
+
+    @app.post("/v1/classify", dependencies=[Depends(keyed)])
+    @app.post("/classify", dependencies=[Depends(keyed)])
+    async def classify(body: ClassifyBody, http: HTTPRequest):
+        who, model = visible(http, body.model)
+        return await gw.forward("/v1/classify", model, await http.json(), False, who)
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest):

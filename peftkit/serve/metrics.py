@@ -19,6 +19,16 @@ class Metrics:
                               buckets=LATENCY, registry=r)
         self.queue = Gauge("peftkit_queue_depth", "Requests waiting", registry=r)
         self.active = Gauge("peftkit_batch_rows", "Rows in the running batch", registry=r)
+        self.classified = Counter("peftkit_classified_texts", "Texts classified", ["model"],
+                                  registry=r)
+        self.classify_latency = Histogram("peftkit_classify_seconds", "A /v1/classify request, "
+                                          "submit to answer", buckets=LATENCY, registry=r)
+
+    def record_classify(self, model: str, texts: int, tokens: int, seconds: float) -> None:
+        self.requests.labels(model, "classified").inc()
+        self.classified.labels(model).inc(texts)
+        self.prompt_tokens.inc(tokens)
+        self.classify_latency.observe(seconds)
 
     def store_event(self, kind: str, seconds: float | None = None) -> None:
         if kind == "load":

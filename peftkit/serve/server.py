@@ -2,6 +2,7 @@
 
 import torch
 
+from peftkit.classify_engine import ClassifyEngine
 from peftkit.data import chat_ids
 from peftkit.data.templates import chat_template
 from peftkit.device import placement, resolve_dtype
@@ -26,8 +27,18 @@ class Server:
             raise PeftkitError(f"--quantize: only nf4 is supported, got '{cfg.quantize}'")
         quant = QuantConfig(compute_dtype="bfloat16" if dtype == torch.bfloat16 else "float32") \
             if cfg.quantize == "nf4" else None
-        self.base = load_base(cfg.base, task="causal-lm", quantize=quant, device=device,
-                              dtype=dtype, attn=attn)
+        self.task = cfg.task
+        # a classify server's backbone is the base's body (an encoder, or a decoder without its
+        # LM head), as `train --task classify` trained on it
+        try:
+            self.base = load_base(cfg.base, task="encoder" if cfg.task == "classify" else
+                                  "causal-lm", quantize=quant, device=device, dtype=dtype,
+                                  attn=attn)
+        except PeftkitError as e:
+            if "is an encoder" not in str(e):
+                raise
+            raise PeftkitError(f"--base {cfg.base}: an encoder does not generate; it serves "
+                               "`train --task classify` runs with --task classify") from None
         if template is not None:
             self.base.tokenizer.chat_template = template
         self.name = cfg.base
@@ -39,8 +50,12 @@ class Server:
         for layer in self.adapted.adapted_layers().values():
             layer.hold_slots_in(slot_dtype)
         self.metrics = Metrics()
-        self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch, cfg.max_queue,
-                             timeout_s=cfg.request_timeout_s)
+        if cfg.task == "classify":
+            self.engine = ClassifyEngine(self.adapted, self.base.tokenizer, cfg.max_batch,
+                                         cfg.max_queue)
+        else:
+            self.engine = Engine(self.adapted, self.base.tokenizer, cfg.max_batch,
+                                 cfg.max_queue, timeout_s=cfg.request_timeout_s)
         self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.between_steps,
                                   cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event,
                                   host_bytes=cfg.host_cache_mb * 2**20)
@@ -73,10 +88,11 @@ class Server:
             return chat_ids(messages, tok)
         return tok(prompt).input_ids
 
-    def admit(self, model: str, tenant: str | None = None, rows: int = 1) -> list[Ticket]:
+    def admit(self, model: str, tenant: str | None = None, rows: int = 1,
+              on_base: bool = False) -> list[Ticket]:
         """`rows` tickets for a request to `model` (see tickets.py); TenantBusy past the
         tenant's --tenant-max-inflight."""
-        return self.admission.admit(model, tenant, rows)
+        return self.admission.admit(model, tenant, rows, on_base)
 
     def request(self, model: str, ids: list[int], sampling: Sampling,
                 ticket: Ticket | None = None, on_delta=None, on_done=None) -> Request:

@@ -112,12 +112,18 @@ class AdapterStore:
         self.load_seconds: list[float] = []
 
     # -- ids and listing ----------------------------------------------------------------------
-    def path_of(self, adapter_id: str) -> Path:
-        if not ID_RE.fullmatch(adapter_id) or ".." in adapter_id:  # before any file system call
+    def run_dir(self, adapter_id: str) -> Path:
+        """`adapter_id`'s directory under the root (a bare adapter or a run); AdapterNotFound
+        for an id that is not one, checked before any file system call."""
+        if not ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
         path = (self.root / adapter_id).resolve()
         if path.parent != self.root or not path.is_dir():
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
+        return path
+
+    def path_of(self, adapter_id: str) -> Path:
+        path = self.run_dir(adapter_id)
         found = adapter_dir(path)  # a bare PEFT adapter or a `peftkit train` run directory
         if not (found / CONFIG_NAME).exists() and (path / "config.json").is_file():
             raise AdapterInvalid(f"adapter '{adapter_id}' is a peftkit run without an adapter "

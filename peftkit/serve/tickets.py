@@ -22,17 +22,19 @@ class Admission:
         self.inflight: Counter = Counter()  # tenant -> tickets open
         self._lock = threading.Lock()
 
-    def admit(self, model: str, tenant: str | None = None, rows: int = 1) -> list["Ticket"]:
+    def admit(self, model: str, tenant: str | None = None, rows: int = 1,
+              on_base: bool = False) -> list["Ticket"]:
         """`rows` tickets for `model`, or none: TenantBusy when they would take the tenant
         past its limit, so one tenant flooding the queue cannot starve the others. In-process
-        work (no tenant) is never limited."""
+        work (no tenant) is never limited. `on_base`: the model runs on the bare base (a
+        classifier probe's head), so there is no slot to take."""
         with self._lock:
             if self.limit and tenant is not None and self.inflight[tenant] + rows > self.limit:
                 raise TenantBusy(f"tenant '{tenant}' has {self.inflight[tenant]} requests in "
                                  f"flight and asks for {rows} more; the limit is {self.limit}. "
                                  "Retry when one ends")
             self.inflight[tenant] += rows
-        base = model in ("", self.base_name)
+        base = on_base or model in ("", self.base_name)
         return [Ticket(self, model or self.base_name, tenant, base) for _ in range(rows)]
 
     def _leave(self, tenant: str | None) -> None:

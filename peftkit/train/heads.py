@@ -27,6 +27,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def hidden_of(out) -> torch.Tensor:
+    """The last hidden states of a backbone's output (an encoder's, or a decoder body's)."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+
+
 class Head(nn.Module):
     def __init__(self, d_in: int, d_out: int, kind: str = "linear"):
         super().__init__()
@@ -66,8 +71,7 @@ class SequenceClassifier(nn.Module):
 
     def features(self, input_ids, attention_mask) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
-        return pool(hidden, attention_mask, self.pooling)
+        return pool(hidden_of(out), attention_mask, self.pooling)
 
     def forward(self, input_ids, attention_mask):  # the head keeps float32 beside any base
         return self.head(self.features(input_ids, attention_mask).float())

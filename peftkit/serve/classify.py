@@ -1,0 +1,156 @@
+"""`POST /v1/classify` (and vLLM's `/classify`): a `--task classify` server's requests. Each
+names a `peftkit train --task classify` run in the adapters directory (LoRA adapter + head, or a
+probe's head on the bare backbone) and gives one text or a list; every text is a row of the
+engine's shared batch (rows of other tenants' classifiers beside it), answered in vLLM's
+pooling shape: per text its label, the probabilities of every label, and their count."""
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from peftkit.classify_engine import ClassifyRow
+from peftkit.errors import PeftkitError
+from peftkit.formats import CONFIG_NAME, adapter_dir
+from peftkit.serve.api import ApiError, ClassifyBody, api_error
+from peftkit.serve.store import ID_RE, AdapterInvalid
+from peftkit.train.heads import Head
+from peftkit.train.run_dir import HEAD
+
+CLASSIFY, GENERATE = "classify", "generate"
+
+
+def run_task(path: Path) -> str | None:
+    """What a directory of the adapters directory serves: `classify` (a --task classify run:
+    its head.json says so), `generate` (a causal-LM adapter), or None (neither)."""
+    try:
+        if json.loads((path / HEAD).read_text()).get("task") == CLASSIFY:
+            return CLASSIFY
+    except (OSError, ValueError, AttributeError):
+        pass
+    return GENERATE if (adapter_dir(path) / CONFIG_NAME).is_file() else None
+
+
+def served(root: Path, task: str) -> list[str]:
+    """The ids under `root` a server of `task` answers for (links out of root not listed)."""
+    return sorted(p.name for p in root.iterdir()
+                  if ID_RE.fullmatch(p.name) and p.is_dir() and p.resolve().parent == root
+                  and run_task(p) == task)
+
+
+@dataclass
+class Classifier:
+    """A classify run as served: its head (on the engine's device), labels, pooling."""
+    head: Head
+    labels: list[str]
+    pooling: str
+    has_adapter: bool
+
+
+class Heads:
+    """Each classify run's head, read on first use and again when its files change (a run
+    rewritten under the same id is served with its new head)."""
+
+    def __init__(self, store, device):
+        self.store, self.device = store, device
+        self.cache: dict[str, tuple[tuple, Classifier]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, adapter_id: str) -> Classifier:
+        path = self.store.run_dir(adapter_id)  # AdapterNotFound for anything not under root
+        if run_task(path) != CLASSIFY:
+            raise AdapterInvalid(f"'{adapter_id}' is not a classifier (a `peftkit train --task "
+                                 "classify` run, with head.json): it is served by /v1/completions "
+                                 "of a server started without --task classify")
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size)
+                      for f in (path / HEAD, path / "head.safetensors"))
+        with self.lock:
+            hit = self.cache.get(adapter_id)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        try:
+            head, meta = Head.load(path, self.device)
+            found = Classifier(head.eval(), list(meta["labels"]), meta["pooling"],
+                               (adapter_dir(path) / CONFIG_NAME).is_file())
+        except (OSError, KeyError, RuntimeError, PeftkitError) as e:
+            raise AdapterInvalid(f"classifier '{adapter_id}' cannot be served: its head "
+                                 f"does not load ({type(e).__name__})") from None
+        with self.lock:
+            self.cache[adapter_id] = (stamp, found)
+        return found
+
+
+class Classify:
+    def __init__(self, server, completions):
+        self.server, self.completions = server, completions  # completions: its take_slot
+        self.heads = Heads(server.store, server.engine.device)
+
+    async def handle(self, who, model: str, body: ClassifyBody) -> dict:
+        server, engine = self.server, self.server.engine
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > server.cfg.max_queue:
+            raise ApiError(400, f"input: {len(texts)} texts, over this server's --max-queue "
+                                f"{server.cfg.max_queue}", param="input")
+        try:
+            run = await run_in_threadpool(self.heads.get, model)
+            ids = await run_in_threadpool(self._tokenize, texts)
+            tickets = server.admit(model, who.tenant, 1, on_base=not run.has_adapter)
+        except PeftkitError as e:
+            raise api_error(e, model) from None
+        ticket, rows = tickets[0], []
+        try:
+            await self.completions.take_slot(ticket)
+            loop, left = asyncio.get_running_loop(), asyncio.Event()
+            pending = [len(ids)]
+
+            def done(_row):
+                pending[0] -= 1
+                if pending[0] == 0:
+                    loop.call_soon_threadsafe(left.set)
+            rows = [ClassifyRow(x, ticket.slot, run.head, run.pooling, done) for x in ids]
+            start = time.perf_counter()
+            engine.submit(rows)
+            try:
+                await asyncio.wait_for(left.wait(), server.cfg.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(503, f"classify: not answered within {server.cfg.request_timeout_s}"
+                                    " s", "server_error") from None
+        except PeftkitError as e:
+            raise api_error(e, model) from None
+        finally:
+            for row in rows:
+                row.cancelled = True  # rows not yet run leave the queue's batches
+            ticket.close()
+        failed = next((r.error for r in rows if r.error), None)
+        if failed:
+            raise ApiError(500, failed, "server_error")
+        server.metrics.record_classify(model, len(rows), sum(map(len, ids)),
+                                       time.perf_counter() - start)
+        tokens = sum(map(len, ids))
+        return {"id": f"classify-{uuid.uuid4().hex[:24]}", "object": "list",
+                "created": int(time.time()), "model": model,
+                "data": [{"index": i, "label": run.labels[max(range(len(r.probs)),
+                                                            key=r.probs.__getitem__)],
+                          "probs": r.probs, "num_classes": len(r.probs)}
+                         for i, r in enumerate(rows)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                          "completion_tokens": 0}}
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids (special tokens as the run trained with them), each checked."""
+        tok, out = self.server.base.tokenizer, []
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PeftkitError(f"input[{i}]: not valid Unicode (lone surrogate at "
+                                   f"character {e.start})") from None
+            ids = tok(text).input_ids
+            self.server.engine.check(len(ids), i)
+            out.append(ids)
+        return out
