@@ -91,7 +91,6 @@ def test_openai_shapes_for_chat_and_completions(server):
                 ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True},
                  "top_logprobs"),
                 ("/v1/completions", {"logprobs": 6}, "logprobs"),
-                ("/v1/completions", {"logprobs": 1, "stream": True}, "logprobs"),
                 ("/v1/completions", {"logprobs": 1, "echo": True}, "logprobs")]:
             shape = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
                      else {"prompt": "hi"})
@@ -99,6 +98,32 @@ def test_openai_shapes_for_chat_and_completions(server):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     finally:
         server.stop()
+
+
+def test_streamed_logprobs_join_to_the_whole_answers(tmp_path_factory):
+    """Each chunk carries the tokens chosen since the last one: joined, they are the
+    non-streamed answer's (the official client reading both)."""
+    from openai import OpenAI
+
+    from tests.serve_harness import running
+    with running(keyed_server(tmp_path_factory, max_loaded=2)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+        ask = dict(model="a04", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                   temperature=0, logprobs=True, top_logprobs=2)
+        whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+        parts = [e for chunk in client.chat.completions.create(**ask, stream=True)
+                 if chunk.choices and chunk.choices[0].logprobs
+                 for e in chunk.choices[0].logprobs.content]
+        assert len(whole) >= 2 and [e.model_dump() for e in parts] == \
+            [e.model_dump() for e in whole]
+        plain = dict(model="a04", prompt="say one:", max_tokens=8, temperature=0, logprobs=2)
+        want = client.completions.create(**plain).choices[0].logprobs
+        got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for chunk in client.completions.create(**plain, stream=True):
+            lp = chunk.choices[0].logprobs
+            for key in got:
+                got[key] += getattr(lp, key) if lp else []
+        assert len(want.tokens) >= 2 and got == {k: getattr(want, k) for k in got}
 
 
 def test_a_character_split_across_tokens_joins_back_from_the_bytes(server):

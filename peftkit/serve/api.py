@@ -218,9 +218,10 @@ class SamplingParams(OpenAIBody):
 
     @model_validator(mode="after")
     def _logprobs_alone(self):
-        if self.alternatives is not None and (self.stream or getattr(self, "echo", False)):
-            raise PydanticCustomError("not_implemented", "{param}: not supported with stream "
-                                      "or echo by this server yet", {"param": "logprobs"})
+        if self.alternatives is not None and getattr(self, "echo", False):
+            raise PydanticCustomError("not_implemented", "{param}: not supported with echo by "
+                                      "this server yet (the prompt's own log-probabilities)",
+                                      {"param": "logprobs"})
         return self
 
 

@@ -80,7 +80,8 @@ class Completions:
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self.stream(reqs, sink, meta, chat, usage, echoes,
-                                                 body.n), media_type="text/event-stream")
+                                                 body.n, server.base.tokenizer),
+                                     media_type="text/event-stream")
         items = await self.finished(http, reqs, sink)
         failed = next((item for item in items if item.error), None)
         if failed is not None:
@@ -132,8 +133,9 @@ class Completions:
 
     @staticmethod
     async def stream(reqs: list[Request], sink: asyncio.Queue, meta: dict, chat: bool,
-                     include_usage: bool, echoes: list[str], n: int):
-        """SSE chunks, each naming its choice's index; with `stream_options.include_usage`,
+                     include_usage: bool, echoes: list[str], n: int, tok=None):
+        """SSE chunks, each naming its choice's index (and, asked for, the log-probabilities
+        of the tokens chosen since its last chunk); with `stream_options.include_usage`,
         every chunk carries `usage: null` and one last chunk with no choices carries the
         counts (OpenAI's shape)."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -147,6 +149,18 @@ class Completions:
                 yield chunk({"index": index, "text": echo, "logprobs": None,
                              "finish_reason": None})
         started, finished = set(), {}
+        told, at = [0] * len(reqs), [0] * len(reqs)  # per row: log-probs sent, their chars
+
+        def logprobs(index: int):
+            req = reqs[index]
+            entries = req.logprobs[told[index]:]  # the engine only appends
+            told[index] += len(entries)
+            if chat:
+                return chat_logprobs(req, tok, entries)
+            out = completion_logprobs(req, tok, entries, at[index])
+            at[index] += sum(map(len, out["tokens"])) if out else 0
+            return out
+
         try:
             while len(finished) < len(reqs):
                 index, item = await sink.get()
@@ -162,9 +176,9 @@ class Completions:
                     first = index not in started
                     delta = {"role": "assistant", "content": text} if first else {"content": text}
                     choice = {"index": index, "delta": delta if (text or first) else {},
-                              "finish_reason": reason}
+                              "logprobs": logprobs(index), "finish_reason": reason}
                 else:
-                    choice = {"index": index, "text": text, "logprobs": None,
+                    choice = {"index": index, "text": text, "logprobs": logprobs(index),
                               "finish_reason": reason}
                 started.add(index)
                 yield chunk(choice)

@@ -2,7 +2,8 @@
 `Sampling.logprobs` is set) in OpenAI's two shapes: chat's `logprobs.content` and the legacy
 completions' `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`. A token's `bytes` are
 its own bytes (a piece of a multi-byte character is a piece: the answer's bytes are the tokens'
-bytes joined, as OpenAI's); its text is those bytes decoded (a piece shows as U+FFFD)."""
+bytes joined, as OpenAI's); its text is those bytes decoded (a piece shows as U+FFFD). A stream
+gives each chunk the tokens chosen since the last one."""
 
 import functools
 import json
@@ -54,23 +55,28 @@ def _entry(tok, token: int, logprob: float) -> dict:
             "bytes": list(raw)}
 
 
-def chat_logprobs(req, tok) -> dict | None:
+def chat_logprobs(req, tok, entries: list | None = None) -> dict | None:
+    """Chat's `logprobs` of the row's tokens (or of `entries`, a stream chunk's share)."""
     if req.sampling.logprobs is None:
         return None
+    entries = req.logprobs if entries is None else entries
     return {"content": [{**_entry(tok, token, lp),
                          "top_logprobs": [_entry(tok, i, v) for i, v in top]}
-                        for token, lp, top in req.logprobs], "refusal": None}
+                        for token, lp, top in entries], "refusal": None}
 
 
-def completion_logprobs(req, tok) -> dict | None:
+def completion_logprobs(req, tok, entries: list | None = None, offset: int = 0) -> dict | None:
+    """The legacy completions' `logprobs` of the row's tokens (or of `entries`, a stream
+    chunk's share, whose text starts at character `offset` of the answer)."""
     if req.sampling.logprobs is None:
         return None
-    pieces = [_entry(tok, token, 0.0)["token"] for token, _, _ in req.logprobs]
-    offsets, at = [], 0
+    entries = req.logprobs if entries is None else entries
+    pieces = [_entry(tok, token, 0.0)["token"] for token, _, _ in entries]
+    offsets, at = [], offset
     for piece in pieces:
         offsets.append(at)
         at += len(piece)
-    return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in req.logprobs],
+    return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [{_entry(tok, i, 0.0)["token"]: v for i, v in top}
-                             for _, _, top in req.logprobs] if req.sampling.logprobs else None,
+                             for _, _, top in entries] if req.sampling.logprobs else None,
             "text_offset": offsets}
