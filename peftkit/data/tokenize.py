@@ -70,15 +70,19 @@ def lm_example(rec: Record, tokenizer, completion_only: bool = True) -> tuple[li
     return ids, (labels if completion_only else list(ids))
 
 
-def chat_prompt(messages: list[dict], tokenizer) -> str:
-    """The text the model continues from: the chat template with the assistant header."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def chat_prompt(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> str:
+    """The text the model continues from: the chat template with the assistant header (and
+    the `tools` a request offers, for a template that renders them)."""
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **extra)
 
 
-def chat_ids(messages: list[dict], tokenizer) -> list[int]:
+def chat_ids(messages: list[dict], tokenizer, tools: list[dict] | None = None) -> list[int]:
     """The token ids the model continues from (the template already holds any BOS): the one
     way chat messages become a prompt, for evaluation, the demo and the server alike."""
-    return tokenizer(chat_prompt(messages, tokenizer), add_special_tokens=False).input_ids
+    return tokenizer(chat_prompt(messages, tokenizer, tools),
+                     add_special_tokens=False).input_ids
 
 
 def _chat_example(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:

@@ -16,6 +16,8 @@ from peftkit.constrain import Grammar, grammar_for
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
 from peftkit.serve.tickets import TenantBusy
+from peftkit.serve.messages import Message
+from peftkit.serve.tools import Tool
 from peftkit.serve.store import AdapterNotFound, StoreFull
 
 
@@ -243,51 +245,12 @@ class CompletionBody(SamplingParams):
         return self
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    """A chat turn: content as a string or as parts (text parts are joined; any other part is
-    refused by name); `developer` is OpenAI's newer name for `system`; tool turns and tool
-    calls are refused until tools are implemented."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | dict]
-    name: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _roles(cls, data):
-        if isinstance(data, dict):
-            role = data.get("role")
-            if role in ("tool", "function") or data.get("tool_calls") or data.get(
-                    "function_call"):
-                raise PydanticCustomError("not_implemented", "{param}: tool and function "
-                                          "turns are not supported by this server yet",
-                                          {"param": "messages"})
-        return data
-
-    @model_validator(mode="after")
-    def _plain(self):
-        if isinstance(self.content, list):
-            other = [p for p in self.content if not isinstance(p, TextPart)]
-            if other:
-                kind = other[0].get("type", "?") if isinstance(other[0], dict) else "?"
-                raise PydanticCustomError("not_implemented", "{param}: content parts of type "
-                                          "'" + str(kind)[:40] + "' are not supported (text "
-                                          "only)", {"param": "messages"})
-            self.content = "".join(p.text for p in self.content)
-        if self.role == "developer":
-            self.role = "system"
-        return self
-
-
 class ChatBody(SamplingParams):
-    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"logprobs", "top_logprobs"}
+    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {
+        "logprobs", "top_logprobs", "tools", "tool_choice"}
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None  # see tools.py
     logprobs: bool = False  # each content token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and the this-many likeliest beside it
 

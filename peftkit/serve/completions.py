@@ -17,6 +17,7 @@ from peftkit.serve.logprobs import chat_logprobs, completion_logprobs
 from peftkit.serve.server import Server
 from peftkit.serve.store import StoreFull
 from peftkit.serve.tickets import Ticket
+from peftkit.serve.tools import ToolPlan, plan_tools, tool_calls
 
 
 class Completions:
@@ -31,6 +32,9 @@ class Completions:
         prompt is (text, None) or (None, token ids); chat has `messages` instead. `n` choices
         per prompt, each its own row of the shared batch (choice index = prompt x n + j)."""
         server = self.server
+        plan, grammar = self.tools(body) if messages is not None else (None, body.grammar)
+        offered = [t.model_dump(exclude_none=True) for t in body.tools or []] \
+            if messages is not None else None
         sources = prompts or [(None, None)]
         rows = body.n * len(sources)
         if rows > server.cfg.max_batch:
@@ -46,7 +50,7 @@ class Completions:
             prepared = []
             for text, ids in sources:  # every prompt checked before any row is submitted
                 if ids is None:
-                    ids = await run_in_threadpool(server.prompt_ids, text, messages)
+                    ids = await run_in_threadpool(server.prompt_ids, text, messages, offered)
                 # chat with no limit: until a stop, EOS or the context (the engine's own bound)
                 max_tokens = body.max_tokens or max(server.engine.max_len - len(ids), 1)
                 server.engine.check(len(ids), max_tokens)
@@ -57,12 +61,13 @@ class Completions:
                 for j in range(body.n):  # choice j of a seeded request: seed + j, so n differ
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
-                                        bias, body.grammar, body.alternatives,
+                                        bias, grammar, body.alternatives,
                                         body.frequency_penalty, body.presence_penalty)
                     ticket = tickets[len(reqs)]
                     await self.take_slot(ticket)
                     reqs.append(server.submit(model, ids, sampling, loop, sink, ticket,
-                                              stream=body.stream, tag=len(reqs)))
+                                              stream=body.stream and plan is None,
+                                              tag=len(reqs)))
         except PeftkitError as e:  # unknown or corrupt adapter, prompt over the context, ...
             for req in reqs:
                 req.cancel()  # each closes its ticket as it ends
@@ -80,14 +85,32 @@ class Completions:
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self.stream(reqs, sink, meta, chat, usage, echoes,
-                                                 body.n, server.base.tokenizer),
+                                                 body.n, server.base.tokenizer, plan),
                                      media_type="text/event-stream")
         items = await self.finished(http, reqs, sink)
         failed = next((item for item in items if item.error), None)
         if failed is not None:
             status = 503 if failed.finish_reason == "timeout" else 500
             raise ApiError(status, failed.error, "server_error")
-        return answer(items, meta, chat, echoes, body.n, server.base.tokenizer)
+        return answer(items, meta, chat, echoes, body.n, server.base.tokenizer, plan)
+
+    def tools(self, body) -> tuple[ToolPlan | None, object]:
+        """A chat request's tool plan and the grammar its rows decode under (the tools', or
+        its structured output's: one per request); a 400 naming the field otherwise."""
+        template = getattr(self.server.base.tokenizer, "chat_template", None)
+        try:
+            plan, grammar = plan_tools(body.tools or [], body.tool_choice, template,
+                                       body.parallel_tool_calls is not False)
+        except ValueError as e:
+            param, reason = e.args
+            raise ApiError(400, f"{param}: {reason}", param=param) from None
+        except PeftkitError as e:  # a tool's parameters no grammar can be made of
+            raise ApiError(400, str(e), param="tools") from None
+        if grammar is not None and body.grammar is not None:
+            raise ApiError(400, "tools: one structured output per request (tool_choice "
+                                "'required' or a named function, and a response_format)",
+                           param="tools")
+        return plan, grammar if grammar is not None else body.grammar
 
     async def take_slot(self, ticket: Ticket) -> None:
         """The ticket's adapter slot, waiting (bounded in time and in waiters) while every
@@ -133,11 +156,13 @@ class Completions:
 
     @staticmethod
     async def stream(reqs: list[Request], sink: asyncio.Queue, meta: dict, chat: bool,
-                     include_usage: bool, echoes: list[str], n: int, tok=None):
+                     include_usage: bool, echoes: list[str], n: int, tok=None,
+                     plan: ToolPlan | None = None):
         """SSE chunks, each naming its choice's index (and, asked for, the log-probabilities
         of the tokens chosen since its last chunk); with `stream_options.include_usage`,
         every chunk carries `usage: null` and one last chunk with no choices carries the
-        counts (OpenAI's shape)."""
+        counts (OpenAI's shape). A chat with tools (`plan`) sends each answer whole, in its
+        last chunk: its tool calls (indexed, with ids) or its text."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
@@ -172,7 +197,15 @@ class Completions:
                     return
                 text = "" if done else item
                 reason = item.finish_reason if done else None
-                if chat:
+                if chat and plan is not None:  # rows submitted unstreamed: only done ones
+                    message, reason = reply(item, plan)
+                    delta = {"role": "assistant", "content": message["content"]}
+                    if "tool_calls" in message:
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in
+                                               enumerate(message["tool_calls"])]
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs(index),
+                              "finish_reason": reason}
+                elif chat:
                     first = index not in started
                     delta = {"role": "assistant", "content": text} if first else {"content": text}
                     choice = {"index": index, "delta": delta if (text or first) else {},
@@ -195,18 +228,32 @@ class Completions:
 
 
 def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: int,
-           tok) -> dict:
-    """OpenAI's non-streamed body for finished rows (`echoes`: each choice's prompt, first)."""
+           tok, plan: ToolPlan | None = None) -> dict:
+    """OpenAI's non-streamed body for finished rows (`echoes`: each choice's prompt, first;
+    `plan`: answers read as tool calls)."""
     counts = usage(items, n)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": item.text},
-                    "logprobs": chat_logprobs(item, tok), "finish_reason": item.finish_reason}
-                   for i, item in enumerate(items)]
+        choices = []
+        for i, item in enumerate(items):
+            message, reason = reply(item, plan)
+            choices.append({"index": i, "message": message, "logprobs": chat_logprobs(item, tok),
+                            "finish_reason": reason})
         return {**meta, "object": "chat.completion", "choices": choices, "usage": counts}
     choices = [{"index": i, "text": echo + item.text,
                 "logprobs": completion_logprobs(item, tok), "finish_reason": item.finish_reason}
                for i, (item, echo) in enumerate(zip(items, echoes))]
     return {**meta, "object": "text_completion", "choices": choices, "usage": counts}
+
+
+def reply(item: Request, plan: ToolPlan | None) -> tuple[dict, str]:
+    """A finished chat row as OpenAI's assistant message and finish_reason: its tool calls
+    (finish_reason "tool_calls") when the plan finds complete ones, else its text."""
+    found = tool_calls(plan, item.text) if plan is not None and item.finish_reason == "stop" \
+        else None
+    if found is None:
+        return {"role": "assistant", "content": item.text}, item.finish_reason
+    calls, content = found
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
 def logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:

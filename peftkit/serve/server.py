@@ -1,6 +1,7 @@
 """One base loaded once, a pool of adapter slots, the engine and the store: a `Server`."""
 
 import torch
+from jinja2 import TemplateError
 
 from peftkit.classify_engine import ClassifyEngine
 from peftkit.data import chat_ids
@@ -16,6 +17,7 @@ from peftkit.serve.metrics import Metrics
 from peftkit.serve.store import AdapterStore
 from peftkit.serve.tenancy import Tenancy
 from peftkit.serve.tickets import Admission, Ticket
+from peftkit.serve.tools import renders_tool_calls, takes_tools
 
 
 class Server:
@@ -72,11 +74,14 @@ class Server:
         self.engine.stop()
 
     # -- requests -----------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a completion prompt or a chat; text that is not valid Unicode (a lone
-        surrogate from a JSON escape) is the caller's error, not a tokenizer crash."""
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None,
+                   tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a completion prompt or a chat (with the `tools` it offers, where the
+        chat template renders them); text that is not valid Unicode (a lone surrogate from a
+        JSON escape), tool calls the template cannot render, or a template's own refusal is
+        the caller's error, not a crash."""
         tok = self.base.tokenizer
-        texts = [prompt] if messages is None else [m["content"] for m in messages]
+        texts = [prompt] if messages is None else [m.get("content") or "" for m in messages]
         for text in texts:
             try:
                 text.encode("utf-8")
@@ -84,9 +89,17 @@ class Server:
                 field = "prompt" if messages is None else "messages"
                 raise PeftkitError(f"{field}: not valid Unicode (lone surrogate at "
                                    f"character {e.start})") from None
-        if messages is not None:
-            return chat_ids(messages, tok)
-        return tok(prompt).input_ids
+        if messages is None:
+            return tok(prompt).input_ids
+        template = getattr(tok, "chat_template", None)
+        if any(m.get("tool_calls") for m in messages) and not renders_tool_calls(template):
+            raise PeftkitError("messages: this model's chat template does not render an "
+                               "assistant turn's tool_calls")
+        try:
+            return chat_ids(messages, tok, tools if takes_tools(template) else None)
+        except (TemplateError, TypeError, ValueError) as e:
+            raise PeftkitError(f"messages: the chat template refused them ({str(e)[:160]})") \
+                from None
 
     def admit(self, model: str, tenant: str | None = None, rows: int = 1,
               on_base: bool = False) -> list[Ticket]:
