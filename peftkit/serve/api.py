@@ -228,15 +228,36 @@ class SamplingParams(OpenAIBody):
 
 
 class CompletionBody(SamplingParams):
-    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo", "logprobs"}
+    IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo", "logprobs",
+                                                                     "suffix", "best_of"}
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False  # the prompt's text before the completion's, in the choice's text
+    suffix: str | None = None  # the text after the completion: fill-in-the-middle (fim.py)
+    # candidates per prompt, of which the n likeliest per token are returned (OpenAI's bound)
+    best_of: int | None = Field(None, ge=1, le=20)
     # OpenAI's legacy logprobs: each token's log-probability and the this-many likeliest
     logprobs: int | None = Field(None, ge=0, le=5)
 
     @property
     def alternatives(self) -> int | None:
         return self.logprobs
+
+    @model_validator(mode="after")
+    def _best_of_n(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise PydanticCustomError("bad_param", "{param}: must be at least n",
+                                      {"param": "best_of"})
+        if (self.best_of or 1) > self.n and self.stream:  # as OpenAI: chosen at the end
+            raise PydanticCustomError("bad_param", "{param}: not supported with stream",
+                                      {"param": "best_of"})
+        return self
+
+    @model_validator(mode="after")
+    def _suffix_alone(self):
+        if self.suffix and self.echo:  # as OpenAI: the echoed prompt would hide the layout
+            raise PydanticCustomError("bad_param", "{param}: not supported with echo",
+                                      {"param": "suffix"})
+        return self
 
     @model_validator(mode="after")
     def _legacy_default(self):

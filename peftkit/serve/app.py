@@ -14,6 +14,7 @@ from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, ClassifyBody, Co
                                api_error, authenticate, install_errors, missing)
 from peftkit.serve.classify import CLASSIFY, GENERATE, Classify, run_task, served
 from peftkit.serve.completions import Completions
+from peftkit.serve.fim import fill_in_middle
 from peftkit.serve.limits import BodyLimit
 from peftkit.serve.server import Server
 
@@ -69,6 +70,14 @@ def create_app(server: Server):
             raise ApiError(400, "prompt: give a string, token ids, or a list of either (no "
                                 "empty list)", param="prompt")
         prompts = [(p, None) if isinstance(p, str) else (None, p) for p in prompt]
+        if body.suffix:  # fill-in-the-middle: a text prompt, wrapped in the model's markers
+            if any(text is None for text, _ in prompts):
+                raise ApiError(400, "suffix: needs text prompts (not token ids)", param="suffix")
+            try:
+                prompts = [(fill_in_middle(server.base.tokenizer, text, body.suffix), None)
+                           for text, _ in prompts]
+            except PeftkitError as e:
+                raise ApiError(400, str(e), param="suffix") from None
         if any(ids is not None and not all(0 <= t < vocab for t in ids) for _, ids in prompts):
             raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         who, model = visible(http, body.model)

@@ -36,11 +36,14 @@ class Completions:
         offered = [t.model_dump(exclude_none=True) for t in body.tools or []] \
             if messages is not None else None
         sources = prompts or [(None, None)]
-        rows = body.n * len(sources)
+        per = max(body.n, getattr(body, "best_of", None) or 1)  # rows per prompt
+        rows = per * len(sources)
         if rows > server.cfg.max_batch:
-            raise ApiError(400, f"n: {body.n} choices x {len(sources)} prompts = {rows} rows, "
+            what = "best_of" if per > body.n else "n"
+            raise ApiError(400, f"{what}: {per} choices x {len(sources)} prompts = {rows} rows, "
                                 f"over this server's --max-batch {server.cfg.max_batch}",
-                           param="n")
+                           param=what)
+        scored = body.alternatives if per == body.n else (body.alternatives or 0)
         try:  # every row counts toward the tenant's in-flight limit
             tickets = server.admit(model, who.tenant, rows)
         except PeftkitError as e:
@@ -58,10 +61,10 @@ class Completions:
             bias = logit_bias(body.logit_bias, len(server.base.tokenizer))  # before a slot
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
             for ids, max_tokens in prepared:
-                for j in range(body.n):  # choice j of a seeded request: seed + j, so n differ
+                for j in range(per):  # choice j of a seeded request: seed + j, so n differ
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
-                                        bias, grammar, body.alternatives,
+                                        bias, grammar, scored,
                                         body.frequency_penalty, body.presence_penalty)
                     ticket = tickets[len(reqs)]
                     await self.take_slot(ticket)
@@ -81,10 +84,10 @@ class Completions:
         echoes = [""] * len(reqs)
         if not chat and getattr(body, "echo", False):
             echoes = [text if text is not None else server.base.tokenizer.decode(ids)
-                      for text, ids in sources for _ in range(body.n)]
+                      for text, ids in sources for _ in range(per)]
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self.stream(reqs, sink, meta, chat, usage, echoes,
+            counted = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self.stream(reqs, sink, meta, chat, counted, echoes,
                                                  body.n, server.base.tokenizer, plan),
                                      media_type="text/event-stream")
         items = await self.finished(http, reqs, sink)
@@ -92,7 +95,15 @@ class Completions:
         if failed is not None:
             status = 503 if failed.finish_reason == "timeout" else 500
             raise ApiError(status, failed.error, "server_error")
-        return answer(items, meta, chat, echoes, body.n, server.base.tokenizer, plan)
+        if per == body.n:
+            return answer(items, meta, chat, echoes, body.n, server.base.tokenizer, plan)
+        best = best_of(items, per, body.n)  # each prompt's n likeliest of its best_of
+        out = answer([items[k] for k in best], meta, chat, [echoes[k] for k in best], body.n,
+                     server.base.tokenizer)
+        for choice in out["choices"]:
+            if body.alternatives is None:  # scored for the ranking, not asked for
+                choice["logprobs"] = None
+        return {**out, "usage": usage(items, per)}  # every candidate's tokens, as OpenAI
 
     def tools(self, body) -> tuple[ToolPlan | None, object]:
         """A chat request's tool plan and the grammar its rows decode under (the tools', or
@@ -243,6 +254,16 @@ def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: i
                 "logprobs": completion_logprobs(item, tok), "finish_reason": item.finish_reason}
                for i, (item, echo) in enumerate(zip(items, echoes))]
     return {**meta, "object": "text_completion", "choices": choices, "usage": counts}
+
+
+def best_of(items: list[Request], per: int, n: int) -> list[int]:
+    """For each prompt's `per` candidates (consecutive), the indices of the `n` with the
+    highest log-probability per token (OpenAI's `best_of`), best first."""
+    def score(k: int) -> float:
+        values = [lp for _, lp, _ in items[k].logprobs]
+        return sum(values) / len(values) if values else float("-inf")
+    return [k for start in range(0, len(items), per)
+            for k in sorted(range(start, start + per), key=score, reverse=True)[:n]]
 
 
 def reply(item: Request, plan: ToolPlan | None) -> tuple[dict, str]:
