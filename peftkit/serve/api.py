@@ -296,11 +296,12 @@ class ClassifyBody(BaseModel):
 
 
 class AdapterBody(BaseModel):
-    """vLLM's admin body. `lora_path` is refused by name, not ignored: adapters load from the
-    server's --adapters directory by id (a client's path is not trusted)."""
+    """vLLM's admin body. `lora_path` names a directory inside the server's --adapters
+    directory that `lora_name` then serves (anywhere else: 400; a client's path is trusted no
+    further); without it the adapter is the directory named `lora_name`."""
     model_config = ConfigDict(extra="forbid")
     lora_name: str
-    lora_path: None = None
+    lora_path: str | None = None
     pin: bool = False
     tier: Literal["device", "host"] = "device"  # load: into a slot, or prefetch to host memory
 

@@ -59,7 +59,7 @@ def create_app(server: Server):
                 "parent": parent, "root": server.name, "task": server.task}
 
     def listed() -> list[str]:
-        return served(server.store.root, server.task)
+        return served(server.store, server.task)
 
     @app.post("/v1/completions", dependencies=[Depends(keyed)])
     async def complete(body: CompletionBody, http: HTTPRequest):
@@ -152,8 +152,14 @@ def create_app(server: Server):
                     "slot": getattr(entry, "slot", None)}
         return endpoint
 
-    app.post("/v1/load_lora_adapter")(admin(
-        lambda b: server.store.load(b.lora_name, pin=b.pin, tier=b.tier)))
+    def load(b: AdapterBody):
+        if b.lora_path is not None:  # the name now serves that directory, loaded afresh
+            server.store.name(b.lora_name, b.lora_path)
+            if b.lora_name in server.store.stats()["loaded"]:
+                return server.store.reload(b.lora_name)
+        return server.store.load(b.lora_name, pin=b.pin, tier=b.tier)
+
+    app.post("/v1/load_lora_adapter")(admin(load))
     app.post("/v1/unload_lora_adapter")(admin(lambda b: server.store.unload(b.lora_name)))
     app.post("/v1/reload_lora_adapter")(admin(lambda b: server.store.reload(b.lora_name)))
     return BodyLimit(app, int(server.cfg.max_body_mb * 2**20))

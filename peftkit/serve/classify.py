@@ -18,7 +18,7 @@ from peftkit.classify_engine import ClassifyRow
 from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir
 from peftkit.serve.api import ApiError, ClassifyBody, api_error
-from peftkit.serve.store import ID_RE, AdapterInvalid
+from peftkit.serve.store import AdapterInvalid
 from peftkit.train.heads import Head
 from peftkit.train.run_dir import HEAD
 
@@ -36,11 +36,9 @@ def run_task(path: Path) -> str | None:
     return GENERATE if (adapter_dir(path) / CONFIG_NAME).is_file() else None
 
 
-def served(root: Path, task: str) -> list[str]:
-    """The ids under `root` a server of `task` answers for (links out of root not listed)."""
-    return sorted(p.name for p in root.iterdir()
-                  if ID_RE.fullmatch(p.name) and p.is_dir() and p.resolve().parent == root
-                  and run_task(p) == task)
+def served(store, task: str) -> list[str]:
+    """The ids of `store` a server of `task` answers for (links out of its root not listed)."""
+    return sorted(name for name, p in store.directories() if run_task(p) == task)
 
 
 @dataclass

@@ -105,6 +105,7 @@ class AdapterStore:
         self.slots = [Slot() for _ in range(self.capacity)]
         self.loading: dict[str, _Pending] = {}  # adapter id -> its load in flight
         self.host = HostTier(host_bytes)
+        self.aliases: dict[str, str] = {}  # lora_path loads: name -> directory under root
         self.mutex = threading.RLock()  # held for bookkeeping only, never across a load
         # metrics hook: device tier "hit" | "miss" | "evict"; host tier "host_hit" |
         # "host_miss" | "host_evict"; "load" with seconds=disk or host -> slot
@@ -113,11 +114,14 @@ class AdapterStore:
 
     # -- ids and listing ----------------------------------------------------------------------
     def run_dir(self, adapter_id: str) -> Path:
-        """`adapter_id`'s directory under the root (a bare adapter or a run); AdapterNotFound
-        for an id that is not one, checked before any file system call."""
+        """`adapter_id`'s directory under the root (a bare adapter or a run, or the one an
+        admin's lora_path named it for); AdapterNotFound for an id that is not one, checked
+        before any file system call."""
         if not ID_RE.fullmatch(adapter_id) or ".." in adapter_id:
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
-        path = (self.root / adapter_id).resolve()
+        with self.mutex:
+            target = self.aliases.get(adapter_id, adapter_id)
+        path = (self.root / target).resolve()
         if path.parent != self.root or not path.is_dir():
             raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
         return path
@@ -133,10 +137,33 @@ class AdapterStore:
     def available(self) -> list[str]:
         """The ids a request can be served for: `path_of`'s rule exactly (a link that leads
         out of the adapters directory is not listed, since every request for it is a 404)."""
-        return sorted(p.name for p in self.root.iterdir()
-                      if ID_RE.fullmatch(p.name) and p.is_dir()
-                      and p.resolve().parent == self.root
-                      and (adapter_dir(p) / CONFIG_NAME).exists())
+        return sorted(name for name, p in self.directories()
+                      if (adapter_dir(p) / CONFIG_NAME).exists())
+
+    def directories(self) -> list[tuple[str, Path]]:
+        """(id, directory) of every id a request may name: the root's subdirectories and the
+        names lora_path loads gave (a link out of the root is not one)."""
+        with self.mutex:
+            named = [(n, self.root / t) for n, t in self.aliases.items()]
+        return [(name, p) for name, p in [(p.name, p) for p in self.root.iterdir()] + named
+                if ID_RE.fullmatch(name) and p.is_dir() and p.resolve().parent == self.root]
+
+    def name(self, adapter_id: str, lora_path: str) -> None:
+        """vLLM's load with a lora_path: `adapter_id` serves the directory at `lora_path`,
+        which must lie in the adapters directory (a client's path is trusted no further)."""
+        path = Path(lora_path)
+        path = (path if path.is_absolute() else self.root / path).resolve()
+        if path.parent != self.root or not path.is_dir() or not ID_RE.fullmatch(path.name):
+            raise AdapterInvalid(f"lora_path: '{lora_path[:200]}' is not an adapter directory "
+                                 "directly inside the server's --adapters directory")
+        if not ID_RE.fullmatch(adapter_id):
+            raise AdapterInvalid(f"lora_name: '{adapter_id[:64]}' is not a valid adapter id")
+        with self.mutex:
+            if path.name != adapter_id:
+                self.aliases[adapter_id] = path.name
+            else:
+                self.aliases.pop(adapter_id, None)
+            self.host.drop(adapter_id)  # a name given new weights reads them afresh
 
     # -- acquire / release (one per request) --------------------------------------------------
     def acquire(self, adapter_id: str) -> int:
@@ -203,6 +230,7 @@ class AdapterStore:
     def unload(self, adapter_id: str) -> None:
         with self.mutex:
             self.host.drop(adapter_id)
+            self.aliases.pop(adapter_id, None)  # a lora_path name lives until its unload
             if adapter_id not in self.entries:
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded")
             self._retire(self.entries.pop(adapter_id).slot)
