@@ -115,6 +115,18 @@ class Engine:
     def queue_depth(self) -> int:
         return self.waiting.qsize()
 
+    def prompt_logprobs(self, ids: list[int], slot: int, top: int) -> list[tuple]:
+        """Each prompt token's log-probability after the ones before it, and the `top`
+        likeliest there (completions' echo with logprobs): one forward of the prompt on
+        `slot`, run between steps; the first token has none (its entry is (id, None, []))."""
+        def forward():
+            with torch.no_grad():
+                logits = self.adapted(input_ids=torch.tensor([ids], device=self.device),
+                                      slots=torch.tensor([slot], device=self.device)).logits[0]
+            return [(ids[0], None, [])] + [token_logprobs(logits[i - 1], ids[i], top)
+                                           for i in range(1, len(ids))]
+        return self.between_steps(forward)
+
     def start(self) -> "Engine":
         self.thread = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
         self.thread.start()

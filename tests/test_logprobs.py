@@ -91,7 +91,8 @@ def test_openai_shapes_for_chat_and_completions(server):
                 ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True},
                  "top_logprobs"),
                 ("/v1/completions", {"logprobs": 6}, "logprobs"),
-                ("/v1/completions", {"logprobs": 1, "echo": True}, "logprobs")]:
+                ("/v1/completions", {"logprobs": 1, "echo": True, "stream": True},
+                 "logprobs")]:
             shape = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
                      else {"prompt": "hi"})
             r = _post(server, path, {"model": "a03", **shape, **body})
@@ -124,6 +125,32 @@ def test_streamed_logprobs_join_to_the_whole_answers(tmp_path_factory):
             for key in got:
                 got[key] += getattr(lp, key) if lp else []
         assert len(want.tokens) >= 2 and got == {k: getattr(want, k) for k in got}
+
+
+def test_echo_gives_the_prompts_own_logprobs_first(tmp_path_factory):
+    """completions' echo with logprobs (OpenAI's legacy shape): the prompt's tokens lead, the
+    first with null, each of the others its log-probability after the ones before it (a
+    forward pass's, on the adapter), then the answer's."""
+    from openai import OpenAI
+
+    from tests.serve_harness import running
+    server = keyed_server(tmp_path_factory, max_loaded=2)
+    with running(server) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+        ask = dict(model="a05", prompt="say one:", max_tokens=4, temperature=0, logprobs=2)
+        echoed = client.completions.create(**ask, echo=True).choices[0]
+        plain = client.completions.create(**ask).choices[0]
+    ids = server.prompt_ids(prompt="say one:")
+    lp = echoed.logprobs
+    assert echoed.text == "say one:" + plain.text
+    assert lp.tokens[len(ids):] == plain.logprobs.tokens
+    assert lp.token_logprobs[len(ids):] == plain.logprobs.token_logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == echoed.text and lp.text_offset[0] == 0
+    want = _forward(server, "a05", ids)
+    for k in range(1, len(ids)):
+        assert abs(lp.token_logprobs[k] - float(want[k - 1][ids[k]])) <= 1e-4
+        assert 1 <= len(lp.top_logprobs[k]) <= 2  # keyed by text: byte pieces may share one
 
 
 def test_a_character_split_across_tokens_joins_back_from_the_bytes(server):

@@ -220,9 +220,10 @@ class SamplingParams(OpenAIBody):
 
     @model_validator(mode="after")
     def _logprobs_alone(self):
-        if self.alternatives is not None and getattr(self, "echo", False):
-            raise PydanticCustomError("not_implemented", "{param}: not supported with echo by "
-                                      "this server yet (the prompt's own log-probabilities)",
+        if self.alternatives is not None and getattr(self, "echo", False) and self.stream:
+            raise PydanticCustomError("not_implemented", "{param}: not supported with echo "
+                                      "and stream together by this server yet (echo's prompt "
+                                      "log-probabilities come unstreamed)",
                                       {"param": "logprobs"})
         return self
 

@@ -2,6 +2,7 @@
 adapter's slot off the event loop, the engine, then OpenAI's response body or its SSE stream."""
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -60,7 +61,13 @@ class Completions:
                 prepared.append((ids, max_tokens))
             bias = logit_bias(body.logit_bias, len(server.base.tokenizer))  # before a slot
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+            echoed = []  # per prompt, its own log-probabilities (echo with logprobs)
             for ids, max_tokens in prepared:
+                if getattr(body, "echo", False) and body.alternatives is not None:
+                    ticket = tickets[len(reqs)]
+                    await self.take_slot(ticket)
+                    echoed.append(await run_in_threadpool(
+                        server.engine.prompt_logprobs, ids, ticket.slot, body.alternatives))
                 for j in range(per):  # choice j of a seeded request: seed + j, so n differ
                     seed = None if body.seed is None else (body.seed + j) % 2 ** 64
                     sampling = Sampling(max_tokens, body.temperature, body.top_p, stop, seed,
@@ -95,9 +102,12 @@ class Completions:
         if failed is not None:
             status = 503 if failed.finish_reason == "timeout" else 500
             raise ApiError(status, failed.error, "server_error")
+        # each prompt's n likeliest of its best_of, ranked on the answers' own tokens
+        best = list(range(len(items))) if per == body.n else best_of(items, per, body.n)
+        if echoed:  # the prompt's tokens first, the first without a log-probability
+            items = [with_prompt(item, echoed[k // per]) for k, item in enumerate(items)]
         if per == body.n:
             return answer(items, meta, chat, echoes, body.n, server.base.tokenizer, plan)
-        best = best_of(items, per, body.n)  # each prompt's n likeliest of its best_of
         out = answer([items[k] for k in best], meta, chat, [echoes[k] for k in best], body.n,
                      server.base.tokenizer)
         for choice in out["choices"]:
@@ -254,6 +264,11 @@ def answer(items: list[Request], meta: dict, chat: bool, echoes: list[str], n: i
                 "logprobs": completion_logprobs(item, tok), "finish_reason": item.finish_reason}
                for i, (item, echo) in enumerate(zip(items, echoes))]
     return {**meta, "object": "text_completion", "choices": choices, "usage": counts}
+
+
+def with_prompt(item: Request, prompt: list[tuple]) -> Request:
+    """A finished row whose logprobs start with its prompt's (for echo's body only)."""
+    return dataclasses.replace(item, logprobs=prompt + item.logprobs)
 
 
 def best_of(items: list[Request], per: int, n: int) -> list[int]:

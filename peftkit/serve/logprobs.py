@@ -77,6 +77,7 @@ def completion_logprobs(req, tok, entries: list | None = None, offset: int = 0) 
         offsets.append(at)
         at += len(piece)
     return {"tokens": pieces, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{_entry(tok, i, 0.0)["token"]: v for i, v in top}
-                             for _, _, top in entries] if req.sampling.logprobs else None,
+            "top_logprobs": [None if lp is None else {_entry(tok, i, 0.0)["token"]: v
+                                                      for i, v in top}
+                             for _, lp, top in entries] if req.sampling.logprobs else None,
             "text_offset": offsets}
