@@ -1,6 +1,8 @@
 """Changes to a running model made with no forward in flight: the engine's one way to write or
 clear an adapter's slot while requests decode. Callers queue a job; the engine's thread runs the
-queue between two steps, in order, under the lock each forward holds (nobody else takes it)."""
+queue between two steps, in order, under the lock each forward holds (nobody else takes it).
+`ModelThread` is that thread and its queue, shared by the decoder (engine.py) and the
+classifier (classify_engine.py)."""
 
 import logging
 import queue
@@ -59,3 +61,41 @@ class _Job:
                 log.error("a slot change failed between steps: %s: %s", type(e).__name__, e)
         finally:
             self.done.set()
+
+
+class ModelThread:
+    """What both engines share: one thread that runs a model's forwards, the queue it takes
+    work from, the lock each forward holds, and the jobs run between two forwards."""
+    thread_name = "peftkit-engine"
+
+    def __init__(self):
+        self.waiting: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # held during each forward and each `between_steps` job
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._between = BetweenSteps(self._lock, self._wake)
+        self.thread: threading.Thread | None = None
+
+    def between_steps(self, fn, wait: bool = True):
+        """Run `fn()` with no forward in flight: the one way to change the model (an
+        adapter's slot written or cleared) while requests run."""
+        return self._between.call(fn, self.thread, wait)
+
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self.thread.start()
+        return self
+
+    def _halt(self) -> None:
+        """The thread stopped; the slot changes queued meanwhile run here."""
+        self._stop.set()
+        self._wake.set()
+        if self.thread:
+            self.thread.join(timeout=10)
+        self._between.run_pending()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+

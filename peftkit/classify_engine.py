@@ -7,13 +7,11 @@ decode loop, the same admission bound (QueueFull past `max_queue` rows) and the 
 change the model while rows run (`between_steps`: slot writes and clears on this thread, under
 the lock each forward holds)."""
 
-import queue
-import threading
 import time
 
 import torch
 
-from peftkit.between_steps import BetweenSteps
+from peftkit.between_steps import ModelThread
 from peftkit.device import module_device
 from peftkit.engine import QueueFull
 from peftkit.errors import PeftkitError
@@ -38,20 +36,18 @@ class ClassifyRow:
             self.on_done(self)
 
 
-class ClassifyEngine:
+class ClassifyEngine(ModelThread):
+    thread_name = "peftkit-classify"
+
     def __init__(self, adapted, tokenizer, max_batch: int = 32, max_queue: int = 256,
                  max_len: int | None = None):
+        super().__init__()
         self.adapted, self.tok = adapted, tokenizer
         self.device = module_device(adapted.model)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = max_len or getattr(adapted.model.config, "max_position_embeddings", 512)
-        self.waiting: queue.Queue[ClassifyRow] = queue.Queue()
         self.active: list[ClassifyRow] = []  # the batch being run
         self.batches: list[list[int]] = []  # the slots of each batch run (tests, metrics)
-        self._lock = threading.Lock()  # held during each forward and each `between_steps` job
-        self._stop, self._wake = threading.Event(), threading.Event()
-        self._between = BetweenSteps(self._lock, self._wake)
-        self.thread: threading.Thread | None = None
 
     # -- public -------------------------------------------------------------------------------
     def check(self, tokens: int, index: int = 0) -> None:
@@ -76,24 +72,8 @@ class ClassifyEngine:
         self._wake.set()
         return rows
 
-    def between_steps(self, fn, wait: bool = True):
-        """Run `fn()` with no forward in flight (see between_steps.py)."""
-        return self._between.call(fn, self.thread, wait)
-
-    def queue_depth(self) -> int:
-        return self.waiting.qsize()
-
-    def start(self) -> "ClassifyEngine":
-        self.thread = threading.Thread(target=self._run, name="peftkit-classify", daemon=True)
-        self.thread.start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self.thread:
-            self.thread.join(timeout=10)
-        self._between.run_pending()
+        self._halt()
         while not self.waiting.empty():
             self.waiting.get().finish(error="the server is shutting down")
 

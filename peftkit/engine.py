@@ -10,7 +10,6 @@ non-finite logits), or when its client went away (`cancel`) or its deadline pass
 every step. Stopping the engine fails whatever is left, so no caller waits forever.
 """
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from peftkit.between_steps import BetweenSteps
+from peftkit.between_steps import ModelThread
 from peftkit.constrain import Grammars, RowGrammar
 from peftkit.device import module_device
 from peftkit.errors import PeftkitError
@@ -56,9 +55,10 @@ class Request:
         self.cancelled = True
 
 
-class Engine:
+class Engine(ModelThread):
     def __init__(self, adapted, tokenizer, max_batch: int = 32, max_queue: int = 256,
                  max_len: int | None = None, timeout_s: float | None = None):
+        super().__init__()
         self.adapted, self.tok = adapted, tokenizer
         self.model = adapted.model
         self.device = module_device(self.model)  # every tensor a step makes goes here
@@ -66,14 +66,8 @@ class Engine:
         self.max_len = max_len or getattr(self.model.config, "max_position_embeddings", 2048)
         self.eos = {tokenizer.eos_token_id}
         self.grammars = Grammars(tokenizer, self.model.config.get_text_config().vocab_size)
-        self._lock = threading.Lock()  # held during each forward and each `between_steps` job
-        self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[Request] = []
         self.cache: DynamicCache | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._between = BetweenSteps(self._lock, self._wake)
-        self.thread: threading.Thread | None = None
         self.timeout_s = timeout_s  # per-request bound, submit to finish
 
     # -- public -------------------------------------------------------------------------------
@@ -107,14 +101,6 @@ class Engine:
             raise PeftkitError(f"max_tokens: {max_tokens} + the prompt's {prompt_tokens} tokens "
                                f"exceed the {self.max_len}-token context")
 
-    def between_steps(self, fn, wait: bool = True):
-        """Run `fn()` with no forward in flight (see between_steps.py): the one way to change
-        the model (an adapter's slot written or cleared) while requests run."""
-        return self._between.call(fn, self.thread, wait)
-
-    def queue_depth(self) -> int:
-        return self.waiting.qsize()
-
     def prompt_logprobs(self, ids: list[int], slot: int, top: int) -> list[tuple]:
         """Each prompt token's log-probability after the ones before it, and the `top`
         likeliest there (completions' echo with logprobs): one forward of the prompt on
@@ -127,19 +113,8 @@ class Engine:
                                            for i in range(1, len(ids))]
         return self.between_steps(forward)
 
-    def start(self) -> "Engine":
-        self.thread = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
-        self.thread.start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self.thread:
-            self.thread.join(timeout=10)
-        # Anything left ends now, so no client waits on a stopped engine; the slot writes
-        # queued meanwhile run here.
-        self._between.run_pending()
+        self._halt()  # anything left ends now, so no client waits on a stopped engine
         for req in self._drain_waiting() + self.active:
             if req.finish_reason is None:
                 self._fail(req, "the server is shutting down")
