@@ -1,5 +1,6 @@
 """Structured outputs (issue 26.1): a request's grammar — a JSON schema, any JSON object, a
-regular expression or a fixed list of choices — constrains its own row of the shared batch at
+regular expression, a fixed list of choices or a context-free grammar (GBNF or Lark, vLLM's
+guided_grammar) — constrains its own row of the shared batch at
 every step: the row samples only among the tokens its grammar allows next, and ends ("stop")
 when the grammar is complete. Other rows never see it.
 
@@ -16,7 +17,7 @@ import torch
 
 from peftkit.errors import PeftkitError
 
-KINDS = ("json_schema", "json_object", "regex", "choice")
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 # JSON laid out as json.dumps lays it out, no other whitespace: llguidance's default allows any
 # run of whitespace between tokens, and a small model can fill max_tokens with newlines (seen on
 # tiny-llama; vLLM added `disable_any_whitespace` for the same reason). A schema's own
@@ -33,7 +34,7 @@ class Grammar:
 
 def grammar_for(kind: str, value, field: str) -> Grammar:
     """`value` as a grammar of `kind` (json_schema: a schema object; json_object: ignored;
-    regex: a pattern; choice: a list of strings). A grammar llguidance refuses is a
+    regex: a pattern; choice: a list of strings; grammar: GBNF or Lark text). A grammar llguidance refuses is a
     PeftkitError naming `field`, raised before anything is queued."""
     from llguidance import LLMatcher, grammar_from
     try:
@@ -47,6 +48,8 @@ def grammar_for(kind: str, value, field: str) -> Grammar:
             text = LLMatcher.grammar_from_regex(value)
         elif kind == "choice":
             text = grammar_from("choice", json.dumps(value))
+        elif kind == "grammar":  # GBNF (llama.cpp's, xgrammar's EBNF) or Lark (outlines')
+            text = grammar_from("grammar", value)
         else:
             raise ValueError(f"unknown grammar kind '{kind}' ({', '.join(KINDS)})")
     except (ValueError, TypeError) as e:

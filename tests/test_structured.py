@@ -6,6 +6,7 @@ admission, and a grammar that cannot finish within max_tokens ends at "length"."
 
 import asyncio
 import json
+import re
 
 import httpx
 import jsonschema
@@ -75,11 +76,14 @@ def test_choice_regex_and_json_object_hold_even_against_a_forced_token(server):
     forced = {str(tok.convert_tokens_to_ids("z")): 100}
     base = {"model": "a01", "prompt": "pick:", "max_tokens": 40, "temperature": 1.0, "seed": 3,
             "logit_bias": forced}
-    choice, regex, obj, chat = _post_all(server, [
+    choice, regex, obj, gbnf, lark = _post_all(server, [
         {**base, "guided_choice": ["yes", "no", "maybe"]},
         {**base, "guided_regex": "[0-9]{3}-[ab]"},
         {**base, "response_format": {"type": "json_object"}, "max_tokens": 200},
-    ]) + _post_all(server, [{"model": "a01", "max_tokens": 40, "guided_choice": ["up", "down"],
+        {**base, "guided_grammar": 'root ::= ("ab" | "cd") [0-9] [0-9]?'},  # GBNF
+        {**base, "guided_grammar": 'start: WORD ("," WORD)*\nWORD: /[xy]{2}/'},  # Lark
+    ])
+    chat, = _post_all(server, [{"model": "a01", "max_tokens": 40, "guided_choice": ["up", "down"],
                              "messages": [{"role": "user", "content": "which?"}]}],
                    "/v1/chat/completions")
     assert choice.json()["choices"][0]["text"] in ("yes", "no", "maybe")
@@ -91,6 +95,8 @@ def test_choice_regex_and_json_object_hold_even_against_a_forced_token(server):
     else:
         assert answer["text"].lstrip().startswith("{")
     assert chat.json()["choices"][0]["message"]["content"] in ("up", "down")
+    assert re.fullmatch(r"(ab|cd)[0-9][0-9]?", gbnf.json()["choices"][0]["text"]), gbnf.text
+    assert re.fullmatch(r"[xy]{2}(,[xy]{2})*", lark.json()["choices"][0]["text"]), lark.text
 
 
 def test_a_grammar_that_cannot_finish_ends_at_length_with_its_partial_text(server):
@@ -108,6 +114,8 @@ def test_a_grammar_that_cannot_finish_ends_at_length_with_its_partial_text(serve
     ("guided_regex", "(unclosed", ""),
     ("guided_choice", ["yes", ""], "non-empty"),
     ("guided_json", "{not json", "not valid JSON"),
+    ("guided_grammar", "root ::= (", "GBNF"),
+    ("guided_grammar", 5, "a GBNF or Lark grammar"),
 ])
 def test_a_bad_grammar_is_a_400_naming_its_field_before_admission(server, field, value, says):
     loaded = set(server.store.entries)

@@ -128,7 +128,8 @@ class OpenAIBody(BaseModel):
 
 
 # Structured outputs, one per request: OpenAI's response_format and vLLM's guided_* fields.
-GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                  "guided_grammar")
 
 
 def _grammar_asked(field: str, value) -> tuple[str, object]:
@@ -152,10 +153,11 @@ def _grammar_asked(field: str, value) -> tuple[str, object]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"not valid JSON ({e.msg})") from None
         return "json_schema", value
-    if field == "guided_regex":
-        if not isinstance(value, str):
-            raise ValueError("a regular expression (a string) is required")
-        return "regex", value
+    if field in ("guided_regex", "guided_grammar"):
+        if not isinstance(value, str) or not value:
+            raise ValueError("a regular expression (a string) is required" if field ==
+                             "guided_regex" else "a GBNF or Lark grammar (a string) is required")
+        return ("regex" if field == "guided_regex" else "grammar"), value
     if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
         raise ValueError("a non-empty list of non-empty strings is required")
     return "choice", value
