@@ -90,9 +90,7 @@ def test_openai_shapes_for_chat_and_completions(server):
                 ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
                 ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True},
                  "top_logprobs"),
-                ("/v1/completions", {"logprobs": 6}, "logprobs"),
-                ("/v1/completions", {"logprobs": 1, "echo": True, "stream": True},
-                 "logprobs")]:
+                ("/v1/completions", {"logprobs": 6}, "logprobs")]:
             shape = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
                      else {"prompt": "hi"})
             r = _post(server, path, {"model": "a03", **shape, **body})
@@ -140,8 +138,14 @@ def test_echo_gives_the_prompts_own_logprobs_first(tmp_path_factory):
         ask = dict(model="a05", prompt="say one:", max_tokens=4, temperature=0, logprobs=2)
         echoed = client.completions.create(**ask, echo=True).choices[0]
         plain = client.completions.create(**ask).choices[0]
+        got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for chunk in client.completions.create(**ask, echo=True, stream=True):
+            for key in got:
+                got[key] += getattr(chunk.choices[0].logprobs, key) if \
+                    chunk.choices[0].logprobs else []
     ids = server.prompt_ids(prompt="say one:")
     lp = echoed.logprobs
+    assert got == {k: getattr(lp, k) for k in got}  # streamed: the same, the prompt's first
     assert echoed.text == "say one:" + plain.text
     assert lp.tokens[len(ids):] == plain.logprobs.tokens
     assert lp.token_logprobs[len(ids):] == plain.logprobs.token_logprobs

@@ -220,15 +220,6 @@ class SamplingParams(OpenAIBody):
         """How many likeliest tokens to report beside each chosen one; None: no logprobs."""
         return None
 
-    @model_validator(mode="after")
-    def _logprobs_alone(self):
-        if self.alternatives is not None and getattr(self, "echo", False) and self.stream:
-            raise PydanticCustomError("not_implemented", "{param}: not supported with echo "
-                                      "and stream together by this server yet (echo's prompt "
-                                      "log-probabilities come unstreamed)",
-                                      {"param": "logprobs"})
-        return self
-
 
 class CompletionBody(SamplingParams):
     IMPLEMENTED: ClassVar[frozenset] = SamplingParams.IMPLEMENTED | {"echo", "logprobs",

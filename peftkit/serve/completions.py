@@ -94,8 +94,9 @@ class Completions:
                       for text, ids in sources for _ in range(per)]
         if body.stream:
             counted = bool((body.stream_options or {}).get("include_usage"))
+            leads = [echoed[k // per] for k in range(len(reqs))] if echoed else None
             return StreamingResponse(self.stream(reqs, sink, meta, chat, counted, echoes,
-                                                 body.n, server.base.tokenizer, plan),
+                                                 body.n, server.base.tokenizer, plan, leads),
                                      media_type="text/event-stream")
         items = await self.finished(http, reqs, sink)
         failed = next((item for item in items if item.error), None)
@@ -178,24 +179,27 @@ class Completions:
     @staticmethod
     async def stream(reqs: list[Request], sink: asyncio.Queue, meta: dict, chat: bool,
                      include_usage: bool, echoes: list[str], n: int, tok=None,
-                     plan: ToolPlan | None = None):
+                     plan: ToolPlan | None = None, leads: list | None = None):
         """SSE chunks, each naming its choice's index (and, asked for, the log-probabilities
         of the tokens chosen since its last chunk); with `stream_options.include_usage`,
         every chunk carries `usage: null` and one last chunk with no choices carries the
         counts (OpenAI's shape). A chat with tools (`plan`) sends each answer whole, in its
-        last chunk: its tool calls (indexed, with ids) or its text."""
+        last chunk: its tool calls (indexed, with ids) or its text. `leads`: each row's
+        prompt log-probabilities, sent with its echoed prompt."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if include_usage else {}
 
         def chunk(choice: dict) -> str:
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **extra})}\n\n"
 
-        for index, echo in enumerate(echoes):  # completions' `echo`: the prompt comes first
-            if echo:
-                yield chunk({"index": index, "text": echo, "logprobs": None,
-                             "finish_reason": None})
         started, finished = set(), {}
         told, at = [0] * len(reqs), [0] * len(reqs)  # per row: log-probs sent, their chars
+        for index, echo in enumerate(echoes):  # completions' `echo`: the prompt comes first
+            if echo:
+                lead = completion_logprobs(reqs[index], tok, leads[index]) if leads else None
+                at[index] = sum(map(len, lead["tokens"])) if lead else 0
+                yield chunk({"index": index, "text": echo, "logprobs": lead,
+                             "finish_reason": None})
 
         def logprobs(index: int):
             req = reqs[index]
