@@ -1,6 +1,6 @@
 """Chat's `tools` and `tool_choice`, as vLLM serves them: a named function or "required" goes
-through the structured-output engine (the answer is the function's arguments, or a list of
-calls, by construction valid against the tools' JSON schemas), "auto" only where the model's
+through the structured-output engine (the answer is a list of calls, each a function of the
+request's with arguments valid against its JSON schema, by construction), "auto" only where the model's
 chat template defines tool calls (Hermes/Qwen's `<tool_call>` blocks, parsed from the answer);
 every other case is a 400 naming the field. The tools are rendered into the prompt by the chat
 template when it takes them; the answer comes back as OpenAI's `tool_calls`."""
@@ -48,9 +48,9 @@ class ToolCall(BaseModel):
 
 @dataclass
 class ToolPlan:
-    """How a request's answer becomes tool calls: `named` (the answer is that function's
-    arguments), `required` (a list of {name, arguments}) or `auto` (`<tool_call>` blocks in
-    free text)."""
+    """How a request's answer becomes tool calls: `named` (a one-call list of that function)
+    or `required` (a list of {name, arguments}), or `auto` (`<tool_call>` blocks in free
+    text)."""
     mode: str
     name: str | None = None
 
@@ -59,6 +59,18 @@ def _arguments(function: Function) -> dict:
     """Its arguments' schema; a function without parameters takes none ({})."""
     return function.parameters or {"type": "object", "properties": {},
                                    "additionalProperties": False}
+
+
+def _calls_grammar(functions: list[Function], one: bool) -> Grammar:
+    """A JSON list of calls [{"name", "arguments"}], each one of `functions` with arguments
+    valid against its schema; exactly one call when `one`."""
+    calls = [{"type": "object", "properties": {"name": {"const": f.name},
+                                               "arguments": _arguments(f)},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for f in functions]
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls},
+              **({"maxItems": 1} if one else {})}
+    return grammar_for("json_schema", schema, "tools")
 
 
 def plan_tools(tools: list[Tool], choice, template: str | None,
@@ -70,19 +82,16 @@ def plan_tools(tools: list[Tool], choice, template: str | None,
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" \
             else None
-        found = next((t.function for t in tools if t.function.name == name), None)
-        if found is None:
+        found = [t.function for t in tools if t.function.name == name]
+        if not found:
             raise ValueError("tool_choice", f"names no function of `tools` ({str(name)[:64]!r})")
-        return ToolPlan("named", name), grammar_for("json_schema", _arguments(found),
-                                                    "tools")
+        # one call written with its name, as "required" writes it: the name before the
+        # arguments keeps a small model on them (measured on SmolLM2: the bare arguments
+        # object ran on with made-up keys until max_tokens)
+        return ToolPlan("named", name), _calls_grammar(found, one=True)
     if choice == "required":
-        calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                   "arguments": _arguments(t.function)},
-                  "required": ["name", "arguments"], "additionalProperties": False}
-                 for t in tools]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls},
-                  **({} if parallel else {"maxItems": 1})}
-        return ToolPlan("required"), grammar_for("json_schema", schema, "tools")
+        return ToolPlan("required"), _calls_grammar([t.function for t in tools],
+                                                    one=not parallel)
     if choice in (None, "auto"):
         if template and "<tool_call>" in template:
             return ToolPlan("auto"), None
@@ -99,9 +108,7 @@ def tool_calls(plan: ToolPlan, text: str) -> tuple[list[dict], str | None] | Non
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": name, "arguments": json.dumps(arguments)}}
     try:
-        if plan.mode == "named":
-            return [call(plan.name, json.loads(text))], None
-        if plan.mode == "required":
+        if plan.mode in ("named", "required"):  # the list of calls their grammar wrote
             return [call(c["name"], c["arguments"]) for c in json.loads(text)], None
         found = [json.loads(m) for m in HERMES.findall(text)]
         calls = [call(c["name"], c.get("arguments", {})) for c in found]
