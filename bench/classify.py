@@ -82,7 +82,7 @@ def main() -> None:
         classifier_runs(root)
         server = Server(ServeConfig(base="minilm-l6", adapters=str(root), task="classify",
                                     max_batch=BATCH, max_loaded=TENANTS + 1, max_rank=8))
-        runs = Heads(server.store, server.engine.device)
+        runs = Heads(server.store, server.engine.device, server.base.model.config.hidden_size)
         ids = [server.base.tokenizer(t).input_ids for t in texts(ROWS)]
         setups = {"one": ["t0"], "mixed": [f"t{i}" for i in range(TENANTS)], "probe": ["probe"]}
         times = {name: [] for name in setups}

@@ -143,6 +143,36 @@ def test_a_generating_server_refuses_classifiers_by_name(root):
             ("tiny-llama", "generate"), ("chatty", "generate")]
 
 
+def test_a_broken_head_is_refused_by_name_and_others_still_served(root, tmp_path):
+    """A head that does not fit the backbone would fail the shared batch for every tenant in
+    it: it is refused at load, naming the classifier."""
+    import shutil
+
+    from peftkit.train.heads import Head
+    for name in ("acme", "probe"):
+        shutil.copytree(root[0] / name, tmp_path / name)
+    meta = json.loads((tmp_path / "probe" / "head.json").read_text())
+    Head(32, 2).save(tmp_path / "probe", {k: v for k, v in meta.items()
+                                          if k not in ("kind", "in", "out")})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "head.json").write_text('{"task": "classify"}')
+    srv = Server(ServeConfig(base="tiny-bert", adapters=str(tmp_path), task="classify")).start()
+    try:
+        with TestClient(create_app(srv)) as c:
+            r = post(c, "", "probe", ["hello"])
+            assert r.status_code == 400 and "classifier 'probe' cannot be served: its head " \
+                "reads 32 features into 2 labels" in r.text and "backbone gives 64" in r.text
+            r = post(c, "", "junk", ["hello"])
+            assert r.status_code == 400 and "its head does not load" in r.text
+            r = post(c, "", "acme", TEXTS["acme"])
+            assert r.status_code == 200
+            want = alone(root, "acme", TEXTS["acme"])
+            assert max(abs(a - b) for item, w in zip(r.json()["data"], want)
+                       for a, b in zip(item["probs"], w)) < 1e-5
+    finally:
+        srv.stop()
+
+
 def test_an_encoder_base_without_task_classify_is_told_so(root):
     from peftkit.errors import PeftkitError
     with pytest.raises(PeftkitError, match="an encoder does not generate; it serves `train "

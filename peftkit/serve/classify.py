@@ -19,7 +19,7 @@ from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir
 from peftkit.serve.api import ApiError, ClassifyBody, api_error
 from peftkit.serve.store import AdapterInvalid
-from peftkit.train.heads import Head
+from peftkit.train.heads import POOLINGS, Head
 from peftkit.train.run_dir import HEAD
 
 CLASSIFY, GENERATE = "classify", "generate"
@@ -54,8 +54,8 @@ class Heads:
     """Each classify run's head, read on first use and again when its files change (a run
     rewritten under the same id is served with its new head)."""
 
-    def __init__(self, store, device):
-        self.store, self.device = store, device
+    def __init__(self, store, device, width: int):
+        self.store, self.device, self.width = store, device, width  # width: hidden size
         self.cache: dict[str, tuple[tuple, Classifier]] = {}
         self.lock = threading.Lock()
 
@@ -65,19 +65,30 @@ class Heads:
             raise AdapterInvalid(f"'{adapter_id}' is not a classifier (a `peftkit train --task "
                                  "classify` run, with head.json): it is served by /v1/completions "
                                  "of a server started without --task classify")
-        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size)
-                      for f in (path / HEAD, path / "head.safetensors"))
+        try:
+            stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size)
+                          for f in (path / HEAD, path / "head.safetensors"))
+        except OSError:
+            raise AdapterInvalid(f"classifier '{adapter_id}' cannot be served: its head "
+                                 "does not load (head.safetensors missing)") from None
         with self.lock:
             hit = self.cache.get(adapter_id)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        try:
+        try:  # files from disk, any of them broken: refused by name, never a traceback
             head, meta = Head.load(path, self.device)
-            found = Classifier(head.eval(), list(meta["labels"]), meta["pooling"],
-                               (adapter_dir(path) / CONFIG_NAME).is_file())
-        except (OSError, KeyError, RuntimeError, PeftkitError) as e:
+            found = Classifier(head.eval(), [str(x) for x in meta["labels"]],
+                               str(meta["pooling"]), (adapter_dir(path) / CONFIG_NAME).is_file())
+        except Exception as e:  # noqa: BLE001
             raise AdapterInvalid(f"classifier '{adapter_id}' cannot be served: its head "
                                  f"does not load ({type(e).__name__})") from None
+        # checked here, or the shared batch it joins would fail for every tenant in it
+        if head.d_in != self.width or head.d_out != len(found.labels) or \
+                found.pooling not in POOLINGS:
+            raise AdapterInvalid(f"classifier '{adapter_id}' cannot be served: its head reads "
+                                 f"{head.d_in} features into {head.d_out} labels "
+                                 f"({len(found.labels)} named, pooling '{found.pooling[:20]}'); "
+                                 f"this backbone gives {self.width}")
         with self.lock:
             self.cache[adapter_id] = (stamp, found)
         return found
@@ -86,7 +97,8 @@ class Heads:
 class Classify:
     def __init__(self, server, completions):
         self.server, self.completions = server, completions  # completions: its take_slot
-        self.heads = Heads(server.store, server.engine.device)
+        self.heads = Heads(server.store, server.engine.device,
+                           server.base.model.config.hidden_size)
 
     async def handle(self, who, model: str, body: ClassifyBody) -> dict:
         server, engine = self.server, self.server.engine

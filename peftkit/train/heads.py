@@ -18,6 +18,9 @@ def pooling_for(config) -> str:
     return "mean" if config.model_type in ("bert", "roberta", "distilbert", "mpnet") else "last"
 
 
+POOLINGS = ("mean", "last")
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, d), (B, T) -> (B, d). Right padding is assumed for "last"."""
     if how == "mean":
