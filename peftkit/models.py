@@ -214,9 +214,13 @@ ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "d
             "rembert", "roc_bert", "data2vec-text", "albert", "mpnet", "xlm"}
 
 
+class NotGenerative(PeftkitError):
+    """A causal-LM task asked of an encoder."""
+
+
 def check_task(spec: str, config, task: str | None) -> None:
     if task == "causal-lm" and getattr(config, "model_type", None) in ENCODERS:
-        raise PeftkitError(f"{spec} is an encoder ({config.model_type}): it classifies (text + "
+        raise NotGenerative(f"{spec} is an encoder ({config.model_type}): it classifies (text + "
                            "label data) but does not generate; use a causal LM such as "
                            "smollm2-135m for prompt/completion, chat or text data")
 

@@ -132,6 +132,10 @@ GRAMMAR_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choi
                   "guided_grammar")
 
 
+TEXT_GRAMMARS = {"guided_regex": ("regex", "a regular expression"),
+                 "guided_grammar": ("grammar", "a GBNF or Lark grammar")}
+
+
 def _grammar_asked(field: str, value) -> tuple[str, object]:
     """(grammar kind, its value) of one structured-output field, as OpenAI and vLLM shape it;
     ValueError with the reason otherwise."""
@@ -153,11 +157,11 @@ def _grammar_asked(field: str, value) -> tuple[str, object]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"not valid JSON ({e.msg})") from None
         return "json_schema", value
-    if field in ("guided_regex", "guided_grammar"):
+    if field in TEXT_GRAMMARS:
+        kind, what = TEXT_GRAMMARS[field]
         if not isinstance(value, str) or not value:
-            raise ValueError("a regular expression (a string) is required" if field ==
-                             "guided_regex" else "a GBNF or Lark grammar (a string) is required")
-        return ("regex" if field == "guided_regex" else "grammar"), value
+            raise ValueError(f"{what} (a string) is required")
+        return kind, value
     if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
         raise ValueError("a non-empty list of non-empty strings is required")
     return "choice", value

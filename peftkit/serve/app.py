@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API over a `Server` (so the `openai` client works unchanged).
 
 /v1/completions, /v1/chat/completions (SSE streaming), or with --task classify /v1/classify
-(and vLLM's /classify); /v1/models, /health, /metrics, and the admin endpoints /v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_lora_adapter (vLLM's
-names). The contract (bodies, errors, keys) is api.py's; a request's path, completions.py's.
+(and vLLM's /classify); /v1/models, /health, /metrics, and the admin endpoints
+/v1/load_lora_adapter, /v1/unload_lora_adapter, /v1/reload_lora_adapter (vLLM's names). The
+contract (bodies, errors, keys) is api.py's; a request's path, completions.py's.
 """
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
@@ -12,7 +13,8 @@ from starlette.concurrency import run_in_threadpool
 from peftkit.errors import PeftkitError
 from peftkit.serve.api import (AdapterBody, ApiError, ChatBody, ClassifyBody, CompletionBody,
                                api_error, authenticate, install_errors, missing)
-from peftkit.serve.classify import CLASSIFY, GENERATE, Classify, run_task, served
+from peftkit.serve.classify import Classify, served
+from peftkit.serve.store import CLASSIFY
 from peftkit.serve.completions import Completions
 from peftkit.serve.fim import fill_in_middle
 from peftkit.serve.limits import BodyLimit
@@ -39,19 +41,11 @@ def create_app(server: Server):
         authenticate(server.tenancy, http)
 
     def generating(model: str) -> str:
-        """A completion or chat request's model, refused when this server or that run
-        classifies (each named, with where it is served)."""
+        """A completion or chat request's model, refused when this server classifies (a
+        classifier run asked of a generating server is refused by its store's load)."""
         if classify is not None:
             raise ApiError(400, "this server classifies (started with --task classify): POST "
                                 "/v1/classify; completions and chat are served without it")
-        try:
-            task = run_task(server.store.run_dir(model)) if model not in ("", server.name) \
-                else GENERATE
-        except PeftkitError:
-            task = GENERATE  # unknown: the request's own 404 says so
-        if task == CLASSIFY:
-            raise ApiError(400, f"'{model}' is a classifier: serve it with `peftkit serve "
-                                "--task classify` and POST /v1/classify", param="model")
         return model
 
     def card(model_id: str, parent: str | None) -> dict:

@@ -5,12 +5,10 @@ engine's shared batch (rows of other tenants' classifiers beside it), answered i
 pooling shape: per text its label, the probabilities of every label, and their count."""
 
 import asyncio
-import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
@@ -18,23 +16,10 @@ from peftkit.classify_engine import ClassifyRow
 from peftkit.errors import PeftkitError
 from peftkit.formats import CONFIG_NAME, adapter_dir
 from peftkit.serve.api import ApiError, ClassifyBody, api_error
-from peftkit.serve.store import AdapterInvalid
+from peftkit.serve.server import valid_text
+from peftkit.serve.store import CLASSIFY, AdapterInvalid, run_task
 from peftkit.train.heads import POOLINGS, Head
 from peftkit.train.run_dir import HEAD
-
-CLASSIFY, GENERATE = "classify", "generate"
-
-
-def run_task(path: Path) -> str | None:
-    """What a directory of the adapters directory serves: `classify` (a --task classify run:
-    its head.json says so), `generate` (a causal-LM adapter), or None (neither)."""
-    try:
-        if json.loads((path / HEAD).read_text()).get("task") == CLASSIFY:
-            return CLASSIFY
-    except (OSError, ValueError, AttributeError):
-        pass
-    return GENERATE if (adapter_dir(path) / CONFIG_NAME).is_file() else None
-
 
 def served(store, task: str) -> list[str]:
     """The ids of `store` a server of `task` answers for (links out of its root not listed)."""
@@ -139,9 +124,8 @@ class Classify:
         failed = next((r.error for r in rows if r.error), None)
         if failed:
             raise ApiError(500, failed, "server_error")
-        server.metrics.record_classify(model, len(rows), sum(map(len, ids)),
-                                       time.perf_counter() - start)
         tokens = sum(map(len, ids))
+        server.metrics.record_classify(model, len(rows), tokens, time.perf_counter() - start)
         return {"id": f"classify-{uuid.uuid4().hex[:24]}", "object": "list",
                 "created": int(time.time()), "model": model,
                 "data": [{"index": i, "label": run.labels[max(range(len(r.probs)),
@@ -155,11 +139,7 @@ class Classify:
         """Each text's ids (special tokens as the run trained with them), each checked."""
         tok, out = self.server.base.tokenizer, []
         for i, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise PeftkitError(f"input[{i}]: not valid Unicode (lone surrogate at "
-                                   f"character {e.start})") from None
+            valid_text(text, f"input[{i}]")
             ids = tok(text).input_ids
             self.server.engine.check(len(ids), i)
             out.append(ids)

@@ -10,7 +10,7 @@ from peftkit.device import placement, resolve_dtype
 from peftkit.engine import Engine, Request, Sampling
 from peftkit.errors import PeftkitError
 from peftkit.methods import LoraConfig, add_adapter
-from peftkit.models import load_base
+from peftkit.models import NotGenerative, load_base
 from peftkit.quant import QuantConfig
 from peftkit.serve.config import ServeConfig
 from peftkit.serve.metrics import Metrics
@@ -18,6 +18,16 @@ from peftkit.serve.store import AdapterStore
 from peftkit.serve.tenancy import Tenancy
 from peftkit.serve.tickets import Admission, Ticket
 from peftkit.serve.tools import renders_tool_calls, takes_tools
+
+
+def valid_text(text: str, field: str) -> None:
+    """Text that is not valid Unicode (a lone surrogate from a JSON escape) is the caller's
+    error, named by its field, not a tokenizer crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PeftkitError(f"{field}: not valid Unicode (lone surrogate at character "
+                           f"{e.start})") from None
 
 
 class Server:
@@ -36,9 +46,7 @@ class Server:
             self.base = load_base(cfg.base, task="encoder" if cfg.task == "classify" else
                                   "causal-lm", quantize=quant, device=device, dtype=dtype,
                                   attn=attn)
-        except PeftkitError as e:
-            if "is an encoder" not in str(e):
-                raise
+        except NotGenerative:
             raise PeftkitError(f"--base {cfg.base}: an encoder does not generate; it serves "
                                "`train --task classify` runs with --task classify") from None
         if template is not None:
@@ -60,7 +68,7 @@ class Server:
                                  cfg.max_queue, timeout_s=cfg.request_timeout_s)
         self.store = AdapterStore(cfg.adapters, self.adapted, self.engine.between_steps,
                                   cfg.max_adapter_mb * 2**20, on_event=self.metrics.store_event,
-                                  host_bytes=cfg.host_cache_mb * 2**20)
+                                  host_bytes=cfg.host_cache_mb * 2**20, task=cfg.task)
         self.tenancy = Tenancy(cfg.api_keys)
         self.admission = Admission(self.store, self.name, cfg.tenant_max_inflight)
         for adapter_id in cfg.preload:
@@ -83,12 +91,7 @@ class Server:
         tok = self.base.tokenizer
         texts = [prompt] if messages is None else [m.get("content") or "" for m in messages]
         for text in texts:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                field = "prompt" if messages is None else "messages"
-                raise PeftkitError(f"{field}: not valid Unicode (lone surrogate at "
-                                   f"character {e.start})") from None
+            valid_text(text, "prompt" if messages is None else "messages")
         if messages is None:
             return tok(prompt).input_ids
         template = getattr(tok, "chat_template", None)

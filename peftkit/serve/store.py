@@ -12,6 +12,7 @@ only the slot copy waits for the engine (it runs between two forward steps). A r
 new weights into a fresh slot; requests already running finish on the old one. A slot that no
 adapter owns any more is zeroed as soon as no request uses it."""
 
+import json
 import logging
 import re
 import threading
@@ -28,6 +29,20 @@ from peftkit.methods.lora import SlotWriter
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TENSOR_NAME = re.compile(r"base_model\.model\.[\w.]+")  # PEFT's tensor keys
 log = logging.getLogger("peftkit.serve")
+
+
+CLASSIFY, GENERATE = "classify", "generate"  # what a server serves (ServeConfig.task)
+
+
+def run_task(path: Path) -> str | None:
+    """What a directory of the adapters directory serves: `classify` (a --task classify run:
+    its head.json says so), `generate` (a causal-LM adapter), or None (neither)."""
+    try:
+        if json.loads((path / "head.json").read_text()).get("task") == CLASSIFY:  # run_dir.HEAD
+            return CLASSIFY
+    except (OSError, ValueError, AttributeError):
+        pass
+    return GENERATE if (adapter_dir(path) / CONFIG_NAME).is_file() else None
 
 
 class AdapterNotFound(PeftkitError):
@@ -91,11 +106,12 @@ class HostTier:
 
 class AdapterStore:
     def __init__(self, root: str | Path, adapted, between_steps, max_bytes: float,
-                 on_event=lambda kind, **kw: None, host_bytes: float = 0):
+                 on_event=lambda kind, **kw: None, host_bytes: float = 0,
+                 task: str = GENERATE):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise PeftkitError(f"adapters directory not found: {root}")
-        self.adapted = adapted
+        self.adapted, self.task = adapted, task  # task: the runs it serves (run_task)
         self.layers = adapted.adapted_layers()  # the stack's layers, walked once
         self.writer = SlotWriter(self.layers)
         self.between_steps = between_steps  # Engine.between_steps: slot writes and clears
@@ -127,7 +143,12 @@ class AdapterStore:
         return path
 
     def path_of(self, adapter_id: str) -> Path:
+        """The adapter to load for `adapter_id` (a cold load: requests for a loaded adapter
+        never come here)."""
         path = self.run_dir(adapter_id)
+        if self.task == GENERATE and run_task(path) == CLASSIFY:
+            raise AdapterInvalid(f"'{adapter_id}' is a classifier: serve it with `peftkit "
+                                 "serve --task classify` and POST /v1/classify")
         found = adapter_dir(path)  # a bare PEFT adapter or a `peftkit train` run directory
         if not (found / CONFIG_NAME).exists() and (path / "config.json").is_file():
             raise AdapterInvalid(f"adapter '{adapter_id}' is a peftkit run without an adapter "
