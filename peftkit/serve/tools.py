@@ -1,9 +1,9 @@
 """Chat's `tools` and `tool_choice`, as vLLM serves them: a named function or "required" goes
 through the structured-output engine (the answer is a list of calls, each a function of the
 request's with arguments valid against its JSON schema, by construction), "auto" only where
-the model's chat template defines tool calls (Hermes/Qwen's `<tool_call>` blocks, parsed from the answer);
-every other case is a 400 naming the field. The tools are rendered into the prompt by the chat
-template when it takes them; the answer comes back as OpenAI's `tool_calls`."""
+the model's chat template defines tool calls (Hermes/Qwen's `<tool_call>` blocks, parsed from
+the answer); every other case is a 400 naming the field. The tools are rendered into the
+prompt by the chat template when it takes them; the answer comes back as `tool_calls`."""
 
 import json
 import re
